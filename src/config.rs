@@ -1,0 +1,503 @@
+//! Command line and environment: every option, validated at start.
+//!
+//! Each option is a flag that may come before or after the command and also reads the
+//! environment variable named in the README. [`Settings`] is the validated result; the
+//! `config` command prints it with the source of every value. Secrets (the Redis URL's
+//! password, `DAPR_API_TOKEN`) are wrapped in [`Secret`] and print as `[redacted]`.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+use crate::schedule::Schedule;
+use crate::secret::{redact_url, Secret};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keel-scraper",
+    version,
+    about = "Keeps tKeel plugin routes true: scrapes every registered plugin's /v1/status and writes changed route statuses"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Tick on the schedule until SIGTERM or SIGINT.
+    Run,
+    /// One tick now, then release the lock (exit 0 ok, 1 failed, 3 lock held).
+    Once,
+    /// Print every registered plugin with its route status.
+    Routes {
+        /// One JSON array of {"plugin_id", "status"} on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the effective configuration with the source of every value.
+    Config,
+    /// Run the real worker against simulated plugins and the embedded store.
+    Demo,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Dapr,
+    Redis,
+    Memory,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Dapr => "dapr",
+            Backend::Redis => "redis",
+            Backend::Memory => "memory",
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{e}; write a duration like 500ms, 2s or 1m"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Options {
+    /// State backend.
+    #[arg(long, global = true, env = "SCRAPER_BACKEND", value_enum, default_value = "dapr")]
+    pub backend: Backend,
+    /// Redis URL for the redis backend (redis://[:password@]host:port[/db]).
+    #[arg(long, global = true, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Public state store (component) name: the routes.
+    #[arg(long, global = true, env = "KEEL_PUBLIC_STORE", default_value = "keel-public-store")]
+    pub public_store: String,
+    /// Private state store (component) name: registry, lock, counters.
+    #[arg(long, global = true, env = "KEEL_PRIVATE_STORE", default_value = "keel-private-store")]
+    pub private_store: String,
+    /// Key prefix of private keys (redis backend only; under dapr the component decides).
+    #[arg(long, global = true, env = "SCRAPER_PRIVATE_KEY_PREFIX", default_value = "plugins")]
+    pub private_key_prefix: String,
+    /// Status URL template containing {plugin_id}.
+    #[arg(long, global = true, env = "SCRAPER_STATUS_URL")]
+    pub status_url: Option<String>,
+    /// Cron schedule, 6 fields, seconds first.
+    #[arg(long, global = true, env = "SCRAPER_SCHEDULE", default_value = "*/10 * * * * *")]
+    pub schedule: String,
+    /// Timeout of one probe attempt.
+    #[arg(long, global = true, env = "SCRAPER_PROBE_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub probe_timeout: Duration,
+    /// Extra attempts after a failed probe.
+    #[arg(long, global = true, env = "SCRAPER_RETRIES", default_value_t = 1)]
+    pub retries: u32,
+    /// Probes in flight at once.
+    #[arg(long, global = true, env = "SCRAPER_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Consecutive failed probes that make a passing route FAILED.
+    #[arg(long, global = true, env = "SCRAPER_UNHEALTHY_THRESHOLD", default_value_t = 2)]
+    pub unhealthy_threshold: u32,
+    /// Consecutive passing reports needed to let traffic through again.
+    #[arg(long, global = true, env = "SCRAPER_HEALTHY_THRESHOLD", default_value_t = 1)]
+    pub healthy_threshold: u32,
+    /// Lease of the scrape_state lock (default: the schedule's shortest gap).
+    #[arg(long, global = true, env = "SCRAPER_LEASE", value_parser = duration)]
+    pub lease: Option<Duration>,
+    /// This replica's identity in the lock (default <POD_NAME or hostname>-<pid>-<4 hex>).
+    #[arg(long, global = true, env = "SCRAPER_HOLDER_ID")]
+    pub holder_id: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, env = "SCRAPER_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Dapr sidecar gRPC endpoint (default 127.0.0.1:$DAPR_GRPC_PORT, else 127.0.0.1:50001).
+    #[arg(long, global = true, env = "DAPR_GRPC_ENDPOINT")]
+    pub dapr_grpc_endpoint: Option<String>,
+    /// Dapr sidecar HTTP endpoint (default 127.0.0.1:$DAPR_HTTP_PORT, else 127.0.0.1:3500).
+    #[arg(long, global = true, env = "DAPR_HTTP_ENDPOINT")]
+    pub dapr_http_endpoint: Option<String>,
+    /// How long start-up waits for the sidecar.
+    #[arg(long, global = true, env = "SCRAPER_SIDECAR_WAIT", default_value = "60s", value_parser = duration)]
+    pub sidecar_wait: Duration,
+    /// Address of the metrics and health server (run only).
+    #[arg(long, global = true, env = "SCRAPER_LISTEN", default_value = "0.0.0.0:9090")]
+    pub listen: SocketAddr,
+    /// Time a running tick gets to finish its writes on shutdown.
+    #[arg(long, global = true, env = "SCRAPER_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Invalid configuration: names the option and what to do. Exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Where a value came from, for `config`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Flag,
+    Env,
+    Default,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Flag => "flag",
+            Source::Env => "env",
+            Source::Default => "default",
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub backend: Backend,
+    pub redis_url: Option<Secret>,
+    pub public_store: String,
+    pub private_store: String,
+    pub private_key_prefix: String,
+    pub status_url: String,
+    pub schedule: Schedule,
+    pub probe_timeout: Duration,
+    pub retries: u32,
+    pub concurrency: usize,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub lease: Duration,
+    pub holder_id: String,
+    pub log_format: LogFormat,
+    pub dapr_grpc_endpoint: String,
+    pub dapr_http_endpoint: String,
+    pub dapr_api_token: Option<Secret>,
+    pub sidecar_wait: Duration,
+    pub listen: SocketAddr,
+    pub shutdown_grace: Duration,
+}
+
+/// One line of `config` output.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Effective {
+    pub option: &'static str,
+    pub env: &'static str,
+    pub value: String,
+    pub source: &'static str,
+}
+
+/// The environment the process reads, injectable for tests.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+/// Parses arguments (clap reads the environment for flags itself); usage errors are
+/// clap's, with exit code 2.
+pub fn parse_cli<I, T>(args: I) -> Result<(Cli, ArgMatches), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    Ok((cli, matches))
+}
+
+fn normalize_endpoint(e: &str) -> String {
+    let e = e.trim().trim_end_matches('/');
+    if e.starts_with("http://") || e.starts_with("https://") {
+        e.to_string()
+    } else {
+        format!("http://{e}")
+    }
+}
+
+fn default_holder_id(env: &dyn Env) -> String {
+    let host = env
+        .var("POD_NAME")
+        .or_else(|| env.var("HOSTNAME"))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keel-scraper".to_string());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        fastrand::u16(..)
+    )
+}
+
+impl Settings {
+    pub fn from_options(o: &Options, env: &dyn Env) -> Result<Settings, ConfigError> {
+        let schedule = Schedule::parse(&o.schedule)
+            .map_err(|e| ConfigError(format!("--schedule / SCRAPER_SCHEDULE: {e}")))?;
+        let lease = o.lease.unwrap_or_else(|| schedule.interval());
+        if lease < Duration::from_secs(1) {
+            return Err(ConfigError(format!(
+                "--lease / SCRAPER_LEASE is {}; it must be at least 1s (store TTLs are whole seconds)",
+                humantime::format_duration(lease)
+            )));
+        }
+        if lease.subsec_nanos() != 0 {
+            return Err(ConfigError(format!(
+                "--lease / SCRAPER_LEASE is {}; write whole seconds (store TTLs are whole seconds)",
+                humantime::format_duration(lease)
+            )));
+        }
+        let redis_url = match (o.backend, &o.redis_url) {
+            (Backend::Redis, None) => {
+                return Err(ConfigError(
+                    "--redis-url / REDIS_URL is required with --backend redis, e.g. redis://127.0.0.1:6379".into(),
+                ))
+            }
+            (_, Some(u)) => {
+                if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://")) {
+                    return Err(ConfigError(format!(
+                        "--redis-url / REDIS_URL {:?} is not a redis:// URL",
+                        redact_url(u)
+                    )));
+                }
+                Some(Secret::new(u.clone()))
+            }
+            (_, None) => None,
+        };
+        let dapr_grpc_endpoint = normalize_endpoint(&o.dapr_grpc_endpoint.clone().unwrap_or_else(|| {
+            format!("127.0.0.1:{}", env.var("DAPR_GRPC_PORT").unwrap_or_else(|| "50001".into()))
+        }));
+        let dapr_http_endpoint = normalize_endpoint(&o.dapr_http_endpoint.clone().unwrap_or_else(|| {
+            format!("127.0.0.1:{}", env.var("DAPR_HTTP_PORT").unwrap_or_else(|| "3500".into()))
+        }));
+        let status_url = o.status_url.clone().unwrap_or_else(|| {
+            format!("{dapr_http_endpoint}/v1.0/invoke/{{plugin_id}}/method/v1/status")
+        });
+        if !status_url.contains("{plugin_id}") {
+            return Err(ConfigError(format!(
+                "--status-url / SCRAPER_STATUS_URL {status_url:?} must contain {{plugin_id}}, e.g. http://127.0.0.1:3500/v1.0/invoke/{{plugin_id}}/method/v1/status"
+            )));
+        }
+        if !(status_url.starts_with("http://") || status_url.starts_with("https://")) {
+            return Err(ConfigError(format!(
+                "--status-url / SCRAPER_STATUS_URL {status_url:?} must start with http:// or https://"
+            )));
+        }
+        let positive = |name: &str, v: u64| {
+            if v == 0 {
+                Err(ConfigError(format!("{name} must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        positive("--concurrency / SCRAPER_CONCURRENCY", o.concurrency as u64)?;
+        positive("--unhealthy-threshold / SCRAPER_UNHEALTHY_THRESHOLD", o.unhealthy_threshold.into())?;
+        positive("--healthy-threshold / SCRAPER_HEALTHY_THRESHOLD", o.healthy_threshold.into())?;
+        if o.probe_timeout.is_zero() {
+            return Err(ConfigError("--probe-timeout / SCRAPER_PROBE_TIMEOUT must be more than 0".into()));
+        }
+        for (name, v) in [("--public-store / KEEL_PUBLIC_STORE", &o.public_store), ("--private-store / KEEL_PRIVATE_STORE", &o.private_store)] {
+            if v.trim().is_empty() {
+                return Err(ConfigError(format!("{name} must not be empty")));
+            }
+        }
+        if o.private_key_prefix.contains("||") {
+            return Err(ConfigError("--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into()));
+        }
+        let holder_id = match &o.holder_id {
+            Some(h) if h.trim().is_empty() => {
+                return Err(ConfigError("--holder-id / SCRAPER_HOLDER_ID must not be empty".into()))
+            }
+            Some(h) => h.clone(),
+            None => default_holder_id(env),
+        };
+        Ok(Settings {
+            backend: o.backend,
+            redis_url,
+            public_store: o.public_store.clone(),
+            private_store: o.private_store.clone(),
+            private_key_prefix: o.private_key_prefix.clone(),
+            status_url,
+            schedule,
+            probe_timeout: o.probe_timeout,
+            retries: o.retries,
+            concurrency: o.concurrency,
+            unhealthy_threshold: o.unhealthy_threshold,
+            healthy_threshold: o.healthy_threshold,
+            lease,
+            holder_id,
+            log_format: o.log_format,
+            dapr_grpc_endpoint,
+            dapr_http_endpoint,
+            dapr_api_token: env.var("DAPR_API_TOKEN").map(Secret::new),
+            sidecar_wait: o.sidecar_wait,
+            listen: o.listen,
+            shutdown_grace: o.shutdown_grace,
+        })
+    }
+
+    /// Every option with its effective value and source, secrets redacted.
+    pub fn effective(&self, matches: &ArgMatches, env: &dyn Env) -> Vec<Effective> {
+        let src = |id: &str| -> Source {
+            let from = |m: &ArgMatches| m.value_source(id);
+            let vs = from(matches).or_else(|| {
+                matches
+                    .subcommand()
+                    .and_then(|(_, sub)| sub.try_get_raw(id).ok().flatten().and(sub.value_source(id)))
+            });
+            match vs {
+                Some(ValueSource::CommandLine) => Source::Flag,
+                Some(ValueSource::EnvVariable) => Source::Env,
+                _ => Source::Default,
+            }
+        };
+        let port_src = |id: &str, port_env: &str| match src(id) {
+            Source::Default if env.var(port_env).is_some() => Source::Env,
+            s => s,
+        };
+        let d = |v: Duration| humantime::format_duration(v).to_string();
+        let mut out = vec![
+            ("backend", "SCRAPER_BACKEND", self.backend.as_str().to_string(), src("backend")),
+            (
+                "redis-url",
+                "REDIS_URL",
+                self.redis_url.as_ref().map_or_else(|| "(unset)".into(), |u| redact_url(u.expose())),
+                src("redis_url"),
+            ),
+            ("public-store", "KEEL_PUBLIC_STORE", self.public_store.clone(), src("public_store")),
+            ("private-store", "KEEL_PRIVATE_STORE", self.private_store.clone(), src("private_store")),
+            ("private-key-prefix", "SCRAPER_PRIVATE_KEY_PREFIX", self.private_key_prefix.clone(), src("private_key_prefix")),
+            ("status-url", "SCRAPER_STATUS_URL", self.status_url.clone(), src("status_url")),
+            ("schedule", "SCRAPER_SCHEDULE", self.schedule.text().to_string(), src("schedule")),
+            ("probe-timeout", "SCRAPER_PROBE_TIMEOUT", d(self.probe_timeout), src("probe_timeout")),
+            ("retries", "SCRAPER_RETRIES", self.retries.to_string(), src("retries")),
+            ("concurrency", "SCRAPER_CONCURRENCY", self.concurrency.to_string(), src("concurrency")),
+            ("unhealthy-threshold", "SCRAPER_UNHEALTHY_THRESHOLD", self.unhealthy_threshold.to_string(), src("unhealthy_threshold")),
+            ("healthy-threshold", "SCRAPER_HEALTHY_THRESHOLD", self.healthy_threshold.to_string(), src("healthy_threshold")),
+            ("lease", "SCRAPER_LEASE", d(self.lease), src("lease")),
+            ("holder-id", "SCRAPER_HOLDER_ID", self.holder_id.clone(), src("holder_id")),
+            ("log-format", "SCRAPER_LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase(), src("log_format")),
+            ("dapr-grpc-endpoint", "DAPR_GRPC_ENDPOINT", self.dapr_grpc_endpoint.clone(), port_src("dapr_grpc_endpoint", "DAPR_GRPC_PORT")),
+            ("dapr-http-endpoint", "DAPR_HTTP_ENDPOINT", self.dapr_http_endpoint.clone(), port_src("dapr_http_endpoint", "DAPR_HTTP_PORT")),
+            (
+                "dapr-api-token",
+                "DAPR_API_TOKEN",
+                if self.dapr_api_token.is_some() { "[redacted]".into() } else { "(unset)".into() },
+                if self.dapr_api_token.is_some() { Source::Env } else { Source::Default },
+            ),
+            ("sidecar-wait", "SCRAPER_SIDECAR_WAIT", d(self.sidecar_wait), src("sidecar_wait")),
+            ("listen", "SCRAPER_LISTEN", self.listen.to_string(), src("listen")),
+            ("shutdown-grace", "SCRAPER_SHUTDOWN_GRACE", d(self.shutdown_grace), src("shutdown_grace")),
+        ];
+        let log_filter = env.var("SCRAPER_LOG").map(|v| (v, "SCRAPER_LOG")).or_else(|| env.var("RUST_LOG").map(|v| (v, "RUST_LOG")));
+        out.push((
+            "log-filter",
+            "SCRAPER_LOG",
+            log_filter.as_ref().map_or_else(|| crate::DEFAULT_LOG_FILTER.to_string(), |(v, _)| v.clone()),
+            if log_filter.is_some() { Source::Env } else { Source::Default },
+        ));
+        out.into_iter()
+            .map(|(option, env, value, source)| Effective { option, env, value, source: source.as_str() })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct MapEnv(HashMap<&'static str, &'static str>);
+    impl Env for MapEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    fn settings(args: &[&str], env: &[(&'static str, &'static str)]) -> Result<Settings, ConfigError> {
+        let (cli, _) = parse_cli(std::iter::once("keel-scraper").chain(args.iter().copied())).map_err(|e| ConfigError(e.to_string()))?;
+        Settings::from_options(&cli.options, &MapEnv(env.iter().copied().collect()))
+    }
+
+    #[test]
+    fn options_may_come_after_the_command() {
+        let s = settings(&["once", "--backend", "memory", "--retries", "3"], &[]).unwrap();
+        assert_eq!(s.backend, Backend::Memory);
+        assert_eq!(s.retries, 3);
+    }
+
+    #[test]
+    fn defaults_follow_the_sidecar_ports_and_the_schedule() {
+        let s = settings(&["--backend", "memory", "run"], &[("DAPR_HTTP_PORT", "3601"), ("POD_NAME", "pod-a")]).unwrap();
+        assert_eq!(s.dapr_http_endpoint, "http://127.0.0.1:3601");
+        assert_eq!(s.dapr_grpc_endpoint, "http://127.0.0.1:50001");
+        assert_eq!(s.status_url, "http://127.0.0.1:3601/v1.0/invoke/{plugin_id}/method/v1/status");
+        assert_eq!(s.lease, Duration::from_secs(10));
+        assert!(s.holder_id.starts_with(&format!("pod-a-{}-", std::process::id())), "{}", s.holder_id);
+        assert_eq!(s.holder_id.rsplit('-').next().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn endpoints_accept_with_or_without_scheme() {
+        let s = settings(&["run", "--dapr-grpc-endpoint", "localhost:1", "--dapr-http-endpoint", "http://localhost:2/"], &[]).unwrap();
+        assert_eq!(s.dapr_grpc_endpoint, "http://localhost:1");
+        assert_eq!(s.dapr_http_endpoint, "http://localhost:2");
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["run", "--schedule", "* * * * *"], "--schedule"),
+            (&["run", "--status-url", "http://x/status"], "--status-url"),
+            (&["run", "--lease", "500ms"], "--lease"),
+            (&["run", "--backend", "redis"], "--redis-url"),
+            (&["run", "--concurrency", "0"], "--concurrency"),
+        ];
+        for (args, needle) in cases {
+            let err = settings(args, &[]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        // Clap rejects an unknown backend itself.
+        assert!(parse_cli(["keel-scraper", "run", "--backend", "etcd"]).is_err());
+    }
+
+    #[test]
+    fn token_and_password_never_print() {
+        let s = settings(&["run", "--backend", "redis", "--redis-url", "redis://:pa55word@h:6379"], &[("DAPR_API_TOKEN", "t0ken")]).unwrap();
+        let (_, m) = parse_cli(["keel-scraper", "run", "--backend", "redis", "--redis-url", "redis://:pa55word@h:6379"]).unwrap();
+        let env = MapEnv([("DAPR_API_TOKEN", "t0ken")].into_iter().collect());
+        let printed = format!("{s:?} {}", serde_json::to_string(&s.effective(&m, &env)).unwrap());
+        assert!(!printed.contains("pa55word") && !printed.contains("t0ken"), "{printed}");
+    }
+
+    #[test]
+    fn sources_are_reported() {
+        let (cli, m) = parse_cli(["keel-scraper", "config", "--retries", "4"]).unwrap();
+        let env = MapEnv(HashMap::new());
+        let s = Settings::from_options(&cli.options, &env).unwrap();
+        let eff = s.effective(&m, &env);
+        let get = |o: &str| eff.iter().find(|e| e.option == o).unwrap().clone();
+        assert_eq!(get("retries").source, "flag");
+        assert_eq!(get("retries").value, "4");
+        assert_eq!(get("backend").source, "default");
+    }
+}

@@ -1,0 +1,142 @@
+//! The `run` command's small HTTP server: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! - `/healthz` (liveness): 200 while starting (the sidecar wait included) and while the
+//!   scheduler loop attempts ticks (a skipped tick counts) within three intervals; 503 when
+//!   the loop has stalled.
+//! - `/readyz` (readiness): 200 when the store (or sidecar) answered within the last
+//!   interval, 503 otherwise.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::metrics::metrics;
+
+/// Liveness and readiness state, shared by the loop, the store pinger and the server.
+pub struct Health {
+    epoch: Instant,
+    interval: Duration,
+    /// Milliseconds since `epoch` of the last loop attempt, plus one; 0 = still starting.
+    last_attempt: AtomicU64,
+    /// Milliseconds since `epoch` of the last store answer, plus one; 0 = never.
+    last_store_ok: AtomicU64,
+}
+
+impl Health {
+    pub fn new(interval: Duration) -> Arc<Health> {
+        Arc::new(Health {
+            epoch: Instant::now(),
+            interval,
+            last_attempt: AtomicU64::new(0),
+            last_store_ok: AtomicU64::new(0),
+        })
+    }
+
+    fn now_mark(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// The scheduler loop attempted a tick (or has just started looping).
+    pub fn loop_attempted(&self) {
+        self.last_attempt.store(self.now_mark(), Ordering::Relaxed);
+    }
+
+    /// The store or sidecar answered.
+    pub fn store_answered(&self) {
+        self.last_store_ok.store(self.now_mark(), Ordering::Relaxed);
+    }
+
+    fn age(&self, mark: u64) -> Option<Duration> {
+        (mark != 0).then(|| Duration::from_millis(self.now_mark().saturating_sub(mark)))
+    }
+
+    pub fn live(&self) -> bool {
+        match self.age(self.last_attempt.load(Ordering::Relaxed)) {
+            None => true,
+            Some(age) => age <= self.interval * 3,
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        match self.age(self.last_store_ok.load(Ordering::Relaxed)) {
+            None => false,
+            // A ping every half interval; allow one interval plus a second of slack.
+            Some(age) => age <= self.interval + Duration::from_secs(1),
+        }
+    }
+}
+
+async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    if h.live() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "scheduler loop stalled\n")
+    }
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    if h.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store not answering\n")
+    }
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        metrics().render(),
+    )
+}
+
+/// Binds the server; the caller logs `listening` with the bound address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves until the process ends.
+pub async fn serve(listener: TcpListener, health: Arc<Health>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn liveness_fails_when_the_loop_stalls_for_three_intervals() {
+        let h = Health::new(Duration::from_secs(2));
+        assert!(h.live(), "starting counts as live");
+        h.loop_attempted();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(h.live());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!h.live(), "7 s without an attempt on a 2 s schedule");
+        h.loop_attempted();
+        assert!(h.live());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_needs_a_recent_store_answer() {
+        let h = Health::new(Duration::from_secs(2));
+        assert!(!h.ready(), "not ready before the store answered");
+        h.store_answered();
+        assert!(h.ready());
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(!h.ready());
+    }
+}

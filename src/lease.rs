@@ -1,0 +1,276 @@
+//! The `scrape_state` lease: which replica scrapes which tick.
+//!
+//! The record (JSON, private store, key `scrape_state`) holds the holder's id, the
+//! newest scheduled tick scraped and, for people reading it, when the lease was taken.
+//! Expiry is the store's TTL (`ttlInSeconds` = the lease), never a timestamp another
+//! replica wrote. Rules:
+//! - A replica takes the lock for scheduled tick T only if no other holder's lease is
+//!   live and T is newer than the recorded tick; a manual tick (`once`) needs only the
+//!   first, and neither checks nor advances the recorded tick.
+//! - Taking it is a first-write save carrying the ETag just read (or [`ABSENT_ETAG`] when
+//!   there is no record), so a lost race comes back as a conflict, not as an outage.
+//! - A record without a TTL (the old Go scraper's bare `true`, or a crash between a save
+//!   and its TTL on the Dapr path) is taken over by a `run` replica once it has seen the
+//!   same ETag and bytes unchanged for the lease plus one interval on its own clock. A
+//!   live record with a TTL is always respected, legacy or not.
+//! - Before writing, the holder confirms the record still carries its ETag (fencing by
+//!   CAS); releasing clears the holder with a CAS and keeps the recorded tick readable for
+//!   two intervals plus the lease, so a late replica still sees the tick was scraped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::schedule::tick_id;
+use crate::store::{Entry, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
+
+/// The lock's key in the private store.
+pub const LOCK_KEY: &str = "scrape_state";
+
+/// Which tick a lock is taken for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TickKind {
+    /// A tick of the schedule, named by its slot.
+    Scheduled(DateTime<Utc>),
+    /// An operator's manual tick (`once`), named by the current time.
+    Manual(DateTime<Utc>),
+}
+
+impl TickKind {
+    pub fn time(self) -> DateTime<Utc> {
+        match self {
+            TickKind::Scheduled(t) | TickKind::Manual(t) => t,
+        }
+    }
+
+    pub fn id(self) -> String {
+        tick_id(self.time())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    holder: Option<String>,
+    /// Newest scheduled tick scraped, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tick: Option<String>,
+    /// For people: when the lease was taken or released, on the writer's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease_ms: Option<u64>,
+}
+
+enum Parsed {
+    Ours(Record),
+    /// Not a record of this worker (the old scraper's `true`): held by someone unknown.
+    Foreign,
+}
+
+fn parse(data: &[u8]) -> Parsed {
+    match serde_json::from_slice::<Record>(data) {
+        Ok(r) => Parsed::Ours(r),
+        Err(_) => Parsed::Foreign,
+    }
+}
+
+fn recorded_tick(r: &Record) -> Option<DateTime<Utc>> {
+    r.tick
+        .as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// A held lease.
+#[derive(Clone, Debug)]
+pub struct Guard {
+    pub kind: TickKind,
+    /// The record's ETag after our save: the fence every later step checks.
+    pub etag: String,
+    /// When the acquiring step began (before the lock was read): deadlines count from here.
+    pub started: Instant,
+    /// The tick recorded in the record we wrote (kept on release).
+    recorded: Option<String>,
+    pub takeover: bool,
+}
+
+/// Outcome of trying to take the lock.
+#[derive(Clone, Debug)]
+pub enum Acquire {
+    Acquired(Guard),
+    /// Another holder's lease is live (`holder` is None for a foreign record).
+    Held { holder: Option<String> },
+    /// The scheduled tick is not newer than the recorded one.
+    AlreadyScraped { recorded: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the scrape_state lease was taken by another holder before this one finished")]
+    Lost,
+}
+
+/// What a `run` replica remembers of a live record that has no TTL.
+#[derive(Debug)]
+struct Watch {
+    etag: String,
+    data: Vec<u8>,
+    since: Instant,
+}
+
+pub struct Lease {
+    store: Arc<dyn Store>,
+    holder: String,
+    lease: Duration,
+    interval: Duration,
+    watch: Mutex<Option<Watch>>,
+}
+
+impl Lease {
+    pub fn new(store: Arc<dyn Store>, holder: String, lease: Duration, interval: Duration) -> Lease {
+        Lease {
+            store,
+            holder,
+            lease,
+            interval,
+            watch: Mutex::new(None),
+        }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn ttl_seconds(d: Duration) -> i64 {
+        // Whole seconds, at least 1 (the configuration enforces a lease of >= 1 s).
+        i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)
+    }
+
+    /// Whether a live record without TTL has been seen unchanged long enough to take over.
+    async fn stale_without_ttl(&self, entry: &Entry) -> bool {
+        let mut watch = self.watch.lock().await;
+        match watch.as_ref() {
+            Some(w) if w.etag == entry.etag && w.data == entry.data => {
+                w.since.elapsed() >= self.lease + self.interval
+            }
+            _ => {
+                *watch = Some(Watch {
+                    etag: entry.etag.clone(),
+                    data: entry.data.clone(),
+                    since: Instant::now(),
+                });
+                false
+            }
+        }
+    }
+
+    /// Tries to take the lock for `kind`.
+    pub async fn acquire(&self, kind: TickKind) -> Result<Acquire, StoreError> {
+        let started = Instant::now();
+        let current = self.store.get(StoreKind::Private, LOCK_KEY).await?;
+        let mut takeover = false;
+        let mut recorded: Option<String> = None;
+        if let Some(entry) = &current {
+            let (live_holder, record) = match parse(&entry.data) {
+                Parsed::Ours(r) => {
+                    let other = r.holder.as_ref().filter(|h| *h != &self.holder).cloned();
+                    (other.map(Some), Some(r))
+                }
+                Parsed::Foreign => (Some(None), None),
+            };
+            if let Some(holder) = live_holder {
+                let may_take_over = matches!(kind, TickKind::Scheduled(_))
+                    && entry.ttl.is_none()
+                    && self.stale_without_ttl(entry).await;
+                if !may_take_over {
+                    return Ok(Acquire::Held { holder });
+                }
+                takeover = true;
+            }
+            recorded = record.as_ref().and_then(|r| r.tick.clone());
+            if let (TickKind::Scheduled(t), Some(r)) = (kind, &record) {
+                if let Some(prev) = recorded_tick(r) {
+                    if prev >= t {
+                        return Ok(Acquire::AlreadyScraped {
+                            recorded: r.tick.clone().unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+        }
+        let new_recorded = match kind {
+            TickKind::Scheduled(t) => Some(tick_id(t)),
+            TickKind::Manual(_) => recorded,
+        };
+        let record = Record {
+            holder: Some(self.holder.clone()),
+            tick: new_recorded.clone(),
+            since: Some(tick_id(Utc::now())),
+            lease_ms: Some(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let data = serde_json::to_vec(&record).unwrap_or_default();
+        let etag = current.as_ref().map_or(ABSENT_ETAG, |e| e.etag.as_str());
+        let save = Save::cas(LOCK_KEY, &data, etag).with_ttl(Self::ttl_seconds(self.lease));
+        match self.store.save(StoreKind::Private, save).await {
+            Ok(()) => {}
+            Err(StoreError::Conflict { .. }) => return Ok(Acquire::Held { holder: None }),
+            Err(e) => return Err(e),
+        }
+        *self.watch.lock().await = None;
+        // Dapr's SaveState returns no ETag: read it back; this also proves we hold it.
+        match self.store.get(StoreKind::Private, LOCK_KEY).await? {
+            Some(e) if e.data == data => Ok(Acquire::Acquired(Guard {
+                kind,
+                etag: e.etag,
+                started,
+                recorded: new_recorded,
+                takeover,
+            })),
+            other => Ok(Acquire::Held {
+                holder: other.and_then(|e| match parse(&e.data) {
+                    Parsed::Ours(r) => r.holder,
+                    Parsed::Foreign => None,
+                }),
+            }),
+        }
+    }
+
+    /// Confirms the record still carries our ETag (nobody took the lease since).
+    pub async fn confirm(&self, guard: &Guard) -> Result<(), LeaseError> {
+        match self.store.get(StoreKind::Private, LOCK_KEY).await? {
+            Some(e) if e.etag == guard.etag => match parse(&e.data) {
+                Parsed::Ours(r) if r.holder.as_deref() == Some(&self.holder) => Ok(()),
+                _ => Err(LeaseError::Lost),
+            },
+            _ => Err(LeaseError::Lost),
+        }
+    }
+
+    /// Releases the lease: clears the holder, keeps the recorded tick readable.
+    pub async fn release(&self, guard: &Guard) -> Result<(), LeaseError> {
+        let record = Record {
+            holder: None,
+            tick: guard.recorded.clone(),
+            since: Some(tick_id(Utc::now())),
+            lease_ms: None,
+        };
+        let data = serde_json::to_vec(&record).unwrap_or_default();
+        let keep = self.interval * 2 + self.lease;
+        let save = Save::cas(LOCK_KEY, &data, &guard.etag).with_ttl(Self::ttl_seconds(keep));
+        match self.store.save(StoreKind::Private, save).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict { .. }) => Err(LeaseError::Lost),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

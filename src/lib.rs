@@ -1,0 +1,30 @@
+//! keel-scraper keeps tKeel plugin routes true.
+//!
+//! On a schedule one replica takes the `scrape_state` lease in the private store, reads the
+//! plugin registry and every route, probes each plugin's `/v1/status` concurrently, decides
+//! each route's status and writes the changed ones with ETag compare-and-set.
+//!
+//! Data flows one way: [`schedule`] -> [`lease`] -> [`registry`] and [`route`] reads ->
+//! [`probe`] -> [`decision`] -> route writes -> [`events`]. See `ARCHITECTURE.md`.
+
+pub mod config;
+pub mod decision;
+pub mod demo;
+pub mod events;
+pub mod health;
+pub mod lease;
+pub mod metrics;
+pub mod probe;
+pub mod registry;
+pub mod route;
+pub mod schedule;
+pub mod secret;
+pub mod sim;
+pub mod status;
+pub mod telemetry;
+pub mod store;
+pub mod tick;
+pub mod worker;
+
+/// The log filter used when neither `SCRAPER_LOG` nor `RUST_LOG` is set.
+pub const DEFAULT_LOG_FILTER: &str = "info,tokio_cron_scheduler=warn";

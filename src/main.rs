@@ -1,0 +1,108 @@
+//! The `keel-scraper` binary: parse, set up logging, run a command, map to an exit code.
+
+use std::process::ExitCode;
+
+use keel_scraper::config::{parse_cli, Command, ProcessEnv, Settings};
+use keel_scraper::telemetry::{self, LogTarget};
+use keel_scraper::worker::{self, Exit};
+
+fn main() -> ExitCode {
+    let (cli, matches) = match parse_cli(std::env::args_os()) {
+        Ok(p) => p,
+        Err(e) => {
+            // clap prints help/version to stdout (exit 0) and usage errors to stderr (exit 2).
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    let settings = match Settings::from_options(&cli.options, &ProcessEnv) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keel-scraper: {e}");
+            return ExitCode::from(Exit::Usage as u8);
+        }
+    };
+    let target = match cli.command {
+        Command::Routes { .. } | Command::Config => LogTarget::Stderr,
+        _ => LogTarget::Stdout,
+    };
+    telemetry::init(settings.log_format, target);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keel-scraper: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::Failed as u8);
+        }
+    };
+    let (exit, message) = runtime.block_on(async {
+        match cli.command {
+            Command::Run => worker::run(&settings, signal()).await,
+            Command::Once => tokio::select! {
+                r = worker::once(&settings) => r,
+                s = signal() => (Exit::Interrupted, Some(format!("interrupted by {s}; the lease expires by its TTL"))),
+            },
+            Command::Demo => tokio::select! {
+                r = keel_scraper::demo::run(&settings) => r,
+                s = signal() => (Exit::Interrupted, Some(format!("interrupted by {s}"))),
+            },
+            Command::Routes { json } => match worker::routes(&settings).await {
+                Ok(rows) => {
+                    print_routes(&rows, json);
+                    (Exit::Ok, None)
+                }
+                Err(e) => (Exit::Failed, Some(e.to_string())),
+            },
+            Command::Config => {
+                print_config(&settings, &matches);
+                (Exit::Ok, None)
+            }
+        }
+    });
+    // Let the runtime's tasks wind down without waiting on blocked I/O.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    if let Some(m) = message {
+        eprintln!("keel-scraper: {m}");
+    }
+    ExitCode::from(exit as u8)
+}
+
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+async fn signal() -> String {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can still be killed; never resolve.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM".into(),
+        _ = int.recv() => "SIGINT".into(),
+    }
+}
+
+fn print_routes(rows: &[worker::RouteRow], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(rows).unwrap_or_else(|_| "[]".into()));
+        return;
+    }
+    let width = rows.iter().map(|r| r.plugin_id.len()).max().unwrap_or(6).max(6);
+    println!("{:<width$}  STATUS", "PLUGIN");
+    for r in rows {
+        let status = match (&r.status, &r.error) {
+            (Some(s), _) => s.clone(),
+            (None, Some(e)) => format!("(unreadable: {e})"),
+            (None, None) => "(no route)".into(),
+        };
+        println!("{:<width$}  {status}", r.plugin_id);
+    }
+}
+
+fn print_config(settings: &Settings, matches: &clap::ArgMatches) {
+    let rows = settings.effective(matches, &ProcessEnv);
+    let w1 = rows.iter().map(|r| r.option.len()).max().unwrap_or(0);
+    let w2 = rows.iter().map(|r| r.env.len()).max().unwrap_or(0);
+    let w3 = rows.iter().map(|r| r.value.len()).max().unwrap_or(0);
+    println!("{:<w1$}  {:<w2$}  {:<w3$}  SOURCE", "OPTION", "ENV", "VALUE");
+    for r in rows {
+        println!("{:<w1$}  {:<w2$}  {:<w3$}  {}", r.option, r.env, r.value, r.source);
+    }
+}

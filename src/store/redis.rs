@@ -1,0 +1,893 @@
+//! The `redis` backend: Redis directly, in exactly Dapr's `state.redis` layout.
+//!
+//! A route this backend writes reads back through Dapr unchanged, and a value Dapr wrote
+//! reads back here with the same ETag. Each key is a Redis HASH with the fields
+//!
+//! * `data`: the value bytes exactly as written;
+//! * `version`: an integer, incremented by every write; the ETag is its decimal string;
+//! * `first-write`: `"0"`, present once any write to the key used first-write concurrency.
+//!
+//! Public keys are stored bare (Dapr's `keyPrefix: none`); private keys as
+//! `<private-key-prefix>||<key>`, the prefix being the Plugins app id (default `plugins`).
+//!
+//! Every operation is one Lua script, so each is atomic in Redis: a save applies Dapr's
+//! write rule (see the [`super`] module docs) and its TTL in one step (Dapr itself sends
+//! the `EXPIRE` separately; doing it inside the script only closes that gap), and
+//! [`Store::update_existing`] checks existence and version in the same step as the write,
+//! so it never re-creates a deleted route. Scripts are sent by SHA (`EVALSHA`) and loaded
+//! again automatically after a Redis restart (`NOSCRIPT`).
+//!
+//! Reads are the hot path: [`Store::bulk_get`] sends every key of a tick in one pipelined
+//! round trip of a few large script calls, each reading `data`, `version` and `PTTL` of
+//! [`BULK_CHUNK`] keys at once.
+//!
+//! The connection is a redis-rs `ConnectionManager`: one multiplexed connection that
+//! concurrent operations share (concurrent writes are pipelined on it) and that reconnects
+//! by itself after an outage. Every operation is bounded by a timeout, so an outage is an
+//! error within seconds, never a hang.
+//!
+//! The Redis URL may carry a password. It is kept only inside the connection; errors name
+//! the host and port, and any text coming back from the client is scrubbed of the
+//! password before it is used, so no error, log line or `Debug` output can contain it.
+
+use std::fmt;
+use std::io::Write as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, ErrorKind, RedisError, RedisWrite, Script, ServerErrorKind, Value};
+
+use super::{Concurrency, Entry, Save, Store, StoreError, StoreKind};
+
+/// Keys read by one script call in [`Store::bulk_get`]. Large enough that 50 000 keys are
+/// 50 calls in one pipeline, small enough that a single call blocks Redis only briefly.
+pub const BULK_CHUNK: usize = 1000;
+
+/// Reads Dapr state hashes. For each key in KEYS it returns three values:
+/// the `version` string, or the integer 0 when the key is absent, or -1 when the key is
+/// not a Dapr state hash (another type, or a hash lacking `data` or `version`); then the
+/// `data` bytes; then the key's PTTL in milliseconds (-1: no TTL).
+/// Lua `false` cannot sit in a reply array, hence the integer markers.
+const READ_LUA: &str = r"
+local out = {}
+local n = 0
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local r = redis.pcall('HMGET', key, 'data', 'version')
+  local version, data, ttl = 0, '', -1
+  if r.err then
+    version = -1
+  elseif r[1] and r[2] then
+    version, data, ttl = r[2], r[1], redis.call('PTTL', key)
+  elseif r[1] or r[2] then
+    version = -1
+  end
+  out[n + 1] = version
+  out[n + 2] = data
+  out[n + 3] = ttl
+  n = n + 3
+end
+return out
+";
+
+/// Dapr's write rule. KEYS[1]: the key. ARGV[1]: the request's ETag as a canonical
+/// integer, `0` when it has none; ARGV[2]: the data; ARGV[3]: `1` for first-write
+/// concurrency; ARGV[4]: empty (leave the TTL), `persist`, or a positive number of seconds.
+/// Returns the new version, or 0 when the write is refused.
+const SAVE_LUA: &str = r"
+local key = KEYS[1]
+local current = redis.pcall('HGET', key, 'version')
+if type(current) == 'table' then
+  -- Not a hash: Dapr's rule counts it as absent, and the write replaces it.
+  redis.call('DEL', key)
+  current = false
+end
+if current and current ~= '' and current ~= ARGV[1] then
+  if ARGV[1] ~= '0' or redis.call('HEXISTS', key, 'first-write') == 1 then
+    return 0
+  end
+end
+if ARGV[3] == '1' then
+  redis.call('HSET', key, 'data', ARGV[2], 'first-write', '0')
+else
+  redis.call('HSET', key, 'data', ARGV[2])
+end
+local version = redis.call('HINCRBY', key, 'version', 1)
+if ARGV[4] == 'persist' then
+  redis.call('PERSIST', key)
+elseif ARGV[4] ~= '' then
+  redis.call('EXPIRE', key, ARGV[4])
+end
+return version
+";
+
+/// Rewrites an existing key whose version is still ARGV[1] (first-write, TTL untouched).
+/// KEYS[1]: the key; ARGV[2]: the data. Returns the new version, 0 when the version
+/// differs, -1 when the key is gone.
+const UPDATE_LUA: &str = r"
+local key = KEYS[1]
+local current = redis.pcall('HGET', key, 'version')
+if type(current) == 'table' or not current or current == '' then
+  return -1
+end
+if current ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', key, 'data', ARGV[2], 'first-write', '0')
+return redis.call('HINCRBY', key, 'version', 1)
+";
+
+/// Deletes KEYS[1] if it is absent, not a Dapr state hash, or at version ARGV[1].
+/// Returns 1 when deleted (or absent), 0 when the version differs.
+const DELETE_LUA: &str = r"
+local key = KEYS[1]
+local current = redis.pcall('HGET', key, 'version')
+if type(current) == 'table' or not current or current == '' or current == ARGV[1] then
+  redis.call('DEL', key)
+  return 1
+end
+return 0
+";
+
+/// Timeouts of the Redis backend.
+#[derive(Clone, Copy, Debug)]
+pub struct RedisOptions {
+    /// Bound on every operation, the initial connection included: an outage is reported
+    /// as an error after at most this long.
+    pub timeout: Duration,
+    /// Bound on one TCP connection attempt (a reconnection makes at most two).
+    pub connect_attempt_timeout: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            timeout: Duration::from_secs(5),
+            connect_attempt_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The `redis` backend. Clones of the inner connection share one socket.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    public_name: String,
+    private_name: String,
+    private_prefix: String,
+    /// `host:port`, the only part of the URL errors may show.
+    endpoint: String,
+    /// Texts that must never leave this type (the password, raw and percent-decoded).
+    redact: Vec<String>,
+    timeout: Duration,
+    read: Script,
+    save: Script,
+    update: Script,
+    delete: Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Hand-written: the connection manager's own Debug prints the connection info,
+        // which holds the password.
+        f.debug_struct("RedisStore")
+            .field("endpoint", &self.endpoint)
+            .field("public_name", &self.public_name)
+            .field("private_name", &self.private_name)
+            .field("private_prefix", &self.private_prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a Redis URL says, as far as messages may repeat it.
+struct ParsedUrl {
+    /// `host:port` (`[v6]:port` for IPv6 literals).
+    endpoint: String,
+    /// The password (and a username given without one, which some clients send as the
+    /// password), raw and percent-decoded, for scrubbing.
+    secrets: Vec<String>,
+}
+
+/// Splits a `redis://[[user]:password@]host[:port][/db][?query]` URL just far enough to
+/// name its endpoint and know its secrets. Errors never repeat the URL.
+fn parse_url(url: &str) -> Result<ParsedUrl, String> {
+    const SHAPE: &str = "expected redis://[[user]:password@]host[:port][/db]";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("invalid Redis URL: {SHAPE}"));
+    };
+    if !matches!(scheme, "redis" | "rediss" | "valkey" | "valkeys") {
+        return Err(format!("unsupported Redis URL scheme {scheme:?}: {SHAPE}"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let (userinfo, host_port) = match authority.rsplit_once('@') {
+        Some((userinfo, host_port)) => (Some(userinfo), host_port),
+        None => (None, authority),
+    };
+    let mut secrets = Vec::new();
+    if let Some(userinfo) = userinfo {
+        let secret = match userinfo.split_once(':') {
+            Some((_, password)) => password,
+            None => userinfo,
+        };
+        if !secret.is_empty() {
+            secrets.push(secret.to_owned());
+            let decoded = percent_decode(secret);
+            if decoded != secret {
+                secrets.push(decoded);
+            }
+        }
+    }
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        let Some((host, after)) = v6.split_once(']') else {
+            return Err(format!("invalid Redis URL host: {SHAPE}"));
+        };
+        (format!("[{host}]"), after.strip_prefix(':'))
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (host_port.to_owned(), None),
+        }
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(format!("invalid Redis URL: no host; {SHAPE}"));
+    }
+    let port = match port {
+        None | Some("") => 6379,
+        Some(port) => port
+            .parse::<u16>()
+            .map_err(|_| format!("invalid Redis URL port for host {host}: {SHAPE}"))?,
+    };
+    Ok(ParsedUrl {
+        endpoint: format!("{host}:{port}"),
+        secrets,
+    })
+}
+
+/// Decodes `%XX` escapes (as the client does for URL passwords); other bytes pass through.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(byte) = hex {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Replaces every secret in `text` by `[redacted]`.
+fn scrub(mut text: String, secrets: &[String]) -> String {
+    for secret in secrets {
+        if text.contains(secret.as_str()) {
+            text = text.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    text
+}
+
+/// Describes a client error in words that cannot include the URL (scrubbed anyway).
+fn describe(err: &RedisError, secrets: &[String]) -> String {
+    let text = if err.is_timeout() {
+        format!("no answer in time ({err})")
+    } else if err.kind() == ErrorKind::AuthenticationFailed
+        || err
+            .code()
+            .is_some_and(|c| c == "WRONGPASS" || c == "NOAUTH")
+    {
+        format!("authentication failed ({err})")
+    } else if err.is_connection_refusal() {
+        format!("connection refused ({err})")
+    } else {
+        err.to_string()
+    };
+    scrub(text, secrets)
+}
+
+/// A key as one Redis argument, prefixed for the private store, written straight into
+/// the command buffer (no per-key `String`).
+fn write_key(cmd: &mut Cmd, prefix: Option<&str>, key: &str) {
+    let mut arg = cmd.writer_for_next_arg();
+    // Writing into the command's in-memory buffer cannot fail.
+    if let Some(prefix) = prefix {
+        let _ = arg.write_all(prefix.as_bytes());
+        let _ = arg.write_all(b"||");
+    }
+    let _ = arg.write_all(key.as_bytes());
+}
+
+/// A `EVALSHA <sha> <numkeys>` command, ready for keys and arguments.
+fn evalsha(script: &Script, numkeys: usize) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(numkeys);
+    cmd
+}
+
+fn is_noscript(err: &RedisError) -> bool {
+    err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// Why one stored value could not be turned into an [`Entry`].
+const NOT_STATE_HASH: &str =
+    "the key is not a Dapr state hash (expected a HASH with `data` and `version` fields)";
+
+impl RedisStore {
+    /// Connects with default timeouts (see [`RedisOptions`]).
+    pub async fn connect(
+        url: &str,
+        public_name: &str,
+        private_name: &str,
+        private_prefix: &str,
+    ) -> Result<RedisStore, StoreError> {
+        Self::connect_with(
+            url,
+            public_name,
+            private_name,
+            private_prefix,
+            RedisOptions::default(),
+        )
+        .await
+    }
+
+    /// Connects, checks that Redis answers (`PING`, authentication included) and loads
+    /// the scripts. Fails within `options.timeout` with a message naming host and port.
+    pub async fn connect_with(
+        url: &str,
+        public_name: &str,
+        private_name: &str,
+        private_prefix: &str,
+        options: RedisOptions,
+    ) -> Result<RedisStore, StoreError> {
+        let connect_error = |message: String| StoreError::Failed {
+            store: format!("{public_name}, {private_name}"),
+            operation: "connect to",
+            key: String::new(),
+            message,
+        };
+        let parsed = parse_url(url).map_err(connect_error)?;
+        let endpoint = parsed.endpoint;
+        let secrets = parsed.secrets;
+        let client = redis::Client::open(url).map_err(|e| {
+            connect_error(format!(
+                "invalid Redis URL for {endpoint}: {}",
+                describe(&e, &secrets)
+            ))
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.connect_attempt_timeout))
+            .set_response_timeout(Some(options.timeout))
+            // A reconnection makes at most two attempts, so a command issued during an
+            // outage fails fast; the next command starts a new reconnection.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let connecting = async {
+            let mut conn = client.get_connection_manager_with_config(config).await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            Ok::<_, RedisError>(conn)
+        };
+        let conn = match tokio::time::timeout(options.timeout, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                return Err(connect_error(format!(
+                    "cannot connect to Redis at {endpoint}: {}",
+                    describe(&e, &secrets)
+                )))
+            }
+            Err(_) => {
+                return Err(connect_error(format!(
+                    "cannot connect to Redis at {endpoint}: no answer within {:?}",
+                    options.timeout
+                )))
+            }
+        };
+        let store = RedisStore {
+            conn,
+            public_name: public_name.to_owned(),
+            private_name: private_name.to_owned(),
+            private_prefix: private_prefix.to_owned(),
+            endpoint,
+            redact: secrets,
+            timeout: options.timeout,
+            read: Script::new(READ_LUA),
+            save: Script::new(SAVE_LUA),
+            update: Script::new(UPDATE_LUA),
+            delete: Script::new(DELETE_LUA),
+        };
+        for script in [&store.read, &store.save, &store.update, &store.delete] {
+            let mut conn = store.conn.clone();
+            let loading = script.load_async(&mut conn);
+            match tokio::time::timeout(options.timeout, loading).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Err(connect_error(format!(
+                        "cannot load scripts into Redis at {}: {}",
+                        store.endpoint,
+                        describe(&e, &store.redact)
+                    )))
+                }
+                Err(_) => {
+                    return Err(connect_error(format!(
+                        "cannot load scripts into Redis at {}: no answer within {:?}",
+                        store.endpoint, options.timeout
+                    )))
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// `host:port` of the Redis server.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The full Redis key of `key` in the logical store `kind`.
+    pub fn redis_key(&self, kind: StoreKind, key: &str) -> String {
+        match kind {
+            StoreKind::Public => key.to_owned(),
+            StoreKind::Private => format!("{}||{key}", self.private_prefix),
+        }
+    }
+
+    fn prefix(&self, kind: StoreKind) -> Option<&str> {
+        match kind {
+            StoreKind::Public => None,
+            StoreKind::Private => Some(&self.private_prefix),
+        }
+    }
+
+    fn name(&self, kind: StoreKind) -> &str {
+        match kind {
+            StoreKind::Public => &self.public_name,
+            StoreKind::Private => &self.private_name,
+        }
+    }
+
+    fn failed(
+        &self,
+        kind: StoreKind,
+        operation: &'static str,
+        key: &str,
+        what: String,
+    ) -> StoreError {
+        StoreError::Failed {
+            store: self.name(kind).to_owned(),
+            operation,
+            key: key.to_owned(),
+            message: format!("Redis at {}: {what}", self.endpoint),
+        }
+    }
+
+    fn redis_failed(
+        &self,
+        kind: StoreKind,
+        operation: &'static str,
+        key: &str,
+        err: &RedisError,
+    ) -> StoreError {
+        self.failed(kind, operation, key, describe(err, &self.redact))
+    }
+
+    fn invalid(&self, kind: StoreKind, key: &str, etag: &str) -> StoreError {
+        StoreError::InvalidEtag {
+            store: self.name(kind).to_owned(),
+            key: key.to_owned(),
+            etag: etag.to_owned(),
+        }
+    }
+
+    fn conflict(&self, kind: StoreKind, key: &str) -> StoreError {
+        StoreError::Conflict {
+            store: self.name(kind).to_owned(),
+            key: key.to_owned(),
+        }
+    }
+
+    /// Runs one script command, loading the script first if Redis lost it (restart,
+    /// `SCRIPT FLUSH`), all within the operation timeout.
+    async fn eval(&self, script: &Script, cmd: &Cmd) -> Result<Value, EvalError> {
+        let run = async {
+            let mut conn = self.conn.clone();
+            match cmd.query_async::<Value>(&mut conn).await {
+                Err(e) if is_noscript(&e) => {
+                    script.load_async(&mut conn).await?;
+                    cmd.query_async::<Value>(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(EvalError::Redis(e)),
+            Err(_) => Err(EvalError::Timeout),
+        }
+    }
+
+    fn eval_failed(
+        &self,
+        kind: StoreKind,
+        operation: &'static str,
+        key: &str,
+        err: EvalError,
+    ) -> StoreError {
+        match err {
+            EvalError::Redis(e) => self.redis_failed(kind, operation, key, &e),
+            EvalError::Timeout => self.failed(
+                kind,
+                operation,
+                key,
+                format!("no answer within {:?}", self.timeout),
+            ),
+        }
+    }
+
+    /// Builds one read-script call for `keys`.
+    fn read_cmd(&self, kind: StoreKind, keys: &[String]) -> Cmd {
+        let mut cmd = evalsha(&self.read, keys.len());
+        let prefix = self.prefix(kind);
+        for key in keys {
+            write_key(&mut cmd, prefix, key);
+        }
+        cmd
+    }
+
+    /// Appends the entries of one read-script reply to `out`; on a malformed value
+    /// returns the index (within this reply) of the key at fault and why.
+    fn parse_read(
+        reply: Value,
+        expected: usize,
+        out: &mut Vec<Option<Entry>>,
+    ) -> Result<(), (usize, &'static str)> {
+        let Value::Array(values) = reply else {
+            return Err((0, "unexpected reply to the read script"));
+        };
+        if values.len() != expected * 3 {
+            return Err((0, "unexpected reply length from the read script"));
+        }
+        let mut values = values.into_iter();
+        let mut index = 0;
+        while let (Some(version), Some(data), Some(ttl)) =
+            (values.next(), values.next(), values.next())
+        {
+            let entry = match version {
+                Value::Int(0) => None,
+                Value::BulkString(version) => {
+                    let etag = String::from_utf8(version)
+                        .map_err(|_| (index, "the stored `version` is not text"))?;
+                    let Value::BulkString(data) = data else {
+                        return Err((index, NOT_STATE_HASH));
+                    };
+                    let ttl = match ttl {
+                        Value::Int(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+                        _ => None,
+                    };
+                    Some(Entry { data, etag, ttl })
+                }
+                _ => return Err((index, NOT_STATE_HASH)),
+            };
+            out.push(entry);
+            index += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A script call that did not produce a reply.
+enum EvalError {
+    Redis(RedisError),
+    Timeout,
+}
+
+impl From<RedisError> for EvalError {
+    fn from(e: RedisError) -> Self {
+        EvalError::Redis(e)
+    }
+}
+
+/// The ETag argument of the save script: Dapr's `0` for "none", else the canonical integer.
+fn etag_arg(etag: Option<&str>) -> Result<i64, ()> {
+    match etag {
+        None | Some("") => Ok(0),
+        Some(text) => text.parse::<i64>().map_err(|_| ()),
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn store_name(&self, kind: StoreKind) -> &str {
+        self.name(kind)
+    }
+
+    fn locate(&self, kind: StoreKind, key: &str) -> String {
+        self.redis_key(kind, key)
+    }
+
+    async fn get(&self, kind: StoreKind, key: &str) -> Result<Option<Entry>, StoreError> {
+        let mut cmd = evalsha(&self.read, 1);
+        write_key(&mut cmd, self.prefix(kind), key);
+        let reply = self
+            .eval(&self.read, &cmd)
+            .await
+            .map_err(|e| self.eval_failed(kind, "get", key, e))?;
+        let mut out = Vec::with_capacity(1);
+        Self::parse_read(reply, 1, &mut out)
+            .map_err(|(_, why)| self.failed(kind, "get", key, why.to_owned()))?;
+        Ok(out.pop().flatten())
+    }
+
+    async fn bulk_get(
+        &self,
+        kind: StoreKind,
+        keys: &[String],
+    ) -> Result<Vec<Option<Entry>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first_key = keys[0].as_str();
+        let mut pipe = redis::pipe();
+        for chunk in keys.chunks(BULK_CHUNK) {
+            pipe.add_command(self.read_cmd(kind, chunk));
+        }
+        // Per-command errors come back as values, so a lost script is seen and reloaded.
+        pipe.ignore_errors();
+        let run = async {
+            let mut conn = self.conn.clone();
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+            let lost_script = replies.iter().any(|reply| {
+                matches!(reply, Value::ServerError(e)
+                    if e.kind() == Some(ServerErrorKind::NoScript))
+            });
+            if !lost_script {
+                return Ok(replies);
+            }
+            self.read.load_async(&mut conn).await?;
+            pipe.query_async::<Vec<Value>>(&mut conn).await
+        };
+        let replies = match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(replies)) => replies,
+            Ok(Err(e)) => return Err(self.redis_failed(kind, "bulk get", first_key, &e)),
+            Err(_) => {
+                return Err(self.failed(
+                    kind,
+                    "bulk get",
+                    first_key,
+                    format!("no answer within {:?}", self.timeout),
+                ))
+            }
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for (chunk, reply) in keys.chunks(BULK_CHUNK).zip(replies) {
+            if let Value::ServerError(e) = &reply {
+                let what = scrub(e.to_string(), &self.redact);
+                return Err(self.failed(kind, "bulk get", &chunk[0], what));
+            }
+            Self::parse_read(reply, chunk.len(), &mut out).map_err(|(index, why)| {
+                let key = chunk.get(index).map_or(first_key, String::as_str);
+                self.failed(kind, "bulk get", key, why.to_owned())
+            })?;
+        }
+        if out.len() != keys.len() {
+            return Err(self.failed(
+                kind,
+                "bulk get",
+                first_key,
+                "fewer replies than keys".to_owned(),
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn save(&self, kind: StoreKind, save: Save<'_>) -> Result<(), StoreError> {
+        // Dapr's rule: under last-write concurrency the ETag counts as 0 whatever it says;
+        // a refusal is still a mismatch when an ETag was sent.
+        let has_etag = save.etag.is_some_and(|e| !e.is_empty());
+        let etag = match save.concurrency {
+            Concurrency::LastWrite => 0,
+            Concurrency::FirstWrite => etag_arg(save.etag)
+                .map_err(|()| self.invalid(kind, save.key, save.etag.unwrap_or_default()))?,
+        };
+        let mut cmd = evalsha(&self.save, 1);
+        write_key(&mut cmd, self.prefix(kind), save.key);
+        cmd.arg(etag);
+        cmd.write_arg(save.data);
+        cmd.arg(match save.concurrency {
+            Concurrency::FirstWrite => "1",
+            Concurrency::LastWrite => "0",
+        });
+        match save.ttl_seconds {
+            None => cmd.arg(""),
+            Some(seconds) if seconds > 0 => cmd.arg(seconds),
+            Some(_) => cmd.arg("persist"),
+        };
+        let reply = self
+            .eval(&self.save, &cmd)
+            .await
+            .map_err(|e| self.eval_failed(kind, "save", save.key, e))?;
+        match reply {
+            Value::Int(version) if version > 0 => Ok(()),
+            Value::Int(0) if has_etag => Err(self.conflict(kind, save.key)),
+            Value::Int(0) => Err(self.failed(
+                kind,
+                "save",
+                save.key,
+                "the key exists and was written with first-write concurrency; a save \
+                 without an ETag cannot replace it"
+                    .to_owned(),
+            )),
+            _ => Err(self.failed(
+                kind,
+                "save",
+                save.key,
+                "unexpected reply to the save script".to_owned(),
+            )),
+        }
+    }
+
+    async fn update_existing(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        etag: &str,
+    ) -> Result<(), StoreError> {
+        // An empty ETag is sent as is: no stored version equals it, so it is a conflict.
+        if !etag.is_empty() && etag.parse::<i64>().is_err() {
+            return Err(self.invalid(kind, key, etag));
+        }
+        let mut cmd = evalsha(&self.update, 1);
+        write_key(&mut cmd, self.prefix(kind), key);
+        match etag.parse::<i64>() {
+            Ok(version) => cmd.arg(version),
+            Err(_) => cmd.arg(""),
+        };
+        cmd.write_arg(data);
+        let reply = self
+            .eval(&self.update, &cmd)
+            .await
+            .map_err(|e| self.eval_failed(kind, "update", key, e))?;
+        match reply {
+            Value::Int(version) if version > 0 => Ok(()),
+            Value::Int(0) => Err(self.conflict(kind, key)),
+            Value::Int(-1) => Err(StoreError::Missing {
+                store: self.name(kind).to_owned(),
+                key: key.to_owned(),
+            }),
+            _ => Err(self.failed(
+                kind,
+                "update",
+                key,
+                "unexpected reply to the update script".to_owned(),
+            )),
+        }
+    }
+
+    async fn delete(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        etag: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let version =
+            etag_arg(etag).map_err(|()| self.invalid(kind, key, etag.unwrap_or_default()))?;
+        if version == 0 {
+            // No ETag (or Dapr's explicit "0"): unconditional.
+            let mut cmd = redis::cmd("DEL");
+            write_key(&mut cmd, self.prefix(kind), key);
+            let run = async {
+                let mut conn = self.conn.clone();
+                cmd.query_async::<()>(&mut conn).await
+            };
+            return match tokio::time::timeout(self.timeout, run).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(self.redis_failed(kind, "delete", key, &e)),
+                Err(_) => Err(self.failed(
+                    kind,
+                    "delete",
+                    key,
+                    format!("no answer within {:?}", self.timeout),
+                )),
+            };
+        }
+        let mut cmd = evalsha(&self.delete, 1);
+        write_key(&mut cmd, self.prefix(kind), key);
+        cmd.arg(version);
+        let reply = self
+            .eval(&self.delete, &cmd)
+            .await
+            .map_err(|e| self.eval_failed(kind, "delete", key, e))?;
+        match reply {
+            Value::Int(1) => Ok(()),
+            Value::Int(0) => Err(self.conflict(kind, key)),
+            _ => Err(self.failed(
+                kind,
+                "delete",
+                key,
+                "unexpected reply to the delete script".to_owned(),
+            )),
+        }
+    }
+
+    fn update_checks_existence(&self) -> bool {
+        true
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let run = async {
+            let mut conn = self.conn.clone();
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        };
+        let what = match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => describe(&e, &self.redact),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        Err(StoreError::Failed {
+            store: format!("{}, {}", self.public_name, self.private_name),
+            operation: "ping",
+            key: String::new(),
+            message: format!("Redis at {}: {what}", self.endpoint),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parsing_names_host_and_port_and_collects_the_password() {
+        let p = parse_url("redis://:s%40cret@db.example:6380/2").unwrap();
+        assert_eq!(p.endpoint, "db.example:6380");
+        assert_eq!(p.secrets, vec!["s%40cret".to_owned(), "s@cret".to_owned()]);
+
+        let p = parse_url("redis://user:pw@[::1]:7000").unwrap();
+        assert_eq!(p.endpoint, "[::1]:7000");
+        assert_eq!(p.secrets, vec!["pw".to_owned()]);
+
+        let p = parse_url("redis://localhost").unwrap();
+        assert_eq!(p.endpoint, "localhost:6379");
+        assert!(p.secrets.is_empty());
+    }
+
+    #[test]
+    fn url_errors_never_repeat_the_url() {
+        for url in [
+            "hunter2",
+            "http://:hunter2@host:1",
+            "redis://:hunter2@host:notaport",
+            "redis://:hunter2@",
+        ] {
+            let err = parse_url(url).err().unwrap();
+            assert!(!err.contains("hunter2"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn scrub_removes_every_secret() {
+        let secrets = vec!["pw1".to_owned(), "p w".to_owned()];
+        assert_eq!(
+            scrub("a pw1 b p w c".to_owned(), &secrets),
+            "a [redacted] b [redacted] c"
+        );
+    }
+
+    #[test]
+    fn percent_decoding_keeps_malformed_escapes() {
+        assert_eq!(percent_decode("a%20b%zz%4"), "a b%zz%4");
+    }
+}

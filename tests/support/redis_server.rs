@@ -1,0 +1,399 @@
+//! A real `redis-server` per test: its own free loopback port, its own temporary
+//! directory, killed when the test ends, however it ends.
+//!
+//! ```ignore
+//! let server = RedisServer::start();                      // no persistence, no password
+//! let server = RedisServer::builder().with_password("pw").with_persistence().start();
+//! let url = server.url();                                 // redis://:pw@127.0.0.1:PORT/
+//! let hash: Vec<(String, Vec<u8>)> = server.query(redis::cmd("HGETALL").arg("k"));
+//! ```
+//!
+//! Never the Redis that may already run on 6379: every server binds a port the kernel
+//! just handed out. [`RedisServer::stop`] and [`RedisServer::restart`] (same port, same
+//! directory, so with persistence the data survives) simulate outages; `pause`/`resume`
+//! (SIGSTOP/SIGCONT) simulate a Redis that hangs.
+
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer `PING` after it was spawned.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped server may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on any single command the helpers send.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options for a server, then [`RedisServerBuilder::start`].
+#[derive(Clone, Debug, Default)]
+pub struct RedisServerBuilder {
+    password: Option<String>,
+    persistence: bool,
+    extra_args: Vec<String>,
+}
+
+impl RedisServerBuilder {
+    /// Requires `AUTH <password>` (`requirepass`); [`RedisServer::url`] carries it.
+    pub fn with_password(mut self, password: &str) -> Self {
+        self.password = Some(password.to_owned());
+        self
+    }
+
+    /// Append-only file in the server's directory, fsynced on every write, so data
+    /// survives [`RedisServer::stop`], [`RedisServer::kill`] and [`RedisServer::restart`].
+    pub fn with_persistence(mut self) -> Self {
+        self.persistence = true;
+        self
+    }
+
+    /// Any other `redis-server` option, e.g. `["--maxclients", "100"]`.
+    pub fn with_args(mut self, args: &[&str]) -> Self {
+        self.extra_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Spawns the server and waits until it answers `PING`. Panics (failing the test)
+    /// with the server's log when it does not come up within ten seconds.
+    pub fn start(self) -> RedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("keel-redis-")
+            .tempdir()
+            .expect("create a temp dir for redis-server");
+        let mut server = RedisServer {
+            dir,
+            port: 0,
+            options: self,
+            child: None,
+        };
+        // The port is free when the kernel hands it out, but another process may grab it
+        // before redis-server binds it: then try another one.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            server.port = free_port();
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("redis-server did not start: {last_error}");
+    }
+}
+
+/// A running (or deliberately stopped) `redis-server`. Killed on drop.
+pub struct RedisServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    options: RedisServerBuilder,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn builder() -> RedisServerBuilder {
+        RedisServerBuilder::default()
+    }
+
+    /// A server with neither password nor persistence.
+    pub fn start() -> RedisServer {
+        Self::builder().start()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`, as error messages should name it.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The URL to connect with, carrying the password if there is one.
+    pub fn url(&self) -> String {
+        match &self.options.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    pub fn password(&self) -> Option<&str> {
+        self.options.password.as_deref()
+    }
+
+    /// The server's working directory (AOF files, `redis.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Graceful shutdown (SIGTERM: with persistence, the AOF is flushed), waiting for the
+    /// process to exit; SIGKILL if it does not within ten seconds.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        signal(&child, libc::SIGCONT); // a paused server cannot act on SIGTERM
+        signal(&child, libc::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                _ => break,
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// A crash: SIGKILL, then reap the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server if it runs, then starts it again on the same port with the same
+    /// directory and options, and waits until it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut last_error = String::new();
+        // The old socket is closed, but give the port a few chances to become bindable.
+        for _ in 0..20 {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(e) => {
+                    last_error = e;
+                    thread::sleep(Duration::from_millis(250));
+                }
+            }
+        }
+        panic!(
+            "redis-server did not restart on port {}: {last_error}",
+            self.port
+        );
+    }
+
+    /// SIGSTOP: the server keeps its socket open but answers nothing (a hung Redis).
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+        }
+    }
+
+    /// A client for raw commands (with the password, if any).
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("the test server's URL parses")
+    }
+
+    /// A synchronous connection with bounded connect and read times.
+    pub fn conn(&self) -> redis::Connection {
+        let conn = self
+            .client()
+            .get_connection_with_timeout(COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect to test redis on {}: {e}", self.port));
+        conn.set_read_timeout(Some(COMMAND_TIMEOUT))
+            .expect("set a read timeout");
+        conn.set_write_timeout(Some(COMMAND_TIMEOUT))
+            .expect("set a write timeout");
+        conn
+    }
+
+    /// An async connection, for tests that issue many raw commands.
+    pub async fn async_conn(&self) -> redis::aio::MultiplexedConnection {
+        let connecting = self.client().get_multiplexed_async_connection();
+        tokio::time::timeout(COMMAND_TIMEOUT, connecting)
+            .await
+            .unwrap_or_else(|_| panic!("connect to test redis on {}: timed out", self.port))
+            .unwrap_or_else(|e| panic!("connect to test redis on {}: {e}", self.port))
+    }
+
+    /// Runs one raw command on a fresh synchronous connection and converts the reply.
+    /// Blocking, but on loopback and bounded: fine inside async tests.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        let mut conn = self.conn();
+        cmd.query(&mut conn)
+            .unwrap_or_else(|e| panic!("raw command on test redis {}: {e}", self.port))
+    }
+
+    /// The fields of a HASH, as (field, value bytes), sorted by field.
+    pub fn hgetall(&self, key: &str) -> Vec<(String, Vec<u8>)> {
+        let mut fields: Vec<(String, Vec<u8>)> = self.query(redis::cmd("HGETALL").arg(key));
+        fields.sort();
+        fields
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .args(["--daemonize", "no", "--save", ""]);
+        if self.options.persistence {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        if let Some(password) = &self.options.password {
+            cmd.arg("--requirepass").arg(password);
+        }
+        cmd.args(&self.options.extra_args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let parent = std::process::id();
+        // SAFETY: the closure runs in the forked child before exec, where only
+        // async-signal-safe calls are allowed. It makes exactly three: prctl, getppid and
+        // _exit, all plain system calls that neither allocate nor take locks. It asks the
+        // kernel to SIGKILL the server when its parent dies, so a test run that crashes
+        // or is killed leaves no redis-server behind. If the parent already died before
+        // prctl took effect, the child exits at once instead of leaking.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = spawn_from_long_lived_thread(cmd)
+            .map_err(|e| format!("cannot run redis-server (is it installed?): {e}"))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let client = self.client();
+        loop {
+            if let Some(child) = &mut self.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(format!(
+                        "redis-server on port {} exited ({status}); log:\n{}",
+                        self.port,
+                        self.log()
+                    ));
+                }
+            }
+            let answered = client
+                .get_connection_with_timeout(Duration::from_millis(500))
+                .and_then(|mut conn| {
+                    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    redis::cmd("PING").query::<String>(&mut conn)
+                });
+            if answered.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(format!(
+                    "redis-server on port {} did not answer PING within {READY_TIMEOUT:?}; \
+                     log:\n{}",
+                    self.port,
+                    self.log()
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the PID of a child we have not reaped yet (`child` is still
+    // held), so the PID cannot have been reused by another process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// A port the kernel reports free on loopback right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// Spawns `cmd` from one thread that lives as long as the test process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
+/// process. Tests run on short-lived threads (and may restart a server from a runtime
+/// worker or a blocking-pool thread), so forking from them would kill a server as soon as
+/// that thread ended. Forking from this thread ties the server's life to the process.
+fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        thread::Builder::new()
+            .name("redis-server-spawner".to_owned())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("start the redis-server spawner thread");
+        tx
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    spawner
+        .send((cmd, reply_tx))
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?
+}

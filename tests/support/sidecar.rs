@@ -1,0 +1,779 @@
+//! A test double of the Dapr sidecar, on loopback.
+//!
+//! No `daprd` can run where these tests run, so the Dapr path is proven against this
+//! double, which reproduces the parts of the sidecar's API the worker uses, with Dapr's
+//! documented semantics and status codes:
+//!
+//! - **gRPC** (`dapr.proto.runtime.v1.Dapr`): `GetState`, `GetBulkState`, `SaveState` and
+//!   `DeleteState`. Every other method answers `UNIMPLEMENTED`. Rather than implementing
+//!   the generated ~98-method server trait, one small tower service routes on the request
+//!   path and runs each of the four through `tonic::server::Grpc` with the prost codec.
+//!   Codes: ETag mismatch `ABORTED`; invalid ETag `INVALID_ARGUMENT`; a refused
+//!   first-write save *without* an ETag and every other store error `INTERNAL`; an unknown
+//!   store name `INVALID_ARGUMENT` (Dapr's `ERR_STATE_STORE_NOT_FOUND`); while the double
+//!   is told to be unready, `UNAVAILABLE` (a real sidecar does not serve its API before its
+//!   components are loaded).
+//! - **Storage**: a real `redis-server` (started here unless a URL is given) through the
+//!   project's own Redis backend, which writes Dapr's `state.redis` layout. Each component
+//!   applies its key prefix the way Dapr would: the public component has `keyPrefix: none`
+//!   (bare keys), the private one a fixed prefix (default `plugins`, lower-cased as Dapr
+//!   does), so tests can read the exact Redis bytes the Dapr path produced.
+//! - **HTTP**: `/v1.0/invoke/<id>/method/<method>` proxied to a configurable target (the
+//!   plugin simulators), status and body passed through; an unreachable target answers 500
+//!   with Dapr's JSON error body (`ERR_DIRECT_INVOKE`). `/v1.0/healthz/outbound` answers
+//!   204, or 500 while the double is told to stay unready.
+//! - **Token**: when configured, a gRPC call without the right `dapr-api-token` metadata
+//!   answers `UNAUTHENTICATED` and an HTTP request without the right header 401; health
+//!   checks are exempt, as in Dapr.
+//!
+//! The double counts calls per method (gRPC method name, `invoke`, `healthz`) and records
+//! whether any request carried a token at all. It stops when dropped.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body as AxumBody;
+use axum::extract::{Request as AxumRequest, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response as AxumResponse};
+use dapr::dapr::proto::runtime::v1::{
+    BulkStateItem, DeleteStateRequest, GetBulkStateRequest, GetBulkStateResponse, GetStateRequest,
+    GetStateResponse, SaveStateRequest,
+};
+use keel_scraper::store::redis::RedisStore;
+use keel_scraper::store::{Concurrency, Entry, Save, Store, StoreError, StoreKind};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::codegen::http;
+use tonic::server::{NamedService, UnaryService};
+use tonic::Status;
+
+use super::redis_server::RedisServer;
+
+/// Metadata / header name carrying the Dapr API token.
+pub const TOKEN_HEADER: &str = "dapr-api-token";
+
+/// The gRPC service name the double serves.
+pub const DAPR_SERVICE: &str = "dapr.proto.runtime.v1.Dapr";
+
+/// Maps a service invocation `(app_id, method)` to the URL the double forwards it to;
+/// `None` means the app id cannot be resolved (Dapr answers `ERR_DIRECT_INVOKE`).
+pub type InvokeTarget = Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
+
+/// How to start a [`SidecarDouble`].
+#[derive(Clone)]
+pub struct SidecarConfig {
+    /// Name of the public state store component (`keyPrefix: none`).
+    pub public_store: String,
+    /// Name of the private state store component.
+    pub private_store: String,
+    /// The private component's fixed `keyPrefix` (Dapr lower-cases it).
+    pub private_key_prefix: String,
+    /// The API token the sidecar requires; `None` accepts every call.
+    pub api_token: Option<String>,
+    /// Where service invocation goes; `None` makes every app unresolvable.
+    pub invoke_target: Option<InvokeTarget>,
+    /// Use this Redis instead of starting one (`redis://127.0.0.1:port`).
+    pub redis_url: Option<String>,
+    /// Stay unready (health 500, gRPC `UNAVAILABLE`) this long after start.
+    pub ready_after: Duration,
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        SidecarConfig {
+            public_store: "keel-public-store".to_string(),
+            private_store: "keel-private-store".to_string(),
+            private_key_prefix: "plugins".to_string(),
+            api_token: None,
+            invoke_target: None,
+            redis_url: None,
+            ready_after: Duration::ZERO,
+        }
+    }
+}
+
+impl SidecarConfig {
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.api_token = Some(token.to_string());
+        self
+    }
+
+    /// Service invocation of `<id>/method/<method>` goes to `<base>/<id>/<method>`: the
+    /// layout of the plugin simulator, which serves `GET /<plugin_id>/v1/status`.
+    pub fn with_invoke_base(mut self, base_url: &str) -> Self {
+        let base = base_url.trim_end_matches('/').to_string();
+        self.invoke_target = Some(Arc::new(move |id: &str, method: &str| {
+            Some(format!("{base}/{id}/{method}"))
+        }));
+        self
+    }
+
+    /// Service invocation goes wherever `target(app_id, method)` says.
+    pub fn with_invoke_target(
+        mut self,
+        target: impl Fn(&str, &str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.invoke_target = Some(Arc::new(target));
+        self
+    }
+
+    pub fn with_redis_url(mut self, url: &str) -> Self {
+        self.redis_url = Some(url.to_string());
+        self
+    }
+
+    pub fn with_private_key_prefix(mut self, prefix: &str) -> Self {
+        self.private_key_prefix = prefix.to_string();
+        self
+    }
+
+    pub fn ready_after(mut self, delay: Duration) -> Self {
+        self.ready_after = delay;
+        self
+    }
+}
+
+/// State shared by both listeners and the test.
+struct Shared {
+    store: Arc<dyn Store>,
+    components: HashMap<String, StoreKind>,
+    token: Option<String>,
+    invoke_target: Option<InvokeTarget>,
+    http: reqwest::Client,
+    /// `None`: unready until told otherwise; `Some(t)`: ready from `t` on.
+    ready_at: Mutex<Option<Instant>>,
+    calls: Mutex<HashMap<String, u64>>,
+    saw_token: AtomicBool,
+}
+
+impl Shared {
+    fn count(&self, method: &str) {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        *calls.entry(method.to_string()).or_default() += 1;
+    }
+
+    fn is_ready(&self) -> bool {
+        let ready_at = self.ready_at.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(*ready_at, Some(t) if Instant::now() >= t)
+    }
+
+    /// Records that a token arrived, and says whether it is the right one (always true
+    /// when the sidecar has no token configured).
+    fn check_token(&self, presented: Option<&[u8]>) -> Result<(), &'static str> {
+        if presented.is_some() {
+            self.saw_token.store(true, Ordering::SeqCst);
+        }
+        match (&self.token, presented) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err("missing api token"),
+            (Some(want), Some(got)) if want.as_bytes() == got => Ok(()),
+            (Some(_), Some(_)) => Err("api token mismatch"),
+        }
+    }
+
+    fn kind(&self, store_name: &str) -> Result<StoreKind, Status> {
+        self.components.get(store_name).copied().ok_or_else(|| {
+            // Dapr's ERR_STATE_STORE_NOT_FOUND.
+            Status::invalid_argument(format!("state store {store_name} is not found"))
+        })
+    }
+}
+
+/// Dapr refuses keys containing its prefix separator.
+fn check_key(key: &str) -> Result<(), Status> {
+    if key.contains("||") {
+        return Err(Status::invalid_argument(format!(
+            "input key/keyPrefix '{key}' can't contain '||'"
+        )));
+    }
+    Ok(())
+}
+
+/// `ttlExpireTime` as Dapr's state stores report it: RFC 3339, UTC, whole seconds (so
+/// the time left a client derives from it is only accurate to about a second).
+fn ttl_metadata(entry: &Entry) -> HashMap<String, String> {
+    let mut metadata = HashMap::new();
+    if let Some(ttl) = entry.ttl {
+        let left = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero());
+        let expires = chrono::Utc::now() + left;
+        metadata.insert(
+            "ttlExpireTime".to_string(),
+            expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+    }
+    metadata
+}
+
+// ---------------------------------------------------------------------------------------
+// gRPC
+// ---------------------------------------------------------------------------------------
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Adapts an async closure to tonic's `UnaryService`.
+struct Unary<F>(F);
+
+impl<Req, Resp, F, Fut> UnaryService<Req> for Unary<F>
+where
+    F: FnMut(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    type Response = Resp;
+    type Future = Fut;
+
+    fn call(&mut self, request: tonic::Request<Req>) -> Fut {
+        (self.0)(request)
+    }
+}
+
+/// Decodes `req` as `Req`, runs `handler`, encodes its answer: one unary gRPC call.
+async fn unary<Req, Resp, H, Fut>(
+    shared: Arc<Shared>,
+    req: http::Request<tonic::body::Body>,
+    handler: H,
+) -> http::Response<tonic::body::Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Resp: prost::Message + Send + 'static,
+    H: Fn(Arc<Shared>, Req) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Resp, Status>> + Send,
+{
+    let service = Unary(move |request: tonic::Request<Req>| {
+        let shared = shared.clone();
+        let handler = handler.clone();
+        async move {
+            handler(shared, request.into_inner())
+                .await
+                .map(tonic::Response::new)
+        }
+    });
+    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<Resp, Req>::default());
+    grpc.unary(service, req).await
+}
+
+/// The gRPC surface: routes on the path, `UNIMPLEMENTED` for everything but four methods.
+#[derive(Clone)]
+struct DaprGrpc {
+    shared: Arc<Shared>,
+}
+
+impl NamedService for DaprGrpc {
+    const NAME: &'static str = DAPR_SERVICE;
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for DaprGrpc {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let method = req
+                .uri()
+                .path()
+                .strip_prefix(&format!("/{DAPR_SERVICE}/"))
+                .unwrap_or_default()
+                .to_string();
+            shared.count(&method);
+            let presented = req.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
+            if let Err(reason) = shared.check_token(presented) {
+                return Ok(
+                    Status::unauthenticated(format!("authentication error: {reason}")).into_http(),
+                );
+            }
+            let implemented = matches!(
+                method.as_str(),
+                "GetState" | "GetBulkState" | "SaveState" | "DeleteState"
+            );
+            if !implemented {
+                return Ok(Status::unimplemented(format!(
+                    "the sidecar double does not implement {method:?}"
+                ))
+                .into_http());
+            }
+            if !shared.is_ready() {
+                return Ok(Status::unavailable("the Dapr sidecar is not ready yet").into_http());
+            }
+            let response = match method.as_str() {
+                "GetState" => unary(shared, req, get_state).await,
+                "GetBulkState" => unary(shared, req, get_bulk_state).await,
+                "SaveState" => unary(shared, req, save_state).await,
+                _ => unary(shared, req, delete_state).await,
+            };
+            Ok(response)
+        })
+    }
+}
+
+async fn get_state(shared: Arc<Shared>, req: GetStateRequest) -> Result<GetStateResponse, Status> {
+    let kind = shared.kind(&req.store_name)?;
+    check_key(&req.key)?;
+    match shared.store.get(kind, &req.key).await {
+        Ok(None) => Ok(GetStateResponse::default()),
+        Ok(Some(entry)) => Ok(GetStateResponse {
+            metadata: ttl_metadata(&entry),
+            data: entry.data,
+            etag: entry.etag,
+        }),
+        Err(err) => Err(Status::internal(format!(
+            "fail to get {} from state store {}: {err}",
+            req.key, req.store_name
+        ))),
+    }
+}
+
+async fn get_bulk_state(
+    shared: Arc<Shared>,
+    req: GetBulkStateRequest,
+) -> Result<GetBulkStateResponse, Status> {
+    let kind = shared.kind(&req.store_name)?;
+    for key in &req.keys {
+        check_key(key)?;
+    }
+    let entries = shared
+        .store
+        .bulk_get(kind, &req.keys)
+        .await
+        .map_err(|err| Status::internal(format!("failed getting bulk state: {err}")))?;
+    let items = req
+        .keys
+        .into_iter()
+        .zip(entries)
+        .map(|(key, entry)| match entry {
+            None => BulkStateItem {
+                key,
+                ..Default::default()
+            },
+            Some(entry) => BulkStateItem {
+                key,
+                metadata: ttl_metadata(&entry),
+                data: entry.data,
+                etag: entry.etag,
+                error: String::new(),
+            },
+        })
+        .collect();
+    Ok(GetBulkStateResponse { items })
+}
+
+/// Maps a store error to the status Dapr answers with. An ETag failure is reported as
+/// such only when the request carried an ETag; otherwise it is a plain store error.
+fn store_status(prefix: String, err: StoreError, had_etag: bool) -> Status {
+    match err {
+        StoreError::Conflict { .. } if had_etag => Status::aborted(format!(
+            "{prefix}: possible etag mismatch. error from state store: {err}"
+        )),
+        StoreError::InvalidEtag { ref etag, .. } => Status::invalid_argument(format!(
+            "{prefix}: invalid etag value: {etag:?} is not an integer"
+        )),
+        other => Status::internal(format!("{prefix}: {other}")),
+    }
+}
+
+async fn save_state(shared: Arc<Shared>, req: SaveStateRequest) -> Result<(), Status> {
+    let kind = shared.kind(&req.store_name)?;
+    for item in &req.states {
+        check_key(&item.key)?;
+    }
+    let prefix = format!("failed saving state in state store {}", req.store_name);
+    for item in &req.states {
+        let etag = item.etag.as_ref().map(|e| e.value.as_str());
+        // Dapr's default concurrency is last-write.
+        let concurrency = match item.options.map(|o| o.concurrency) {
+            Some(1) => Concurrency::FirstWrite,
+            _ => Concurrency::LastWrite,
+        };
+        let ttl_seconds = match item.metadata.get("ttlInSeconds") {
+            None => None,
+            Some(raw) => Some(raw.parse::<i64>().map_err(|_| {
+                Status::internal(format!(
+                    "{prefix}: incorrect value for metadata 'ttlInSeconds': {raw:?}"
+                ))
+            })?),
+        };
+        let save = Save {
+            key: &item.key,
+            data: &item.value,
+            etag,
+            concurrency,
+            ttl_seconds,
+        };
+        let had_etag = etag.is_some_and(|e| !e.is_empty());
+        shared
+            .store
+            .save(kind, save)
+            .await
+            .map_err(|err| store_status(prefix.clone(), err, had_etag))?;
+    }
+    Ok(())
+}
+
+/// Dapr's `state.redis` delete compares the ETag with the stored version *as a string*
+/// and never parses it: a non-integer ETag deletes an absent key and is a mismatch
+/// (`ABORTED`) on an existing one, never `INVALID_ARGUMENT`. The Redis backend rejects
+/// such an ETag up front, so the double settles that case itself.
+async fn delete_state(shared: Arc<Shared>, req: DeleteStateRequest) -> Result<(), Status> {
+    let kind = shared.kind(&req.store_name)?;
+    check_key(&req.key)?;
+    let etag = req.etag.as_ref().map(|e| e.value.as_str());
+    let had_etag = etag.is_some_and(|e| !e.is_empty());
+    let prefix = format!("failed deleting state with key {}", req.key);
+    match shared.store.delete(kind, &req.key, etag).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::InvalidEtag { .. }) => match shared.store.get(kind, &req.key).await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(Status::aborted(format!(
+                "{prefix}: possible etag mismatch. error from state store: failed to delete {}",
+                req.key
+            ))),
+            Err(err) => Err(Status::internal(format!("{prefix}: {err}"))),
+        },
+        Err(err) => Err(store_status(prefix, err, had_etag)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------
+
+fn dapr_error(status: StatusCode, code: &str, message: &str) -> AxumResponse {
+    let body = serde_json::json!({ "errorCode": code, "message": message }).to_string();
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
+
+/// One handler for every path: the HTTP surface is three routes, matched by hand.
+async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> AxumResponse {
+    let path = req.uri().path().to_string();
+    let presented = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .map(|v| v.as_bytes().to_vec());
+
+    if path == "/v1.0/healthz/outbound" || path == "/v1.0/healthz" {
+        shared.count("healthz");
+        if presented.is_some() {
+            shared.saw_token.store(true, Ordering::SeqCst);
+        }
+        return if shared.is_ready() {
+            StatusCode::NO_CONTENT.into_response()
+        } else {
+            dapr_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ERR_HEALTH_NOT_READY",
+                "dapr is not ready",
+            )
+        };
+    }
+
+    if let Err(reason) = shared.check_token(presented.as_deref()) {
+        shared.count("unauthorized");
+        return dapr_error(StatusCode::UNAUTHORIZED, "ERR_API_AUTH", reason);
+    }
+
+    let Some(rest) = path.strip_prefix("/v1.0/invoke/") else {
+        shared.count("not_found");
+        return dapr_error(StatusCode::NOT_FOUND, "ERR_NOT_FOUND", "no such route");
+    };
+    let Some((app_id, method)) = rest.split_once("/method/") else {
+        shared.count("not_found");
+        return dapr_error(StatusCode::NOT_FOUND, "ERR_NOT_FOUND", "no such route");
+    };
+    shared.count("invoke");
+    invoke(&shared, app_id, method, req.uri().query()).await
+}
+
+async fn invoke(shared: &Shared, app_id: &str, method: &str, query: Option<&str>) -> AxumResponse {
+    let failed = |err: String| {
+        dapr_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_DIRECT_INVOKE",
+            &format!("failed to invoke, id: {app_id}, err: {err}"),
+        )
+    };
+    let target = shared
+        .invoke_target
+        .as_ref()
+        .and_then(|target| target(app_id, method));
+    let Some(mut url) = target else {
+        return failed(format!("failed to resolve address for '{app_id}-dapr'"));
+    };
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    let response = match shared.http.get(&url).send().await {
+        Ok(response) => response,
+        Err(err) => return failed(error_chain(&err)),
+    };
+    let status = StatusCode::from_u16(response.status().as_u16())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let content_type = response.headers().get("content-type").cloned();
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(err) => return failed(error_chain(&err)),
+    };
+    let mut out = AxumResponse::new(AxumBody::from(body));
+    *out.status_mut() = status;
+    if let Some(content_type) = content_type {
+        if let Ok(value) = HeaderValue::from_bytes(content_type.as_bytes()) {
+            out.headers_mut().insert("content-type", value);
+        }
+    }
+    out
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(next) = source {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        source = next.source();
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------------------
+// The double
+// ---------------------------------------------------------------------------------------
+
+/// A running sidecar double. Both listeners stop, and the Redis it started is killed, when
+/// it is dropped.
+pub struct SidecarDouble {
+    shared: Arc<Shared>,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    redis_url: String,
+    redis: Option<RedisServer>,
+    public_store: String,
+    private_store: String,
+    private_key_prefix: String,
+    shutdown: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SidecarDouble {
+    /// Starts Redis (unless `config.redis_url` is set), then both listeners on free
+    /// loopback ports. Panics on failure: it is test support.
+    pub async fn start(config: SidecarConfig) -> SidecarDouble {
+        let (redis, redis_url) = match &config.redis_url {
+            Some(url) => (None, url.clone()),
+            None => {
+                let server = RedisServer::start();
+                let url = server.url();
+                (Some(server), url)
+            }
+        };
+        // Dapr lower-cases fixed key prefixes.
+        let private_key_prefix = config.private_key_prefix.to_lowercase();
+        let store = RedisStore::connect(
+            &redis_url,
+            &config.public_store,
+            &config.private_store,
+            &private_key_prefix,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("sidecar double cannot reach redis at {redis_url}: {e}"));
+
+        let mut components = HashMap::new();
+        components.insert(config.public_store.clone(), StoreKind::Public);
+        components.insert(config.private_store.clone(), StoreKind::Private);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_else(|e| panic!("sidecar double cannot build its HTTP client: {e}"));
+        let shared = Arc::new(Shared {
+            store: Arc::new(store),
+            components,
+            token: config.api_token.clone(),
+            invoke_target: config.invoke_target.clone(),
+            http,
+            ready_at: Mutex::new(Some(Instant::now() + config.ready_after)),
+            calls: Mutex::new(HashMap::new()),
+            saw_token: AtomicBool::new(false),
+        });
+
+        let grpc_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("sidecar double cannot bind its gRPC port: {e}"));
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("gRPC listener has no address: {e}"));
+        let http_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("sidecar double cannot bind its HTTP port: {e}"));
+        let http_addr = http_listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("HTTP listener has no address: {e}"));
+
+        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
+        let grpc_service = DaprGrpc {
+            shared: shared.clone(),
+        };
+        let grpc_task = tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
+            let result = tonic::transport::Server::builder()
+                .add_service(grpc_service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = grpc_stopped.await;
+                })
+                .await;
+            if let Err(err) = result {
+                eprintln!("sidecar double gRPC server stopped: {err}");
+            }
+        });
+
+        let (http_stop, http_stopped) = oneshot::channel::<()>();
+        let app = axum::Router::new()
+            .fallback(http_entry)
+            .with_state(shared.clone());
+        let http_task = tokio::spawn(async move {
+            let result = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = http_stopped.await;
+                })
+                .await;
+            if let Err(err) = result {
+                eprintln!("sidecar double HTTP server stopped: {err}");
+            }
+        });
+
+        SidecarDouble {
+            shared,
+            grpc_addr,
+            http_addr,
+            redis_url,
+            redis,
+            public_store: config.public_store,
+            private_store: config.private_store,
+            private_key_prefix,
+            shutdown: vec![grpc_stop, http_stop],
+            tasks: vec![grpc_task, http_task],
+        }
+    }
+
+    /// `http://127.0.0.1:<port>` of the gRPC listener.
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_addr.port()
+    }
+
+    /// `http://127.0.0.1:<port>` of the HTTP listener.
+    pub fn http_endpoint(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_addr.port()
+    }
+
+    /// The Redis the double stores into.
+    pub fn redis_url(&self) -> &str {
+        &self.redis_url
+    }
+
+    /// The Redis server the double started, if it started one.
+    pub fn redis(&self) -> Option<&RedisServer> {
+        self.redis.as_ref()
+    }
+
+    pub fn public_store(&self) -> &str {
+        &self.public_store
+    }
+
+    pub fn private_store(&self) -> &str {
+        &self.private_store
+    }
+
+    /// The private component's key prefix, as Dapr applies it (lower case).
+    pub fn private_key_prefix(&self) -> &str {
+        &self.private_key_prefix
+    }
+
+    /// The Redis key Dapr uses for `key` in the given component.
+    pub fn redis_key(&self, kind: StoreKind, key: &str) -> String {
+        match kind {
+            StoreKind::Public => key.to_string(),
+            StoreKind::Private => format!("{}||{key}", self.private_key_prefix),
+        }
+    }
+
+    /// How many calls arrived for `method`: a gRPC method name (`GetState`, ...,
+    /// including unimplemented ones), `invoke`, `healthz`, `unauthorized` or `not_found`.
+    pub fn calls(&self, method: &str) -> u64 {
+        let calls = self.shared.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.get(method).copied().unwrap_or(0)
+    }
+
+    /// Every counter, by method.
+    pub fn all_calls(&self) -> HashMap<String, u64> {
+        self.shared
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether any request, on either surface, carried a `dapr-api-token` (right or wrong).
+    pub fn saw_token(&self) -> bool {
+        self.shared.saw_token.load(Ordering::SeqCst)
+    }
+
+    /// Ready now (`true`) or unready until told otherwise (`false`).
+    pub fn set_ready(&self, ready: bool) {
+        let mut ready_at = self
+            .shared
+            .ready_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *ready_at = ready.then(Instant::now);
+    }
+
+    /// Unready for `delay` from now, then ready.
+    pub fn set_ready_after(&self, delay: Duration) {
+        let mut ready_at = self
+            .shared
+            .ready_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *ready_at = Some(Instant::now() + delay);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.shared.is_ready()
+    }
+}
+
+impl Drop for SidecarDouble {
+    fn drop(&mut self) {
+        for stop in self.shutdown.drain(..) {
+            let _ = stop.send(());
+        }
+        // Graceful shutdown would wait for open connections (a client may still hold
+        // one); the listeners must go now.
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
