@@ -192,6 +192,28 @@ impl Meter for Listening {}
 impl Meter for ShutdownStarted {}
 impl Meter for ShutdownCompleted {}
 
+/// The README's event catalog table, rendered from [`CATALOG`].
+pub fn catalog_markdown() -> String {
+    let mut out = String::from("| event | level | alert | fields | meaning |\n|---|---|---|---|---|\n");
+    for e in CATALOG {
+        let fields = e
+            .fields
+            .iter()
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} |\n",
+            e.name,
+            e.level,
+            e.alert,
+            fields,
+            e.meaning.trim()
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

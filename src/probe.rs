@@ -266,7 +266,7 @@ impl Prober {
             .no_proxy()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(settings.concurrency)
+            .pool_max_idle_per_host(settings.concurrency.saturating_mul(2))
             .user_agent(concat!("keel-scraper/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ProbeSetupError::Client)?;

@@ -288,7 +288,14 @@ impl Ticker {
 
         // Probes.
         let probe_ids: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
-        let outcomes = self.prober.probe_all(&probe_ids, probe_deadline).await;
+        let timed = self.prober.probe_all_timed(&probe_ids, probe_deadline).await;
+        let m = metrics();
+        let outcomes = timed.into_iter().map(|(outcome, took)| {
+            if !matches!(outcome, ProbeOutcome::CutOff) {
+                m.probe_duration(took.as_secs_f64());
+            }
+            outcome
+        });
 
         let mut report = TickReport {
             tick: tick.to_string(),

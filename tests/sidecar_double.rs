@@ -221,7 +221,13 @@ async fn a_refused_first_write_save_without_etag_is_internal_and_with_one_aborte
         assert_eq!(err.code(), Code::Internal, "{err:?}");
 
         let err = client
-            .save_state(save_request(&store, "plugin_route_x", b"v2", Some("-1"), FIRST))
+            .save_state(save_request(
+                &store,
+                "plugin_route_x",
+                b"v2",
+                Some("-1"),
+                FIRST,
+            ))
             .await
             .expect_err("no stored version is -1");
         assert_eq!(err.code(), Code::Aborted, "{err:?}");
@@ -339,8 +345,7 @@ async fn an_invalid_etag_and_an_unknown_store_are_invalid_argument() {
 async fn state_lands_in_redis_in_dapr_layout_under_each_component_prefix() {
     bounded(async {
         let sidecar =
-            SidecarDouble::start(SidecarConfig::default().with_private_key_prefix("Plugins"))
-                .await;
+            SidecarDouble::start(SidecarConfig::default().with_private_key_prefix("Plugins")).await;
         let mut client = client(&sidecar).await;
         let redis = sidecar.redis().expect("the double started its own redis");
 
@@ -540,15 +545,16 @@ async fn an_unreachable_app_gets_dapr_500_with_err_direct_invoke() {
             serde_json::from_str(&response.text().await.expect("body")).expect("JSON body");
         assert_eq!(body["errorCode"], "ERR_DIRECT_INVOKE", "{body}");
         assert!(
-            body["message"].as_str().unwrap_or_default().contains("gone"),
+            body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("gone"),
             "{body}"
         );
 
         // An app id the target cannot resolve is the same sidecar error.
-        let sidecar = SidecarDouble::start(
-            SidecarConfig::default().with_invoke_target(|_, _| None),
-        )
-        .await;
+        let sidecar =
+            SidecarDouble::start(SidecarConfig::default().with_invoke_target(|_, _| None)).await;
         let response = http()
             .get(format!(
                 "{}/v1.0/invoke/nobody/method/v1/status",

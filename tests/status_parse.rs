@@ -97,7 +97,10 @@ fn v0_ret_missing_or_null_means_zero() {
 #[test]
 fn v0_nonzero_ret_is_plugin_error_whatever_the_status() {
     check(&[
-        (r#"{"ret":1,"msg":"boom","status":"ACTIVE"}"#, Err(PluginError)),
+        (
+            r#"{"ret":1,"msg":"boom","status":"ACTIVE"}"#,
+            Err(PluginError),
+        ),
         (r#"{"ret":-1,"status":"ACTIVE"}"#, Err(PluginError)),
         (r#"{"ret":500}"#, Err(PluginError)),
         (r#"{"ret":1e3,"status":"ACTIVE"}"#, Err(PluginError)),
@@ -108,7 +111,11 @@ fn v0_nonzero_ret_is_plugin_error_whatever_the_status() {
         (r#"{"ret":2,"status":"NOPE"}"#, Err(PluginError)),
     ]);
     let err = parse_status(br#"{"ret":7,"msg":"disk full","status":"ACTIVE"}"#).unwrap_err();
-    assert!(err.detail.contains('7') && err.detail.contains("disk full"), "{}", err.detail);
+    assert!(
+        err.detail.contains('7') && err.detail.contains("disk full"),
+        "{}",
+        err.detail
+    );
 }
 
 #[test]
@@ -152,9 +159,18 @@ fn res_that_is_not_an_object_means_v0() {
 #[test]
 fn v1_statuses_by_name_map_to_the_route_vocabulary() {
     check(&[
-        (r#"{"res":{"ret":"OK","msg":"ok"},"status":"RUNNING"}"#, Ok(Active)),
-        (r#"{"res":{"ret":"OK"},"status":"WAIT_RUNNING"}"#, Ok(Starting)),
-        (r#"{"res":{"ret":"OK"},"status":"ERR_REGISTER"}"#, Ok(Failed)),
+        (
+            r#"{"res":{"ret":"OK","msg":"ok"},"status":"RUNNING"}"#,
+            Ok(Active),
+        ),
+        (
+            r#"{"res":{"ret":"OK"},"status":"WAIT_RUNNING"}"#,
+            Ok(Starting),
+        ),
+        (
+            r#"{"res":{"ret":"OK"},"status":"ERR_REGISTER"}"#,
+            Ok(Failed),
+        ),
     ]);
 }
 
@@ -181,18 +197,39 @@ fn v1_ret_missing_or_null_or_zero_means_ok() {
 #[test]
 fn v1_ret_not_ok_is_plugin_error_known_or_not() {
     check(&[
-        (r#"{"res":{"ret":"BAD_REQEUST"},"status":"RUNNING"}"#, Err(PluginError)),
-        (r#"{"res":{"ret":"INTERNAL_ERROR"},"status":"RUNNING"}"#, Err(PluginError)),
-        (r#"{"res":{"ret":400},"status":"RUNNING"}"#, Err(PluginError)),
-        (r#"{"res":{"ret":500},"status":"RUNNING"}"#, Err(PluginError)),
+        (
+            r#"{"res":{"ret":"BAD_REQEUST"},"status":"RUNNING"}"#,
+            Err(PluginError),
+        ),
+        (
+            r#"{"res":{"ret":"INTERNAL_ERROR"},"status":"RUNNING"}"#,
+            Err(PluginError),
+        ),
+        (
+            r#"{"res":{"ret":400},"status":"RUNNING"}"#,
+            Err(PluginError),
+        ),
+        (
+            r#"{"res":{"ret":500},"status":"RUNNING"}"#,
+            Err(PluginError),
+        ),
         // Unknown names and numbers: the plugin did not say OK.
-        (r#"{"res":{"ret":"BAD_REQUEST"},"status":"RUNNING"}"#, Err(PluginError)),
-        (r#"{"res":{"ret":"ok"},"status":"RUNNING"}"#, Err(PluginError)),
+        (
+            r#"{"res":{"ret":"BAD_REQUEST"},"status":"RUNNING"}"#,
+            Err(PluginError),
+        ),
+        (
+            r#"{"res":{"ret":"ok"},"status":"RUNNING"}"#,
+            Err(PluginError),
+        ),
         (r#"{"res":{"ret":""},"status":"RUNNING"}"#, Err(PluginError)),
         (r#"{"res":{"ret":7},"status":"RUNNING"}"#, Err(PluginError)),
         (r#"{"res":{"ret":-1},"status":"RUNNING"}"#, Err(PluginError)),
         // The result code is checked first.
-        (r#"{"res":{"ret":500},"status":"UNKNOWN"}"#, Err(PluginError)),
+        (
+            r#"{"res":{"ret":500},"status":"UNKNOWN"}"#,
+            Err(PluginError),
+        ),
     ]);
     let err = parse_status(br#"{"res":{"ret":500,"msg":"db down"},"status":3}"#).unwrap_err();
     assert!(
@@ -217,7 +254,10 @@ fn v1_unknown_missing_or_out_of_range_status_is_unknown_status() {
     check(&[
         (r#"{"res":{"ret":"OK"}}"#, Err(UnknownStatus)),
         (r#"{"res":{"ret":"OK"},"status":null}"#, Err(UnknownStatus)),
-        (r#"{"res":{"ret":"OK"},"status":"UNKNOWN"}"#, Err(UnknownStatus)),
+        (
+            r#"{"res":{"ret":"OK"},"status":"UNKNOWN"}"#,
+            Err(UnknownStatus),
+        ),
         (r#"{"res":{"ret":"OK"},"status":0}"#, Err(UnknownStatus)),
         (r#"{"res":{"ret":"OK"},"status":4}"#, Err(UnknownStatus)),
         (r#"{"res":{"ret":"OK"},"status":-1}"#, Err(UnknownStatus)),
@@ -226,8 +266,14 @@ fn v1_unknown_missing_or_out_of_range_status_is_unknown_status() {
             r#"{"res":{"ret":"OK"},"status":18446744073709551615}"#,
             Err(UnknownStatus),
         ),
-        (r#"{"res":{"ret":"OK"},"status":"ACTIVE"}"#, Err(UnknownStatus)),
-        (r#"{"res":{"ret":"OK"},"status":"running"}"#, Err(UnknownStatus)),
+        (
+            r#"{"res":{"ret":"OK"},"status":"ACTIVE"}"#,
+            Err(UnknownStatus),
+        ),
+        (
+            r#"{"res":{"ret":"OK"},"status":"running"}"#,
+            Err(UnknownStatus),
+        ),
         (r#"{"res":{"ret":"OK"},"status":true}"#, Err(UnknownStatus)),
         (r#"{"res":{"ret":"OK"},"status":{}}"#, Err(UnknownStatus)),
     ]);
@@ -239,12 +285,24 @@ fn details_quote_plugin_text_short_and_without_control_characters() {
     let body = format!(r#"{{"ret":0,"status":"{long}\n\u001b[31m"}}"#);
     let err = parse_status(body.as_bytes()).unwrap_err();
     assert_eq!(err.kind, UnknownStatus);
-    assert!(err.detail.chars().count() < QUOTE_LIMIT + 64, "{}", err.detail);
-    assert!(!err.detail.chars().any(char::is_control), "{:?}", err.detail);
+    assert!(
+        err.detail.chars().count() < QUOTE_LIMIT + 64,
+        "{}",
+        err.detail
+    );
+    assert!(
+        !err.detail.chars().any(char::is_control),
+        "{:?}",
+        err.detail
+    );
 
     let body = format!(r#"{{"ret":0,"status":"X\n\u001b[31m"}}"#);
     let err = parse_status(body.as_bytes()).unwrap_err();
-    assert!(!err.detail.chars().any(char::is_control), "{:?}", err.detail);
+    assert!(
+        !err.detail.chars().any(char::is_control),
+        "{:?}",
+        err.detail
+    );
 }
 
 #[test]

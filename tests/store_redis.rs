@@ -353,6 +353,10 @@ async fn bulk_get_of_50000_keys_is_a_few_script_calls() {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
+    eprintln!(
+        "{}",
+        stats.lines().filter(|l| l.starts_with("cmdstat_")).collect::<Vec<_>>().join("\n")
+    );
     let evalsha = calls("evalsha");
     assert_eq!(
         evalsha as usize,
@@ -378,6 +382,7 @@ async fn the_password_never_appears_in_errors_or_debug_output() {
     let err = RedisStore::connect(&url, PUBLIC, PRIVATE, "plugins")
         .await
         .expect_err("a wrong password must not connect");
+    eprintln!("wrong password: {err}");
     for text in [err.to_string(), format!("{err:?}")] {
         assert!(!text.contains(WRONG) && !text.contains(PASSWORD), "{text}");
         assert!(
@@ -428,6 +433,7 @@ async fn connecting_to_an_unreachable_redis_fails_fast_naming_host_and_port() {
         .await
         .expect_err("nothing listens there");
     let elapsed = started.elapsed();
+    eprintln!("unreachable ({elapsed:?}): {err}");
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
     let text = format!("{err} {err:?}");
     assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
@@ -444,6 +450,7 @@ async fn connecting_to_an_unreachable_redis_fails_fast_naming_host_and_port() {
     let err = RedisStore::connect_with(&server.url(), PUBLIC, PRIVATE, "plugins", options)
         .await
         .expect_err("a hung Redis must not connect");
+    eprintln!("hung: {err}");
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "took {:?}",
@@ -461,6 +468,7 @@ async fn connecting_to_an_unreachable_redis_fails_fast_naming_host_and_port() {
         let err = RedisStore::connect(url, PUBLIC, PRIVATE, "plugins")
             .await
             .expect_err("malformed URL");
+        eprintln!("malformed: {err}");
         assert!(!format!("{err} {err:?}").contains("pw-in-url"), "{err}");
     }
 }
@@ -484,6 +492,7 @@ async fn the_store_recovers_by_itself_after_redis_restarts() {
             .get(StoreKind::Public, "plugin_route_a")
             .await
             .expect_err("Redis is down");
+        eprintln!("outage ({:?}): {err}", started.elapsed());
         assert!(
             started.elapsed() < Duration::from_secs(6),
             "outage error took {:?}",

@@ -564,7 +564,10 @@ mod tests {
             expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         );
         let ttl = ttl_from_metadata(&metadata).unwrap_or_default();
-        assert!(ttl > Duration::from_secs(95) && ttl <= Duration::from_secs(100), "{ttl:?}");
+        assert!(
+            ttl > Duration::from_secs(95) && ttl <= Duration::from_secs(100),
+            "{ttl:?}"
+        );
         metadata.insert(
             TTL_EXPIRE_TIME_METADATA.to_string(),
             "2000-01-01T00:00:00Z".to_string(),
@@ -610,7 +613,10 @@ mod tests {
         assert!(started.elapsed() < CALL_TIMEOUT + Duration::from_secs(1));
         let text = err.to_string();
         eprintln!("{text}");
-        assert!(text.contains("pub-store") && text.contains("plugin_route_a"), "{text}");
+        assert!(
+            text.contains("pub-store") && text.contains("plugin_route_a"),
+            "{text}"
+        );
         assert!(text.contains("127.0.0.1:1"), "{text}");
         assert!(!text.contains("s3cr3t-token"), "{text}");
     }

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -657,10 +658,62 @@ def check_binary_accepts(r: Rendered) -> None:
                 env[name] in proc.stdout,
                 f"[{r.label}] `keel-scraper config` output does not show {name}={env[name]}",
             )
+    # Each option is listed on one line with its variable and where its value came from.
+    # Every variable the chart sets must show up as taken from the environment: a name the
+    # binary does not read would otherwise be silently ignored.
+    lines = proc.stdout.splitlines()
+    for name in sorted(set(r.env) - {"POD_NAME"}):
+        listed = [line for line in lines if re.search(rf"(?<![A-Z_]){name}(?![A-Z_])", line)]
+        expect(listed, f"[{r.label}] `keel-scraper config` does not list {name}")
+        expect(
+            re.search(r"\benv\b", listed[0]) is not None,
+            f"[{r.label}] `keel-scraper config` does not take {name} from the environment: {listed[0]!r}",
+        )
+    if "SCRAPER_HOLDER_ID" not in env:
+        holder = [line for line in lines if "SCRAPER_HOLDER_ID" in line]
+        expect(
+            bool(holder) and DUMMY_POD in holder[0],
+            f"[{r.label}] the default holder id does not come from POD_NAME: {holder}",
+        )
     expect("dummy-api-token" not in proc.stdout + proc.stderr, f"[{r.label}] config printed the API token")
     expect(
         "dummy-password" not in proc.stdout + proc.stderr, f"[{r.label}] config printed the Redis password"
     )
+
+
+def check_components_match_binary_defaults() -> None:
+    """components/ is for a worker started with no store options: its names and private
+    prefix must be the ones the binary itself defaults to, as `config` reports them."""
+    binary = binary_path()
+    expect(binary.is_file(), f"worker binary {binary} not found")
+    proc = subprocess.run(
+        [str(binary), "config"],
+        env={"DAPR_HTTP_PORT": "3500", "DAPR_GRPC_PORT": "50001"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    expect(proc.returncode == 0, f"`keel-scraper config` with no options exited {proc.returncode}")
+
+    def default_of(name: str) -> str:
+        for line in proc.stdout.splitlines():
+            words = line.split()
+            if name in words and words.index(name) + 1 < len(words):
+                return words[words.index(name) + 1]
+        raise CheckFailed(f"`keel-scraper config` does not list {name}")
+
+    wanted = {
+        "KEEL_PUBLIC_STORE": WORKER_PUBLIC_STORE,
+        "KEEL_PRIVATE_STORE": WORKER_PRIVATE_STORE,
+        "SCRAPER_PRIVATE_KEY_PREFIX": WORKER_PRIVATE_KEY_PREFIX,
+    }
+    for name, shipped in wanted.items():
+        actual = default_of(name)
+        expect(
+            actual == shipped, f"the binary defaults {name} to {actual!r}, components/ assumes {shipped!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -742,9 +795,10 @@ def check_components_dir() -> None:
 
 
 def check_dockerfile() -> None:
-    """The image recipe cannot be built here (no container engine), so hold it to its
-    shape: a cargo build stage, a separate runtime stage running the binary as a non-root
-    user with `run` as the default command, and the user the chart's securityContext uses."""
+    """These checks build no image, so they hold the recipe to its shape: a locked cargo
+    build stage on a toolchain the crate supports, a separate runtime stage running the
+    binary as a non-root user with `run` as the default command, the user the chart's
+    securityContext expects, and no linter warnings."""
     instructions = dockerfile.parse_file(str(DOCKERFILE))
     stages: list[list[dockerfile.Command]] = []
     for ins in instructions:
@@ -755,6 +809,22 @@ def check_dockerfile() -> None:
     expect(len(stages) >= 2, f"Dockerfile has {len(stages)} stage(s), want a build and a runtime stage")
     build, runtime = stages[0], stages[-1]
     expect(build[0].value[0].startswith("rust:"), f"build stage starts from {build[0].value[0]}")
+    rust_args = [
+        i.value[0].split("=", 1)[1]
+        for i in instructions
+        if i.cmd == "ARG" and "=" in i.value[0] and i.value[0].startswith("RUST_VERSION=")
+    ]
+    manifest = tomllib.loads((REPO / "Cargo.toml").read_text())
+    msrv = manifest.get("package", {}).get("rust-version")
+    if rust_args and msrv:
+
+        def version(text: str) -> tuple[int, ...]:
+            return tuple(int(x) for x in text.split("."))
+
+        expect(
+            version(rust_args[0]) >= version(msrv)[: len(version(rust_args[0]))],
+            f"Dockerfile builds with Rust {rust_args[0]}, the crate needs {msrv}",
+        )
     builds = [i for i in build if i.cmd == "RUN" and "cargo build" in i.value[0]]
     expect(
         any("--release" in i.value[0] and "--locked" in i.value[0] for i in builds),
@@ -940,6 +1010,10 @@ def main() -> int:
         check_components_dir,
     )
 
+    runner.run(
+        "components/ names and private prefix are the binary's own defaults",
+        check_components_match_binary_defaults,
+    )
     runner.run(
         "Dockerfile: multi-stage, locked release build, non-root runtime, entrypoint + run", check_dockerfile
     )

@@ -232,7 +232,8 @@ impl RedisServer {
 
     /// An async connection, for tests that issue many raw commands.
     pub async fn async_conn(&self) -> redis::aio::MultiplexedConnection {
-        let connecting = self.client().get_multiplexed_async_connection();
+        let client = self.client();
+        let connecting = client.get_multiplexed_async_connection();
         tokio::time::timeout(COMMAND_TIMEOUT, connecting)
             .await
             .unwrap_or_else(|_| panic!("connect to test redis on {}: timed out", self.port))
