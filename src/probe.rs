@@ -260,13 +260,24 @@ impl Prober {
             // Without a known sidecar origin there is nowhere the token may go.
             _ => None,
         };
+        // Idle connections kept per host. Twice the concurrency: hyper returns a
+        // connection to the pool from a separate task, so a new request can race it and
+        // open one more; with room for those extras the pool settles instead of churning.
+        // When the plugin id is part of the host, every plugin is its own host and an idle
+        // connection per plugin would hold one socket per plugin between ticks (tens of
+        // thousands at scale), so none is kept.
+        let idle_per_host = if placeholder_in_authority(&settings.url_template) {
+            0
+        } else {
+            settings.concurrency.saturating_mul(2)
+        };
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .retry(reqwest::retry::never())
             .no_proxy()
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(settings.concurrency.saturating_mul(2))
+            .pool_max_idle_per_host(idle_per_host)
             .user_agent(concat!("keel-scraper/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ProbeSetupError::Client)?;
@@ -641,6 +652,17 @@ fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
         .take(DETAIL_LIMIT)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// Whether the plugin id lands in the URL's authority (host or port) rather than its path.
+fn placeholder_in_authority(template: &str) -> bool {
+    let rest = template
+        .find("://")
+        .and_then(|i| template.get(i + 3..))
+        .unwrap_or(template);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest.get(..end)
+        .is_some_and(|authority| authority.contains(PLUGIN_ID_PLACEHOLDER))
 }
 
 /// Dapr's error code from a sidecar error body (`{"errorCode":"ERR_...","message":...}`),

@@ -89,7 +89,7 @@ pub fn build_prober(s: &Settings) -> Result<Prober, WorkerError> {
         dapr_api_token: s.dapr_api_token.clone(),
         sidecar_origin: Some(s.dapr_http_endpoint.clone()),
         // Status calls through the sidecar: its own failures are told apart.
-        dapr_invoke: s.status_url.starts_with(&format!("{}/", s.dapr_http_endpoint)),
+        dapr_invoke: status_via_sidecar(s),
     })
     .map_err(|e| WorkerError::Probe(e.to_string()))
 }
@@ -106,10 +106,16 @@ pub fn store_endpoint(s: &Settings) -> String {
     }
 }
 
+/// Whether status calls go through the sidecar's service invocation.
+pub fn status_via_sidecar(s: &Settings) -> bool {
+    s.status_url.starts_with(&format!("{}/", s.dapr_http_endpoint))
+}
+
 /// Waits for the sidecar's outbound readiness (`GET /v1.0/healthz/outbound`, served
 /// without a token), with backoff, up to `--sidecar-wait`. No-op for other backends.
-pub async fn wait_for_sidecar(s: &Settings) -> Result<(), WorkerError> {
-    if s.backend != Backend::Dapr {
+pub async fn wait_for_sidecar(s: &Settings, probes: bool) -> Result<(), WorkerError> {
+    let needed = s.backend == Backend::Dapr || (probes && status_via_sidecar(s));
+    if !needed {
         return Ok(());
     }
     let url = format!("{}/v1.0/healthz/outbound", s.dapr_http_endpoint);
@@ -172,7 +178,7 @@ pub fn ticker(s: &Settings, store: Arc<dyn Store>, prober: Prober) -> Ticker {
 
 /// `once`: one manual tick, then release the lock.
 pub async fn once(s: &Settings) -> (Exit, Option<String>) {
-    if let Err(e) = wait_for_sidecar(s).await {
+    if let Err(e) = wait_for_sidecar(s, true).await {
         return (Exit::Failed, Some(e.to_string()));
     }
     let store = match build_store(s).await {
@@ -262,7 +268,7 @@ pub struct RouteRow {
 
 /// `routes`: every registered plugin with its route status.
 pub async fn routes(s: &Settings) -> Result<Vec<RouteRow>, WorkerError> {
-    wait_for_sidecar(s).await?;
+    wait_for_sidecar(s, false).await?;
     let store = build_store(s).await?;
     route_table(&*store).await
 }
@@ -314,7 +320,7 @@ where
 
     // Start-up: the sidecar wait and the store connection, both interruptible.
     let setup = async {
-        wait_for_sidecar(s).await?;
+        wait_for_sidecar(s, true).await?;
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(5))

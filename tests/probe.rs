@@ -524,6 +524,43 @@ async fn connections_are_reused_across_probes_and_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_probes_reuse_one_or_two_connections() {
+    bounded(async {
+        let sim = sim();
+        let p = prober(settings(sim.url_template()));
+        for i in 0..100 {
+            let outcome = p.probe_one(&format!("p{i}")).await;
+            assert_eq!(outcome, ProbeOutcome::Reported(RouteStatus::Active));
+        }
+        let opened = sim.connections();
+        assert!(
+            opened <= 3,
+            "100 sequential probes opened {opened} connections"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_idle_connection_is_kept_when_every_plugin_is_its_own_host() {
+    bounded(async {
+        let sim = sim();
+        // The id lands in the authority (here: the host), so each plugin is a host.
+        let template = format!("http://{{plugin_id}}:{}/x/v1/status", sim.addr().port());
+        let p = prober(settings(template));
+        for _ in 0..5 {
+            assert_eq!(
+                p.probe_one("127.0.0.1").await,
+                ProbeOutcome::Reported(RouteStatus::Active)
+            );
+        }
+        assert_eq!(sim.requests("x"), 5);
+        assert_eq!(sim.connections(), 5);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_goes_to_the_sidecar_origin() {
     bounded(async {
         let sidecar = sim();

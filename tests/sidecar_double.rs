@@ -716,3 +716,37 @@ async fn without_a_configured_token_every_call_passes_and_none_is_recorded() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_dropped_double_stops_answering_even_on_open_connections() {
+    bounded(async {
+        let app = start_app().await;
+        let sidecar =
+            SidecarDouble::start(SidecarConfig::default().with_invoke_base(&app.base)).await;
+        let mut client = client(&sidecar).await;
+        let http = http();
+        let invoke = format!("{}/v1.0/invoke/a/method/v1/status", sidecar.http_endpoint());
+        client
+            .get_state(get_request(sidecar.public_store(), "k"))
+            .await
+            .expect("served");
+        assert_eq!(
+            http.get(&invoke).send().await.expect("served").status(),
+            200
+        );
+
+        drop(sidecar);
+
+        // The same (kept-alive) connections now fail, and new ones are refused.
+        let err = client
+            .get_state(get_request("keel-public-store", "k"))
+            .await
+            .expect_err("the sidecar is gone");
+        assert!(
+            matches!(err.code(), Code::Unavailable | Code::Unknown),
+            "{err:?}"
+        );
+        assert!(http.get(&invoke).send().await.is_err());
+    })
+    .await;
+}

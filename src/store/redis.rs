@@ -348,20 +348,20 @@ impl RedisStore {
         private_prefix: &str,
         options: RedisOptions,
     ) -> Result<RedisStore, StoreError> {
-        let connect_error = |message: String| StoreError::Failed {
+        let connect_error = |to: &str, message: String| StoreError::Failed {
             store: format!("{public_name}, {private_name}"),
             operation: "connect to",
-            key: String::new(),
+            key: to.to_owned(),
             message,
         };
-        let parsed = parse_url(url).map_err(connect_error)?;
+        let parsed = parse_url(url).map_err(|e| connect_error("Redis", e))?;
         let endpoint = parsed.endpoint;
         let secrets = parsed.secrets;
         let client = redis::Client::open(url).map_err(|e| {
-            connect_error(format!(
-                "invalid Redis URL for {endpoint}: {}",
-                describe(&e, &secrets)
-            ))
+            connect_error(
+                &endpoint,
+                format!("invalid Redis URL: {}", describe(&e, &secrets)),
+            )
         })?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.connect_attempt_timeout))
@@ -371,26 +371,30 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
+        let scripts = [READ_LUA, SAVE_LUA, UPDATE_LUA, DELETE_LUA].map(Script::new);
         let connecting = async {
             let mut conn = client.get_connection_manager_with_config(config).await?;
-            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            // PING proves the server answers (and that authentication passed); loading the
+            // scripts now makes the first operations plain EVALSHAs.
+            let mut pipe = redis::pipe();
+            pipe.cmd("PING").ignore();
+            for script in &scripts {
+                pipe.load_script(script).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
             Ok::<_, RedisError>(conn)
         };
         let conn = match tokio::time::timeout(options.timeout, connecting).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                return Err(connect_error(format!(
-                    "cannot connect to Redis at {endpoint}: {}",
-                    describe(&e, &secrets)
-                )))
-            }
+            Ok(Err(e)) => return Err(connect_error(&endpoint, describe(&e, &secrets))),
             Err(_) => {
-                return Err(connect_error(format!(
-                    "cannot connect to Redis at {endpoint}: no answer within {:?}",
-                    options.timeout
-                )))
+                return Err(connect_error(
+                    &endpoint,
+                    format!("no answer within {:?}", options.timeout),
+                ))
             }
         };
+        let [read, save, update, delete] = scripts;
         let store = RedisStore {
             conn,
             public_name: public_name.to_owned(),
@@ -399,31 +403,11 @@ impl RedisStore {
             endpoint,
             redact: secrets,
             timeout: options.timeout,
-            read: Script::new(READ_LUA),
-            save: Script::new(SAVE_LUA),
-            update: Script::new(UPDATE_LUA),
-            delete: Script::new(DELETE_LUA),
+            read,
+            save,
+            update,
+            delete,
         };
-        for script in [&store.read, &store.save, &store.update, &store.delete] {
-            let mut conn = store.conn.clone();
-            let loading = script.load_async(&mut conn);
-            match tokio::time::timeout(options.timeout, loading).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    return Err(connect_error(format!(
-                        "cannot load scripts into Redis at {}: {}",
-                        store.endpoint,
-                        describe(&e, &store.redact)
-                    )))
-                }
-                Err(_) => {
-                    return Err(connect_error(format!(
-                        "cannot load scripts into Redis at {}: no answer within {:?}",
-                        store.endpoint, options.timeout
-                    )))
-                }
-            }
-        }
         Ok(store)
     }
 
@@ -838,9 +822,9 @@ impl Store for RedisStore {
         };
         Err(StoreError::Failed {
             store: format!("{}, {}", self.public_name, self.private_name),
-            operation: "ping",
-            key: String::new(),
-            message: format!("Redis at {}: {what}", self.endpoint),
+            operation: "ping Redis at",
+            key: self.endpoint.clone(),
+            message: what,
         })
     }
 }

@@ -18,7 +18,7 @@ Environment:
     DAPR_COMPONENTS_CRD   the Component CRD (default ../shared/reference/dapr-components-crd.yaml
                           beside the repository)
 
-Prints one line per check and ends with `deploy checks: N passed, M failed`; exits 1 if any
+Prints one line per check and ends with `deploy: N passed, M failed`; exits 1 if any
 check failed.
 """
 
@@ -98,6 +98,16 @@ ALL_OPTIONS_DAPR: dict[str, Any] = {
 }
 ALL_OPTIONS_REDIS: dict[str, Any] = {
     "worker": {"backend": "redis", "redisUrlSecret": {"name": "redis-url", "key": "url"}},
+}
+# The redis backend with plugins probed directly, no sidecar at all.
+NO_SIDECAR: dict[str, Any] = {
+    "replicaCount": 1,
+    "dapr": {"enabled": False},
+    "worker": {
+        "backend": "redis",
+        "redisUrlSecret": {"name": "redis-url", "key": "url"},
+        "statusUrl": "http://{plugin_id}.tkeel-system.svc:8080/v1/status",
+    },
 }
 
 
@@ -572,6 +582,14 @@ def check_env(r: Rendered) -> None:
         expect(r.env_value(name) == want, f"[{r.label}] {name}={r.env_value(name)!r}, values say {want!r}")
 
 
+def check_notes(r: Rendered) -> None:
+    notes = next((text for path, text in r.raw.items() if path.endswith("NOTES.txt")), "")
+    expect(
+        "-c keel-scraper -- keel-scraper routes" in notes, f"[{r.label}] NOTES.txt does not show the routes"
+    )
+    expect("kubectl logs" in notes, f"[{r.label}] NOTES.txt does not show the logs")
+
+
 RENDER_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("kubernetes objects valid (strict, k8s 1.30)", check_kubernetes_objects),
     ("Components valid against the Dapr CRD", check_rendered_components),
@@ -583,6 +601,7 @@ RENDER_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("hardened pod", check_security),
     ("replicas, rollout and PodDisruptionBudget", check_availability),
     ("worker env follows values", check_env),
+    ("NOTES.txt shows the route table and the logs", check_notes),
 ]
 
 
@@ -930,7 +949,13 @@ def main() -> int:
         component_validator()
 
     runner.run("Dapr Component CRD located and usable", crd_usable)
-    chart = load_chart()
+    try:
+        chart = load_chart()
+    except helm.HelmError as err:
+        runner.failed += 1
+        print(f"FAIL load the chart {CHART.relative_to(REPO)}: {err}")
+        print(f"deploy: {runner.passed} passed, {runner.failed} failed")
+        return 1
     renders: list[Rendered] = []
 
     def add_render(label: str, values: dict[str, Any]) -> Callable[[], None]:
@@ -948,6 +973,7 @@ def main() -> int:
         runner.run(f"render: {label}", add_render(label, values))
     runner.run("render: every optional worker option set", add_render("all-options", ALL_OPTIONS_DAPR))
     runner.run("render: redis backend options", add_render("redis-options", ALL_OPTIONS_REDIS))
+    runner.run("render: no sidecar", add_render("no-sidecar", NO_SIDECAR))
 
     def every_option_reachable() -> None:
         seen = set()
@@ -1025,7 +1051,7 @@ def main() -> int:
         )
 
     chart.close()
-    print(f"deploy checks: {runner.passed} passed, {runner.failed} failed")
+    print(f"deploy: {runner.passed} passed, {runner.failed} failed")
     return 1 if runner.failed else 0
 
 

@@ -2,6 +2,7 @@
 //! for running the real binary. Each integration test file includes it with `mod support;`.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod conformance;
 pub mod redis_server;
 pub mod sidecar;

@@ -35,8 +35,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::body::Body as AxumBody;
@@ -50,7 +50,6 @@ use dapr::dapr::proto::runtime::v1::{
 use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Concurrency, Entry, Save, Store, StoreError, StoreKind};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::codegen::http;
 use tonic::server::{NamedService, UnaryService};
@@ -552,6 +551,134 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
+// Connections that die with the double
+// ---------------------------------------------------------------------------------------
+
+/// Cuts every connection of one double at once. A client keeps its HTTP/2 (or keep-alive
+/// HTTP/1) connection open after a call, and the servers run each connection in its own
+/// task; without this a dropped double would go on answering on those connections.
+#[derive(Default)]
+struct KillSwitch {
+    killed: AtomicBool,
+    /// The waker of each open connection's last read or write, to wake it when killed.
+    wakers: Mutex<Vec<Weak<Mutex<Option<Waker>>>>>,
+}
+
+impl KillSwitch {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for slot in wakers.iter().filter_map(Weak::upgrade) {
+            if let Some(waker) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// A listener whose connections fail as soon as its [`KillSwitch`] is thrown.
+struct KillableListener {
+    inner: TcpListener,
+    switch: Arc<KillSwitch>,
+}
+
+impl KillableListener {
+    async fn accept_killable(&mut self) -> (KillableStream, SocketAddr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((tcp, addr)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let waker = Arc::new(Mutex::new(None));
+                    let mut wakers = self.switch.wakers.lock().unwrap_or_else(|e| e.into_inner());
+                    wakers.retain(|w| w.strong_count() > 0);
+                    wakers.push(Arc::downgrade(&waker));
+                    let stream = KillableStream {
+                        inner: tcp,
+                        switch: self.switch.clone(),
+                        waker,
+                    };
+                    return (stream, addr);
+                }
+                // Too many open files and the like: wait and go on, as servers do.
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
+
+impl axum::serve::Listener for KillableListener {
+    type Io = KillableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (KillableStream, SocketAddr) {
+        self.accept_killable().await
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+struct KillableStream {
+    inner: tokio::net::TcpStream,
+    switch: Arc<KillSwitch>,
+    waker: Arc<Mutex<Option<Waker>>>,
+}
+
+impl KillableStream {
+    /// Fails once killed; otherwise remembers who to wake when it is.
+    fn check(&self, cx: &Context<'_>) -> std::io::Result<()> {
+        if self.switch.killed.load(Ordering::SeqCst) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the sidecar double was stopped",
+            ));
+        }
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        Ok(())
+    }
+}
+
+impl tokio::io::AsyncRead for KillableStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for KillableStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for KillableStream {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The double
 // ---------------------------------------------------------------------------------------
 
@@ -566,7 +693,8 @@ pub struct SidecarDouble {
     public_store: String,
     private_store: String,
     private_key_prefix: String,
-    shutdown: Vec<oneshot::Sender<()>>,
+    /// Cuts open connections when the double is dropped.
+    switch: Arc<KillSwitch>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -624,34 +752,37 @@ impl SidecarDouble {
             .local_addr()
             .unwrap_or_else(|e| panic!("HTTP listener has no address: {e}"));
 
-        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
+        let switch = Arc::new(KillSwitch::default());
         let grpc_service = DaprGrpc {
             shared: shared.clone(),
         };
+        let grpc_listener = KillableListener {
+            inner: grpc_listener,
+            switch: switch.clone(),
+        };
+        let incoming = futures::stream::unfold(grpc_listener, |mut listener| async move {
+            let (stream, _) = listener.accept_killable().await;
+            Some((Ok::<_, std::io::Error>(stream), listener))
+        });
         let grpc_task = tokio::spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
             let result = tonic::transport::Server::builder()
                 .add_service(grpc_service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = grpc_stopped.await;
-                })
+                .serve_with_incoming(incoming)
                 .await;
             if let Err(err) = result {
                 eprintln!("sidecar double gRPC server stopped: {err}");
             }
         });
 
-        let (http_stop, http_stopped) = oneshot::channel::<()>();
         let app = axum::Router::new()
             .fallback(http_entry)
             .with_state(shared.clone());
+        let http_listener = KillableListener {
+            inner: http_listener,
+            switch: switch.clone(),
+        };
         let http_task = tokio::spawn(async move {
-            let result = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = http_stopped.await;
-                })
-                .await;
-            if let Err(err) = result {
+            if let Err(err) = axum::serve(http_listener, app).await {
                 eprintln!("sidecar double HTTP server stopped: {err}");
             }
         });
@@ -665,7 +796,7 @@ impl SidecarDouble {
             public_store: config.public_store,
             private_store: config.private_store,
             private_key_prefix,
-            shutdown: vec![grpc_stop, http_stop],
+            switch,
             tasks: vec![grpc_task, http_task],
         }
     }
@@ -766,14 +897,12 @@ impl SidecarDouble {
 }
 
 impl Drop for SidecarDouble {
+    /// Stops accepting and fails every open connection, so the sidecar is gone at once,
+    /// as if its process had died.
     fn drop(&mut self) {
-        for stop in self.shutdown.drain(..) {
-            let _ = stop.send(());
-        }
-        // Graceful shutdown would wait for open connections (a client may still hold
-        // one); the listeners must go now.
         for task in self.tasks.drain(..) {
             task.abort();
         }
+        self.switch.kill();
     }
 }
