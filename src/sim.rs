@@ -389,15 +389,15 @@ impl Reply {
         match behavior {
             Behavior::V0(status) => Reply::json(
                 200,
-                serde_json::json!({"ret": 0, "msg": "ok", "status": status})
-                    .to_string()
-                    .as_bytes(),
+                format!(r#"{{"ret":0,"msg":"ok","status":{}}}"#, json_string(status)).as_bytes(),
             ),
             Behavior::V1(status) => Reply::json(
                 200,
-                serde_json::json!({"res": {"ret": "OK", "msg": "ok"}, "status": status})
-                    .to_string()
-                    .as_bytes(),
+                format!(
+                    r#"{{"res":{{"ret":"OK","msg":"ok"}},"status":{}}}"#,
+                    json_string(status)
+                )
+                .as_bytes(),
             ),
             Behavior::Raw { code, body } => Reply::json(*code, body),
             Behavior::Delay(delay, then) => Reply::Delay(*delay, Arc::new(Reply::prepare(then))),
@@ -428,6 +428,11 @@ impl Reply {
         out.extend_from_slice(body);
         Reply::Fixed(Bytes::from(out))
     }
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
 }
 
 fn reason(code: u16) -> &'static str {

@@ -170,6 +170,63 @@ async fn a_slowloris_is_cut_at_the_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_goes_away_is_connect_and_can_come_back() {
+    bounded(async {
+        let sim = sim();
+        let addr = sim.addr();
+        // One retry: the first attempt may still go out on the pooled keep-alive
+        // connection the server just closed (`protocol`); the retry must then find
+        // nothing listening.
+        let p = prober(ProbeSettings {
+            retries: 1,
+            ..settings(sim.url_template())
+        });
+        assert_eq!(
+            p.probe_one("a").await,
+            ProbeOutcome::Reported(RouteStatus::Active)
+        );
+
+        sim.stop().await;
+        let f = failed(p.probe_one("a").await);
+        assert_eq!(f.kind, ErrorKind::Connect, "{f}");
+
+        let back = PluginSim::start_at(addr).expect("restart on the same port");
+        back.set("a", Behavior::v0("STOPPED"));
+        assert_eq!(
+            p.probe_one("a").await,
+            ProbeOutcome::Reported(RouteStatus::Stopped)
+        );
+
+        // Dropping the last handle stops the server too.
+        let clone = back.clone();
+        drop(back);
+        assert_eq!(
+            p.probe_one("a").await,
+            ProbeOutcome::Reported(RouteStatus::Stopped)
+        );
+        drop(clone);
+        // The server task is aborted asynchronously: poll until the port refuses.
+        let mut last = None;
+        for _ in 0..50 {
+            let outcome = p.probe_one("a").await;
+            if let ProbeOutcome::Failed(f) = &outcome {
+                if f.kind == ErrorKind::Connect {
+                    last = None;
+                    break;
+                }
+            }
+            last = Some(outcome);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            last, None,
+            "the port still answers after the last handle went"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_that_is_not_http_is_protocol() {
     bounded(async {
         let sim = sim();
@@ -865,4 +922,27 @@ fn settings_the_prober_refuses() {
         ));
         assert!(Prober::new(ProbeSettings::new(ok)).is_ok());
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prober_can_be_shared_across_spawned_tasks() {
+    bounded(async {
+        let sim = sim();
+        let p = std::sync::Arc::new(prober(settings(sim.url_template())));
+        let ids: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let p = std::sync::Arc::clone(&p);
+                let ids = ids.clone();
+                tokio::spawn(async move { p.probe_all(&ids, deadline).await })
+            })
+            .collect();
+        for task in tasks {
+            let got = task.await.expect("the task completes");
+            assert_eq!(got, vec![ProbeOutcome::Reported(RouteStatus::Active); 10]);
+        }
+        assert_eq!(sim.total_requests(), 30);
+    })
+    .await;
 }

@@ -668,6 +668,7 @@ async fn the_api_token_is_enforced_on_both_surfaces_except_health() {
         let url = format!("{}/v1.0/invoke/a/method/v1/status", sidecar.http_endpoint());
         let none = http.get(&url).send().await.expect("answer");
         assert_eq!(none.status().as_u16(), 401);
+        assert_eq!(none.text().await.expect("body").trim(), "invalid api token");
         let wrong = http
             .get(&url)
             .header("dapr-api-token", "wrong-token")

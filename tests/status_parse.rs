@@ -296,7 +296,7 @@ fn details_quote_plugin_text_short_and_without_control_characters() {
         err.detail
     );
 
-    let body = format!(r#"{{"ret":0,"status":"X\n\u001b[31m"}}"#);
+    let body = r#"{"ret":0,"status":"X\n\u001b[31m"}"#;
     let err = parse_status(body.as_bytes()).unwrap_err();
     assert!(
         !err.detail.chars().any(char::is_control),

@@ -565,3 +565,35 @@ async fn update_existing_re_creates_a_deleted_route_as_dapr_does() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn large_bulk_reads_are_split_into_calls_and_keep_the_order() {
+    bounded(async {
+        let (sidecar, store) = start().await;
+        let kind = StoreKind::Public;
+        let keys: Vec<String> = (0..2100).map(|i| format!("plugin_route_{i}")).collect();
+        for key in keys.iter().step_by(7) {
+            store
+                .save(kind, Save::cas(key, key.as_bytes(), ABSENT_ETAG))
+                .await
+                .expect("save");
+        }
+        let mut request = keys.clone();
+        request.reverse();
+        let got = store.bulk_get(kind, &request).await.expect("bulk get");
+        assert_eq!(got.len(), request.len());
+        for (key, item) in request.iter().zip(&got) {
+            let i: usize = key["plugin_route_".len()..].parse().expect("index");
+            match item {
+                Some(entry) => {
+                    assert_eq!(i % 7, 0, "{key} was never written");
+                    assert_eq!(entry.data, key.as_bytes());
+                }
+                None => assert_ne!(i % 7, 0, "{key} is missing"),
+            }
+        }
+        // 2100 keys: three calls of at most 1000 keys.
+        assert_eq!(sidecar.calls("GetBulkState"), 3);
+    })
+    .await;
+}

@@ -355,7 +355,11 @@ async fn bulk_get_of_50000_keys_is_a_few_script_calls() {
     };
     eprintln!(
         "{}",
-        stats.lines().filter(|l| l.starts_with("cmdstat_")).collect::<Vec<_>>().join("\n")
+        stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let evalsha = calls("evalsha");
     assert_eq!(

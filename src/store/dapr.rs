@@ -32,6 +32,7 @@ use dapr::dapr::proto::runtime::v1::dapr_client::DaprClient;
 use dapr::dapr::proto::runtime::v1::{
     DeleteStateRequest, GetBulkStateRequest, GetStateRequest, SaveStateRequest,
 };
+use futures::{StreamExt, TryStreamExt};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -56,6 +57,20 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long establishing the HTTP/2 connection to the sidecar may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keys per `GetBulkState` call: a few hundred kilobytes of routes per message, well
+/// under the sidecar's default 4 MiB limit.
+pub const BULK_CHUNK: usize = 1000;
+
+/// `GetBulkState` calls in flight at once for one [`Store::bulk_get`].
+pub const BULK_CONCURRENCY: usize = 4;
+
+/// The sidecar's own parallelism when a store has no native bulk read.
+const BULK_PARALLELISM: i32 = 16;
+
+/// Largest response accepted from the sidecar. A single value may be large (a registry
+/// of many plugins); the sidecar enforces its own limit on what it sends.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The key [`Store::ping`] reads: a plain read of a key nobody writes proves that the
 /// sidecar answers and that its private store component is loaded.
@@ -154,8 +169,8 @@ impl DaprStore {
         private_store: &str,
     ) -> Result<DaprStore, StoreError> {
         let setup_error = |message: String| StoreError::Failed {
-            store: private_store.to_string(),
-            operation: "connect to the Dapr sidecar for",
+            store: format!("{public_store}, {private_store}"),
+            operation: "connect to the Dapr sidecar at",
             key: grpc_endpoint.to_string(),
             message,
         };
@@ -183,7 +198,8 @@ impl DaprStore {
             ));
         }
         let channel = endpoint.connect_lazy();
-        let client = DaprClient::with_interceptor(channel, TokenInterceptor { token: token_value });
+        let client = DaprClient::with_interceptor(channel, TokenInterceptor { token: token_value })
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         Ok(DaprStore {
             client,
             endpoint: grpc_endpoint.to_string(),
@@ -209,6 +225,68 @@ impl DaprStore {
             }
             _ => text,
         }
+    }
+
+    /// One `GetBulkState` call; the result has one item per key of `keys`, in order.
+    async fn bulk_get_chunk(
+        &self,
+        kind: StoreKind,
+        keys: &[String],
+    ) -> Result<Vec<Option<Entry>>, StoreError> {
+        let store = self.name(kind);
+        let Some(first) = keys.first() else {
+            return Ok(Vec::new());
+        };
+        let request = GetBulkStateRequest {
+            store_name: store.to_string(),
+            keys: keys.to_vec(),
+            parallelism: BULK_PARALLELISM,
+            metadata: HashMap::new(),
+        };
+        let response = self
+            .client
+            .clone()
+            .get_bulk_state(request)
+            .await
+            .map_err(|s| {
+                let what = match keys.len() {
+                    1 => first.clone(),
+                    n => format!("{first} (and {} more keys)", n - 1),
+                };
+                self.map_status(s, store, "bulk get", &what, None)
+            })?
+            .into_inner();
+        // Dapr may answer in any order (its fallback reads keys in parallel): match by key.
+        let mut by_key = HashMap::with_capacity(response.items.len());
+        for item in response.items {
+            if !item.error.is_empty() {
+                return Err(StoreError::Failed {
+                    store: store.to_string(),
+                    operation: "bulk get",
+                    key: item.key.clone(),
+                    message: format!(
+                        "the Dapr sidecar at {} reported a state store error for this key: {}",
+                        self.endpoint,
+                        self.scrub(item.error)
+                    ),
+                });
+            }
+            by_key.insert(item.key.clone(), item);
+        }
+        keys.iter()
+            .map(|key| match by_key.get(key) {
+                Some(item) => Ok(entry(item.data.clone(), item.etag.clone(), &item.metadata)),
+                None => Err(StoreError::Failed {
+                    store: store.to_string(),
+                    operation: "bulk get",
+                    key: key.clone(),
+                    message: format!(
+                        "the Dapr sidecar at {} returned no item for this key",
+                        self.endpoint
+                    ),
+                }),
+            })
+            .collect()
     }
 
     /// Maps a gRPC status to the store error it means (see the module docs).
@@ -376,60 +454,22 @@ impl Store for DaprStore {
         Ok(entry(response.data, response.etag, &response.metadata))
     }
 
+    /// One `GetBulkState` per [`BULK_CHUNK`] keys, [`BULK_CONCURRENCY`] at a time, so no
+    /// message nears the sidecar's size limit however many routes there are.
     async fn bulk_get(
         &self,
         kind: StoreKind,
         keys: &[String],
     ) -> Result<Vec<Option<Entry>>, StoreError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        let mut calls = Vec::with_capacity(keys.len().div_ceil(BULK_CHUNK));
+        for chunk in keys.chunks(BULK_CHUNK) {
+            calls.push(self.bulk_get_chunk(kind, chunk));
         }
-        let store = self.name(kind);
-        let request = GetBulkStateRequest {
-            store_name: store.to_string(),
-            keys: keys.to_vec(),
-            parallelism: 10,
-            metadata: HashMap::new(),
-        };
-        let all_keys = || keys.join(", ");
-        let response = self
-            .client
-            .clone()
-            .get_bulk_state(request)
-            .await
-            .map_err(|s| self.map_status(s, store, "bulk get", &all_keys(), None))?
-            .into_inner();
-        // Dapr may answer in any order (its fallback reads keys in parallel): match by key.
-        let mut by_key = HashMap::with_capacity(response.items.len());
-        for item in response.items {
-            if !item.error.is_empty() {
-                return Err(StoreError::Failed {
-                    store: store.to_string(),
-                    operation: "bulk get",
-                    key: item.key.clone(),
-                    message: format!(
-                        "the Dapr sidecar at {} reported a state store error for this key: {}",
-                        self.endpoint,
-                        self.scrub(item.error)
-                    ),
-                });
-            }
-            by_key.insert(item.key.clone(), item);
-        }
-        keys.iter()
-            .map(|key| match by_key.get(key) {
-                Some(item) => Ok(entry(item.data.clone(), item.etag.clone(), &item.metadata)),
-                None => Err(StoreError::Failed {
-                    store: store.to_string(),
-                    operation: "bulk get",
-                    key: key.clone(),
-                    message: format!(
-                        "the Dapr sidecar at {} returned no item for this key",
-                        self.endpoint
-                    ),
-                }),
-            })
-            .collect()
+        let chunks: Vec<Vec<Option<Entry>>> = futures::stream::iter(calls)
+            .buffered(BULK_CONCURRENCY)
+            .try_collect()
+            .await?;
+        Ok(chunks.into_iter().flatten().collect())
     }
 
     async fn save(&self, kind: StoreKind, save: Save<'_>) -> Result<(), StoreError> {

@@ -177,6 +177,23 @@ impl MemoryStore {
         }
     }
 
+    /// The version after `current`; refuses the write when it would overflow, as Redis
+    /// refuses `HINCRBY` past `i64::MAX`.
+    fn next_version(
+        &self,
+        kind: StoreKind,
+        operation: &'static str,
+        key: &str,
+        current: i64,
+    ) -> Result<i64, StoreError> {
+        current.checked_add(1).ok_or_else(|| StoreError::Failed {
+            store: self.name(kind).to_owned(),
+            operation,
+            key: key.to_owned(),
+            message: "the version would overflow".to_owned(),
+        })
+    }
+
     fn invalid(&self, kind: StoreKind, key: &str, etag: String) -> StoreError {
         StoreError::InvalidEtag {
             store: self.name(kind).to_owned(),
@@ -243,7 +260,8 @@ impl Store for MemoryStore {
         let mut space = self.space(kind);
         let expires_at = |current: Option<Instant>| match save.ttl_seconds {
             None => current,
-            Some(secs) if secs > 0 => Some(now + Duration::from_secs(secs.unsigned_abs())),
+            // A TTL too far out for the clock to represent never runs out: no expiry.
+            Some(secs) if secs > 0 => now.checked_add(Duration::from_secs(secs.unsigned_abs())),
             Some(_) => None,
         };
         match space.live(save.key, now) {
@@ -278,9 +296,10 @@ impl Store for MemoryStore {
                             .to_owned(),
                     });
                 }
+                let next = self.next_version(kind, "save", save.key, item.version)?;
                 item.data.clear();
                 item.data.extend_from_slice(save.data);
-                item.version += 1;
+                item.version = next;
                 item.first_write |= first_write;
                 item.expires_at = expires_at(item.expires_at);
             }
@@ -312,9 +331,10 @@ impl Store for MemoryStore {
         if wanted != Some(item.version) {
             return Err(self.conflict(kind, key));
         }
+        let next = self.next_version(kind, "update", key, item.version)?;
         item.data.clear();
         item.data.extend_from_slice(data);
-        item.version += 1;
+        item.version = next;
         item.first_write = true;
         space.note_write(now);
         Ok(())

@@ -619,10 +619,9 @@ impl Store for RedisStore {
         kind: StoreKind,
         keys: &[String],
     ) -> Result<Vec<Option<Entry>>, StoreError> {
-        if keys.is_empty() {
+        let Some(first_key) = keys.first().map(String::as_str) else {
             return Ok(Vec::new());
-        }
-        let first_key = keys[0].as_str();
+        };
         let mut pipe = redis::pipe();
         for chunk in keys.chunks(BULK_CHUNK) {
             pipe.add_command(self.read_cmd(kind, chunk));
@@ -658,7 +657,8 @@ impl Store for RedisStore {
         for (chunk, reply) in keys.chunks(BULK_CHUNK).zip(replies) {
             if let Value::ServerError(e) = &reply {
                 let what = scrub(e.to_string(), &self.redact);
-                return Err(self.failed(kind, "bulk get", &chunk[0], what));
+                let key = chunk.first().map_or(first_key, String::as_str);
+                return Err(self.failed(kind, "bulk get", key, what));
             }
             Self::parse_read(reply, chunk.len(), &mut out).map_err(|(index, why)| {
                 let key = chunk.get(index).map_or(first_key, String::as_str);

@@ -280,11 +280,11 @@ impl RedisServer {
             .stderr(Stdio::null());
         let parent = std::process::id();
         // SAFETY: the closure runs in the forked child before exec, where only
-        // async-signal-safe calls are allowed. It makes exactly three: prctl, getppid and
-        // _exit, all plain system calls that neither allocate nor take locks. It asks the
-        // kernel to SIGKILL the server when its parent dies, so a test run that crashes
-        // or is killed leaves no redis-server behind. If the parent already died before
-        // prctl took effect, the child exits at once instead of leaking.
+        // async-signal-safe work is allowed. It calls prctl, getppid and _exit (plain
+        // system calls that neither allocate nor take locks) and reads errno on failure.
+        // It asks the kernel to SIGKILL the server when its parent goes away, so a test
+        // run that crashes or is killed leaves no redis-server behind. If the parent died
+        // before prctl took effect, the child exits at once instead of leaking.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(

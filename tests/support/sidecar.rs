@@ -482,9 +482,10 @@ async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> Axum
         };
     }
 
-    if let Err(reason) = shared.check_token(presented.as_deref()) {
+    if shared.check_token(presented.as_deref()).is_err() {
         shared.count("unauthorized");
-        return dapr_error(StatusCode::UNAUTHORIZED, "ERR_API_AUTH", reason);
+        // Dapr's HTTP token check answers a plain-text 401 (Go's `http.Error`).
+        return (StatusCode::UNAUTHORIZED, "invalid api token\n").into_response();
     }
 
     let Some(rest) = path.strip_prefix("/v1.0/invoke/") else {
@@ -496,10 +497,13 @@ async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> Axum
         return dapr_error(StatusCode::NOT_FOUND, "ERR_NOT_FOUND", "no such route");
     };
     shared.count("invoke");
-    invoke(&shared, app_id, method, req.uri().query()).await
+    let (app_id, method) = (app_id.to_string(), method.to_string());
+    invoke(&shared, &app_id, &method, req).await
 }
 
-async fn invoke(shared: &Shared, app_id: &str, method: &str, query: Option<&str>) -> AxumResponse {
+/// Forwards the request (method, query and body; not the caller's headers, so never its
+/// token) to the app and passes its status, content type and body back.
+async fn invoke(shared: &Shared, app_id: &str, method: &str, req: AxumRequest) -> AxumResponse {
     let failed = |err: String| {
         dapr_error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -514,11 +518,17 @@ async fn invoke(shared: &Shared, app_id: &str, method: &str, query: Option<&str>
     let Some(mut url) = target else {
         return failed(format!("failed to resolve address for '{app_id}-dapr'"));
     };
-    if let Some(query) = query {
+    if let Some(query) = req.uri().query() {
         url.push('?');
         url.push_str(query);
     }
-    let response = match shared.http.get(&url).send().await {
+    let http_method = req.method().clone();
+    let body = match axum::body::to_bytes(req.into_body(), 16 * 1024 * 1024).await {
+        Ok(body) => body,
+        Err(err) => return failed(format!("cannot read the request body: {err}")),
+    };
+    let forward = shared.http.request(http_method, &url).body(body);
+    let response = match forward.send().await {
         Ok(response) => response,
         Err(err) => return failed(error_chain(&err)),
     };
