@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::redis::RedisStore;
-use keel_scraper::store::{Save, Store, StoreKind};
+use keel_scraper::store::{Save, StoreKind};
 use serde_json::{json, Value};
 use support::binary::{
     exists, keel, raw_data, raw_version, redis_store, route_status, seed, seed_registry,
@@ -318,7 +318,7 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
 async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
     let server = RedisServer::start();
     let store = redis_store(&server).await;
-    seed_registry(&*store, &["a", "missing", "c"]).await;
+    seed(&*store, StoreKind::Private, "all_registered_plugin", r#"{"a":"true","missing":"true","c":"true"}"#).await;
     seed_route(&*store, "a", "ACTIVE").await;
     seed_route(&*store, "c", "FAILED").await;
 
@@ -332,12 +332,14 @@ async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
     let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "stdout must be one JSON array\n{}", out.describe());
     let rows: Value = serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}\n{}", out.describe()));
+    let mut sorted = rows.as_array().unwrap_or_else(|| panic!("not an array: {rows}")).clone();
+    sorted.sort_by_key(|r| r["plugin_id"].as_str().unwrap_or_default().to_owned());
     assert_eq!(
-        rows,
+        Value::Array(sorted),
         json!([
             {"plugin_id": "a", "status": "ACTIVE"},
-            {"plugin_id": "missing", "status": null},
             {"plugin_id": "c", "status": "FAILED"},
+            {"plugin_id": "missing", "status": null},
         ])
     );
     for line in out.stderr.lines().filter(|l| l.starts_with('{')) {

@@ -194,7 +194,7 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
         metric(&text, name, labels).unwrap_or_else(|| panic!("{name}{labels:?} missing from:\n{text}"))
     };
     let completed = get("keel_scraper_ticks_total", &[("outcome", "completed")]);
-    assert!(completed >= 3.0 && completed >= completed_logged, "completed ticks {completed}, logged {completed_logged}");
+    assert!(completed >= 2.0 && completed >= completed_logged, "completed ticks {completed}, logged {completed_logged}");
     assert_eq!(get("keel_scraper_ticks_total", &[("outcome", "failed")]), 0.0);
     let durations = get("keel_scraper_tick_duration_seconds_count", &[]);
     assert!((durations - completed).abs() <= 1.0, "tick durations {durations} vs completed {completed}");

@@ -597,3 +597,31 @@ async fn large_bulk_reads_are_split_into_calls_and_keep_the_order() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_hung_sidecar_is_an_error_within_the_call_timeout() {
+    bounded(async {
+        let (sidecar, store) = start().await;
+        store.ping().await.expect("ping");
+        sidecar.set_stalled(true);
+        let started = Instant::now();
+        let err = store
+            .get(StoreKind::Private, "scrape_state")
+            .await
+            .expect_err("no answer");
+        let waited = started.elapsed();
+        assert!(
+            waited >= keel_scraper::store::dapr::CALL_TIMEOUT - Duration::from_millis(100)
+                && waited < keel_scraper::store::dapr::CALL_TIMEOUT + Duration::from_secs(2),
+            "{waited:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("scrape_state") && text.contains("did not answer"),
+            "{text}"
+        );
+        sidecar.set_stalled(false);
+        store.ping().await.expect("answers again");
+    })
+    .await;
+}

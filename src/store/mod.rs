@@ -5,7 +5,7 @@
 //! a save succeeds iff the key is absent, or the ETag matches the stored version, or the
 //! request has no ETag (or an empty one) and the key was never written with first-write
 //! concurrency. A refused save *with* an ETag is [`StoreError::Conflict`]; a refused
-//! first-write save *without* one is a plain [`StoreError::Unavailable`]-style store error,
+//! first-write save *without* one is a plain [`StoreError::Failed`] store error,
 //! exactly as Dapr reports it. A key that does not exist accepts a save with any ETag.
 //!
 //! Because plain CAS cannot say "update only if it still exists", the trait has a second

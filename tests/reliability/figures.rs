@@ -40,6 +40,7 @@ pub struct Scenario {
     name: &'static str,
     started: Instant,
     rows: Vec<(String, String)>,
+    passed: bool,
 }
 
 impl Scenario {
@@ -48,7 +49,14 @@ impl Scenario {
             name,
             started: Instant::now(),
             rows: Vec::new(),
+            passed: false,
         }
+    }
+
+    /// Marks the scenario passed: called as its last statement, so a scenario that
+    /// panicked or was cut off by its time bound is reported `FAIL`.
+    pub fn pass(&mut self) {
+        self.passed = true;
     }
 
     /// Records a figure (a later value for the same name replaces the earlier one).
@@ -69,7 +77,11 @@ fn write_stderr(text: &str) {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
-        let verdict = if std::thread::panicking() { "FAIL" } else { "pass" };
+        let verdict = if self.passed && !std::thread::panicking() {
+            "pass"
+        } else {
+            "FAIL"
+        };
         self.figure("duration", format!("{:.1} s", self.started.elapsed().as_secs_f64()));
         self.figure("result", verdict);
         let mut text = String::new();

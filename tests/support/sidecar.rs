@@ -152,6 +152,8 @@ struct Shared {
     ready_at: Mutex<Option<Instant>>,
     calls: Mutex<HashMap<String, u64>>,
     saw_token: AtomicBool,
+    /// While set, state calls never answer (a hung sidecar).
+    stalled: AtomicBool,
 }
 
 impl Shared {
@@ -306,6 +308,9 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for DaprGrpc {
             }
             if !shared.is_ready() {
                 return Ok(Status::unavailable("the Dapr sidecar is not ready yet").into_http());
+            }
+            while shared.stalled.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let response = match method.as_str() {
                 "GetState" => unary(shared, req, get_state).await,
@@ -747,6 +752,7 @@ impl SidecarDouble {
             ready_at: Mutex::new(Some(Instant::now() + config.ready_after)),
             calls: Mutex::new(HashMap::new()),
             saw_token: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         });
 
         let grpc_listener = TcpListener::bind("127.0.0.1:0")
@@ -903,6 +909,12 @@ impl SidecarDouble {
 
     pub fn is_ready(&self) -> bool {
         self.shared.is_ready()
+    }
+
+    /// While `true`, the four state methods accept calls but do not answer (until set
+    /// back to `false`): a hung sidecar, for timeout tests.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::SeqCst);
     }
 }
 
