@@ -180,8 +180,9 @@ async fn once_in_the_pod_of_a_running_replica_does_not_take_its_lease() {
     let sim = PluginSim::start().unwrap();
     seed_registry(&*store, &["p"]).await;
     seed_route(&*store, "p", "ACTIVE").await;
-    // The replica running in the pod holds a live lease under its default holder id.
-    let record = r#"{"holder":"keel-scraper-0-1-beef","tick":"2026-01-01T00:00:00Z"}"#;
+    // A replica in the pod holds a live lease. Were the default holder id the pod name
+    // alone, a `once` in that pod would take this lease for its own.
+    let record = r#"{"holder":"keel-scraper-0","tick":"2026-01-01T00:00:00Z"}"#;
     store
         .save(StoreKind::Private, Save::cas("scrape_state", record.as_bytes(), "-1").with_ttl(60))
         .await
@@ -196,4 +197,5 @@ async fn once_in_the_pod_of_a_running_replica_does_not_take_its_lease() {
         .await;
     out.assert_code(3);
     assert_eq!(sim.total_requests(), 0);
+    assert_eq!(route_status(&server, "p").as_deref(), Some("ACTIVE"));
 }

@@ -583,7 +583,7 @@ mod tests {
             Ok("http://localhost:50001")
         );
         assert!(endpoint_uri("https://localhost:50001").is_err());
-        assert!(endpoint_uri("unix:///tmp/dapr.sock").is_err());
+        assert!(endpoint_uri("unix:///var/run/dapr.sock").is_err());
         assert!(endpoint_uri("  ").is_err());
     }
 

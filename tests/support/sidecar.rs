@@ -27,7 +27,8 @@
 //!   checks are exempt, as in Dapr.
 //!
 //! The double counts calls per method (gRPC method name, `invoke`, `healthz`) and records
-//! whether any request carried a token at all. It stops when dropped.
+//! whether any request carried a token at all. It can be told to hang (`set_stalled`),
+//! and it stops, open connections included, when dropped.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -1,0 +1,485 @@
+//! Graceful shutdown of `run`, proven with the real binary and real signals against a real
+//! `redis-server` and simulated plugins:
+//!
+//! - SIGTERM (and SIGINT alike): scheduling stops, `shutdown_started` and
+//!   `shutdown_completed` are logged, the lease is released (the raw `scrape_state` record
+//!   has no holder), exit 0.
+//! - A signal that arrives mid-tick lets the tick finish its writes within
+//!   `--shutdown-grace`; a tick slower than the grace is cancelled, and the process still
+//!   exits 0 promptly and frees the lease.
+//! - Another replica takes the very next tick: no tick is missed, none is scraped twice.
+//! - A signal during start-up (the store unreachable) also ends cleanly.
+
+#[path = "support/redis_server.rs"]
+#[allow(dead_code)]
+mod redis_server;
+
+use std::time::{Duration, Instant};
+
+use keel_scraper::sim::{Behavior, PluginSim};
+use redis_server::{free_port, RedisServer};
+use serde_json::Value;
+
+use harness::{is, Worker};
+
+/// `run` against `redis` and the simulator, ticking every second; `extra` appended.
+fn run_args(redis: &RedisServer, sim: &PluginSim, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--backend",
+        "redis",
+        "--redis-url",
+        &redis.url(),
+        "--status-url",
+        &sim.url_template(),
+        "--listen",
+        "127.0.0.1:0",
+        "--schedule",
+        "* * * * * *",
+        "--retries",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Writes `key` in Dapr's `state.redis` layout (a HASH with `data` and `version`).
+fn put(redis: &RedisServer, key: &str, data: &str) {
+    redis.query::<()>(
+        redis::cmd("HSET")
+            .arg(key)
+            .arg("data")
+            .arg(data)
+            .arg("version")
+            .arg(1),
+    );
+}
+
+/// Registers each `(id, status)` and gives it a route with that status.
+fn seed(redis: &RedisServer, routes: &[(&str, &str)]) {
+    let registry: serde_json::Map<String, Value> = routes
+        .iter()
+        .map(|(id, _)| (id.to_string(), Value::String("true".into())))
+        .collect();
+    put(redis, "plugins||all_registered_plugin", &Value::Object(registry).to_string());
+    for (id, status) in routes {
+        put(redis, &format!("plugin_route_{id}"), &serde_json::json!({ "status": status }).to_string());
+    }
+}
+
+fn route_status(redis: &RedisServer, id: &str) -> String {
+    let data: Vec<u8> = redis.query(redis::cmd("HGET").arg(format!("plugin_route_{id}")).arg("data"));
+    let route: Value = serde_json::from_slice(&data).expect("the route is JSON");
+    route["status"].as_str().unwrap_or_default().to_string()
+}
+
+/// The raw `scrape_state` record (the lease) and its remaining TTL in milliseconds.
+fn lock_record(redis: &RedisServer) -> (Value, i64) {
+    let data: Vec<u8> = redis.query(redis::cmd("HGET").arg("plugins||scrape_state").arg("data"));
+    let record = serde_json::from_slice(&data)
+        .unwrap_or_else(|_| panic!("scrape_state is not JSON: {}", String::from_utf8_lossy(&data)));
+    let pttl: i64 = redis.query(redis::cmd("PTTL").arg("plugins||scrape_state"));
+    (record, pttl)
+}
+
+/// Index of the first event named `name`, panicking with the output when there is none.
+fn index_of(w: &Worker, events: &[Value], name: &str) -> usize {
+    events
+        .iter()
+        .position(|e| is(e, name))
+        .unwrap_or_else(|| panic!("no {name} event{}", w.dump()))
+}
+
+fn completed_ticks(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| is(e, "tick_completed"))
+        .filter_map(|e| e["tick"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn parse_tick(t: &str) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .unwrap_or_else(|e| panic!("tick id {t:?}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// Polls `f` every 20 ms until it holds, or panics with `what` after `timeout`.
+fn eventually(timeout: Duration, what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An idle holder stops cleanly on `signal`: logs, releases the lease, exits 0.
+fn stops_cleanly_on(signal: libc::c_int, name: &str) {
+    let redis = RedisServer::start();
+    let sim = PluginSim::start().expect("simulator");
+    seed(&redis, &[("a", "ACTIVE")]);
+    // A lease longer than the interval: only the release can free it at once.
+    let mut w = Worker::spawn(&run_args(&redis, &sim, &["--lease", "5s", "--holder-id", "replica-1"]), &[]);
+    w.wait_until(Duration::from_secs(10), "two completed ticks", |evs| {
+        (completed_ticks(evs).len() >= 2).then_some(())
+    });
+    let (before, _) = lock_record(&redis);
+    assert_eq!(before["holder"], "replica-1", "the holder keeps its lease between ticks");
+
+    w.signal(signal);
+    let status = w.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{}", w.dump());
+    let events = w.events();
+    let started = index_of(&w, &events, "shutdown_started");
+    let released = index_of(&w, &events, "lock_released");
+    let completed = index_of(&w, &events, "shutdown_completed");
+    assert!(started < released && released < completed, "{}", w.dump());
+    assert_eq!(events[started]["signal"], name);
+    assert_eq!(events[released]["holder"], "replica-1");
+    assert_eq!(events[completed]["tick_cancelled"], false);
+    assert_eq!(completed, events.len() - 1, "shutdown_completed is the last event{}", w.dump());
+
+    let (record, pttl) = lock_record(&redis);
+    assert!(record["holder"].is_null(), "the lease has no holder after the stop: {record}");
+    let last = completed_ticks(&events).pop().expect("a completed tick");
+    assert_eq!(record["tick"], last.as_str(), "the scraped tick stays recorded: {record}");
+    assert!(pttl > 0, "the released record still expires (PTTL {pttl})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_logs_shutdown_releases_the_lock_and_exits_0() {
+    stops_cleanly_on(libc::SIGTERM, "SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_behaves_like_sigterm() {
+    stops_cleanly_on(libc::SIGINT, "SIGINT");
+}
+
+/// Starts a replica whose first tick probes one plugin that answers after `delay`
+/// (reporting STOPPED, so the tick has a route to write), and signals it mid-probe.
+fn signal_mid_tick(redis: &RedisServer, sim: &PluginSim, delay: Duration, grace: &str) -> (Worker, Instant) {
+    sim.set("slow", Behavior::delay(delay, Behavior::v0("STOPPED")));
+    seed(redis, &[("slow", "ACTIVE")]);
+    let w = Worker::spawn(
+        &run_args(redis, sim, &["--lease", "6s", "--probe-timeout", "5s", "--shutdown-grace", grace]),
+        &[],
+    );
+    w.wait_event(Duration::from_secs(10), |e| is(e, "lock_acquired"));
+    eventually(Duration::from_secs(5), "the probe in flight", || sim.in_flight() > 0);
+    w.signal(libc::SIGTERM);
+    (w, Instant::now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_tick_lets_the_tick_finish_its_writes_then_exits_0() {
+    let redis = RedisServer::start();
+    let sim = PluginSim::start().expect("simulator");
+    let (mut w, signalled) = signal_mid_tick(&redis, &sim, Duration::from_millis(1500), "5s");
+    let status = w.wait_exit(Duration::from_secs(8));
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", w.dump());
+    let events = w.events();
+    let started = index_of(&w, &events, "shutdown_started");
+    let changed = index_of(&w, &events, "plugin_status_changed");
+    let tick_done = index_of(&w, &events, "tick_completed");
+    let released = index_of(&w, &events, "lock_released");
+    let completed = index_of(&w, &events, "shutdown_completed");
+    assert!(started < changed && changed < tick_done && tick_done < released && released < completed, "{}", w.dump());
+    assert_eq!(events[completed]["tick_cancelled"], false);
+    assert_eq!(route_status(&redis, "slow"), "STOPPED", "the running tick's write landed");
+    assert!(took >= Duration::from_millis(500), "the process waited for the tick ({took:?})");
+    let (record, _) = lock_record(&redis);
+    assert!(record["holder"].is_null(), "released after the tick: {record}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_slower_than_the_grace_is_cancelled_and_the_process_still_exits_0_promptly() {
+    let redis = RedisServer::start();
+    let sim = PluginSim::start().expect("simulator");
+    let (mut w, signalled) = signal_mid_tick(&redis, &sim, Duration::from_secs(4), "200ms");
+    let status = w.wait_exit(Duration::from_secs(5));
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", w.dump());
+    assert!(took < Duration::from_millis(1500), "exit {took:?} after SIGTERM with a 200ms grace");
+    let events = w.events();
+    let completed = index_of(&w, &events, "shutdown_completed");
+    assert_eq!(events[completed]["tick_cancelled"], true, "{}", w.dump());
+    assert!(events.iter().all(|e| !is(e, "tick_completed") && !is(e, "plugin_status_changed")), "{}", w.dump());
+    assert_eq!(route_status(&redis, "slow"), "ACTIVE", "a cancelled tick writes nothing more");
+}
+
+/// The cancelled tick held the lease: the process must still release it, or no replica
+/// can take the next ticks until the lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_tick_still_releases_the_lease() {
+    let redis = RedisServer::start();
+    let sim = PluginSim::start().expect("simulator");
+    let (mut w, _) = signal_mid_tick(&redis, &sim, Duration::from_secs(4), "200ms");
+    let status = w.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{}", w.dump());
+    let (record, pttl) = lock_record(&redis);
+    assert!(
+        record["holder"].is_null(),
+        "the lease is still held after the process exited (PTTL {pttl} ms): {record}{}",
+        w.dump()
+    );
+    assert!(w.events().iter().any(|e| is(e, "lock_released")), "{}", w.dump());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_takes_the_very_next_tick_after_the_holder_stops() {
+    let redis = RedisServer::start();
+    let sim = PluginSim::start().expect("simulator");
+    seed(&redis, &[("a", "ACTIVE")]);
+    // The lease outlives several ticks: only the release lets the standby in at once.
+    let args = |id: &str| run_args(&redis, &sim, &["--lease", "5s", "--holder-id", id]);
+    let mut first = Worker::spawn(&args("first"), &[]);
+    first.wait_event(Duration::from_secs(10), |e| is(e, "tick_completed"));
+    let second = Worker::spawn(&args("second"), &[]);
+    second.wait_event(Duration::from_secs(10), |e| is(e, "tick_skipped") && e["reason"] == "lock_held");
+    // Signal right after a tick completed: the next fire is most of a second away.
+    let seen = completed_ticks(&first.events()).len();
+    first.wait_until(Duration::from_secs(5), "another completed tick", |evs| {
+        (completed_ticks(evs).len() > seen).then_some(())
+    });
+    first.signal(libc::SIGTERM);
+    assert_eq!(first.wait_exit(Duration::from_secs(5)).code(), Some(0), "{}", first.dump());
+    let first_ticks = completed_ticks(&first.events());
+    let last = parse_tick(first_ticks.last().expect("the first replica completed ticks"));
+    assert!(first.events().iter().any(|e| is(e, "lock_released")), "{}", first.dump());
+
+    let next = second.wait_event(Duration::from_secs(5), |e| {
+        e["tick"].as_str().is_some_and(|t| parse_tick(t) > last)
+            && (is(e, "tick_completed") || is(e, "tick_skipped") || is(e, "tick_failed"))
+    });
+    assert_eq!(next["event"], "tick_completed", "the standby's first tick after the stop: {next}{}", second.dump());
+    let took = parse_tick(next["tick"].as_str().unwrap_or_default());
+    assert_eq!(took - last, chrono::Duration::seconds(1), "tick {last} by the first, then {took} by the second");
+    let second_ticks = completed_ticks(&second.events());
+    assert!(first_ticks.iter().all(|t| !second_ticks.contains(t)), "a tick scraped twice: {first_ticks:?} {second_ticks:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_exits_0() {
+    // Nothing listens there: start-up retries the connection until the signal.
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let mut w = Worker::spawn(
+        &["run", "--backend", "redis", "--redis-url", &url, "--status-url", "http://127.0.0.1:1/{plugin_id}", "--listen", "127.0.0.1:0"],
+        &[],
+    );
+    w.wait_event(Duration::from_secs(10), |e| is(e, "store_error") && e["operation"] == "connect");
+    w.signal(libc::SIGTERM);
+    assert_eq!(w.wait_exit(Duration::from_secs(5)).code(), Some(0), "{}", w.dump());
+    let events = w.events();
+    assert_eq!(events[index_of(&w, &events, "shutdown_started")]["signal"], "SIGTERM");
+    assert_eq!(events[index_of(&w, &events, "shutdown_completed")]["tick_cancelled"], false);
+}
+
+/// Running the real binary: a clean environment, output collected line by line, killed
+/// on drop.
+mod harness {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::sync::{Arc, Mutex};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use serde_json::Value;
+
+    pub fn is(e: &Value, name: &str) -> bool {
+        e["event"] == name
+    }
+
+    type Lines = Arc<Mutex<Vec<String>>>;
+
+    fn collect(stream: impl Read + Send + 'static) -> (Lines, JoinHandle<()>) {
+        let lines: Lines = Arc::default();
+        let sink = lines.clone();
+        let handle = std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut buf = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                buf.clear();
+            }
+        });
+        (lines, handle)
+    }
+
+    fn snapshot(lines: &Lines) -> Vec<String> {
+        lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn parse_events(lines: &[String]) -> Vec<Value> {
+        lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// A running `keel-scraper`.
+    pub struct Worker {
+        child: Child,
+        stdout: Lines,
+        stderr: Lines,
+        readers: Vec<JoinHandle<()>>,
+        exited: Option<ExitStatus>,
+    }
+
+    impl Worker {
+        /// Starts the binary with `args` and only the environment given (nothing from the
+        /// shell that runs the tests leaks in).
+        pub fn spawn<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Worker {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel-scraper"));
+            cmd.env_clear()
+                .args(args.iter().map(|a| a.as_ref()))
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd.spawn().expect("start keel-scraper");
+            let (stdout, out_reader) = collect(child.stdout.take().expect("piped stdout"));
+            let (stderr, err_reader) = collect(child.stderr.take().expect("piped stderr"));
+            Worker {
+                child,
+                stdout,
+                stderr,
+                readers: vec![out_reader, err_reader],
+                exited: None,
+            }
+        }
+
+        pub fn stdout_lines(&self) -> Vec<String> {
+            snapshot(&self.stdout)
+        }
+
+        pub fn events(&self) -> Vec<Value> {
+            parse_events(&self.stdout_lines())
+        }
+
+        pub fn dump(&self) -> String {
+            format!(
+                "\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                snapshot(&self.stdout).join("\n"),
+                snapshot(&self.stderr).join("\n")
+            )
+        }
+
+        /// Polls the events until `f` returns `Some`; panics with the output after `timeout`.
+        pub fn wait_until<T>(&self, timeout: Duration, what: &str, f: impl Fn(&[Value]) -> Option<T>) -> T {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(v) = f(&self.events()) {
+                    return v;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out after {timeout:?} waiting for {what}{}",
+                    self.dump()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+
+        /// The first event matching `pred`.
+        pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+            self.wait_until(timeout, "an event", |evs| evs.iter().find(|e| pred(e)).cloned())
+        }
+
+        /// The metrics and health server's address, from the `listening` event.
+        pub fn listening_address(&self) -> String {
+            let e = self.wait_event(Duration::from_secs(10), |e| is(e, "listening"));
+            e["address"].as_str().expect("listening names its address").to_string()
+        }
+
+        /// Sends `signal` to the process, which must not have been reaped yet (so its pid
+        /// cannot belong to another process).
+        pub fn signal(&self, signal: libc::c_int) {
+            assert!(self.exited.is_none(), "the process already exited{}", self.dump());
+            // SAFETY: kill(2) on our own child's pid; the child has not been reaped.
+            let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+            assert_eq!(rc, 0, "kill({signal}) failed");
+        }
+
+        /// Waits for the process to exit, then for its output to be read to the end.
+        pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+            let deadline = Instant::now() + timeout;
+            let status = loop {
+                if let Some(s) = self.exited {
+                    break s;
+                }
+                if let Ok(Some(s)) = self.child.try_wait() {
+                    self.exited = Some(s);
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "the process did not exit within {timeout:?}{}", self.dump());
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            for r in self.readers.drain(..) {
+                let _ = r.join();
+            }
+            status
+        }
+    }
+
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            if self.exited.is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+
+    /// A finished one-shot command.
+    pub struct Finished {
+        pub code: Option<i32>,
+        pub stdout: Vec<String>,
+        pub stderr: Vec<String>,
+    }
+
+    impl Finished {
+        pub fn events(&self) -> Vec<Value> {
+            parse_events(&self.stdout)
+        }
+
+        pub fn dump(&self) -> String {
+            format!("\n--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout.join("\n"), self.stderr.join("\n"))
+        }
+    }
+
+    /// Runs a command to its end (bounded by `timeout`).
+    pub fn run_to_end(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Finished {
+        let mut w = Worker::spawn(args, env);
+        let status = w.wait_exit(timeout);
+        Finished {
+            code: status.code(),
+            stdout: snapshot(&w.stdout),
+            stderr: snapshot(&w.stderr),
+        }
+    }
+
+    /// `GET path` over HTTP/1.0 (the server closes the connection after answering): the
+    /// status code and the body. Bounded by connect and read timeouts.
+    pub fn http_get(address: &str, path: &str) -> (u16, String) {
+        let addr: SocketAddr = address.parse().expect("a socket address");
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .unwrap_or_else(|e| panic!("read the answer to GET {path}: {e}"));
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {response}"));
+        (code, body.to_string())
+    }
+}
