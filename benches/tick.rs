@@ -269,13 +269,15 @@ async fn seed_redis(conn: &mut MultiplexedConnection, n: usize) -> Result<()> {
 /// The same registry and routes in a fresh embedded store.
 async fn seed_memory(n: usize) -> Result<Arc<MemoryStore>> {
     let store = Arc::new(MemoryStore::new("keel-public-store", "keel-private-store"));
-    let plain = |key, data| Save {
-        key,
-        data,
-        etag: None,
-        concurrency: Concurrency::LastWrite,
-        ttl_seconds: None,
-    };
+    fn plain<'a>(key: &'a str, data: &'a [u8]) -> Save<'a> {
+        Save {
+            key,
+            data,
+            etag: None,
+            concurrency: Concurrency::LastWrite,
+            ttl_seconds: None,
+        }
+    }
     let registry: serde_json::Map<String, serde_json::Value> =
         (0..n).map(|i| (plugin_id(i), "true".into())).collect();
     let registry = serde_json::to_vec(&registry)?;

@@ -282,8 +282,7 @@ async fn sigterm_during_start_up_exits_0() {
 /// Running the real binary: a clean environment, output collected line by line, killed
 /// on drop.
 mod harness {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{SocketAddr, TcpStream};
+    use std::io::{BufRead, BufReader, Read};
     use std::process::{Child, Command, ExitStatus, Stdio};
     use std::sync::{Arc, Mutex};
     use std::thread::JoinHandle;
@@ -389,12 +388,6 @@ mod harness {
             self.wait_until(timeout, "an event", |evs| evs.iter().find(|e| pred(e)).cloned())
         }
 
-        /// The metrics and health server's address, from the `listening` event.
-        pub fn listening_address(&self) -> String {
-            let e = self.wait_event(Duration::from_secs(10), |e| is(e, "listening"));
-            e["address"].as_str().expect("listening names its address").to_string()
-        }
-
         /// Sends `signal` to the process, which must not have been reaped yet (so its pid
         /// cannot belong to another process).
         pub fn signal(&self, signal: libc::c_int) {
@@ -432,54 +425,5 @@ mod harness {
                 let _ = self.child.wait();
             }
         }
-    }
-
-    /// A finished one-shot command.
-    pub struct Finished {
-        pub code: Option<i32>,
-        pub stdout: Vec<String>,
-        pub stderr: Vec<String>,
-    }
-
-    impl Finished {
-        pub fn events(&self) -> Vec<Value> {
-            parse_events(&self.stdout)
-        }
-
-        pub fn dump(&self) -> String {
-            format!("\n--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout.join("\n"), self.stderr.join("\n"))
-        }
-    }
-
-    /// Runs a command to its end (bounded by `timeout`).
-    pub fn run_to_end(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Finished {
-        let mut w = Worker::spawn(args, env);
-        let status = w.wait_exit(timeout);
-        Finished {
-            code: status.code(),
-            stdout: snapshot(&w.stdout),
-            stderr: snapshot(&w.stderr),
-        }
-    }
-
-    /// `GET path` over HTTP/1.0 (the server closes the connection after answering): the
-    /// status code and the body. Bounded by connect and read timeouts.
-    pub fn http_get(address: &str, path: &str) -> (u16, String) {
-        let addr: SocketAddr = address.parse().expect("a socket address");
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .unwrap_or_else(|e| panic!("read the answer to GET {path}: {e}"));
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP answer: {response}"));
-        (code, body.to_string())
     }
 }

@@ -1,0 +1,690 @@
+//! Scenarios 1, 2, 3 and 8: several replicas share the schedule; each tick is completed by
+//! exactly one of them, through crashes (SIGKILL), graceful stops (SIGTERM) and skewed
+//! wall clocks, on the `redis` backend and (1d) through the Dapr sidecar double.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use keel_scraper::sim::Behavior;
+use keel_scraper::store::StoreKind;
+use serde_json::Value;
+
+use crate::bounded;
+use crate::figures::Scenario;
+use crate::harness::{
+    sleep_until_wall, slot_at_or_after, wait_until, Journal, Replica, Spec, DAPR_TOKEN,
+    REDIS_PASSWORD,
+};
+use crate::support::redis_server::RedisServer;
+use crate::support::sidecar::{SidecarConfig, SidecarDouble};
+use crate::world::{
+    escaping_ids, ids, route_json, Flapper, World, LOCK_REDIS_KEY,
+};
+
+const SECOND: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
+/// Waits until every replica has said something about a tick (it is scheduling).
+pub async fn wait_ticking(journal: &Journal, replicas: &[Replica]) {
+    let names: Vec<String> = replicas.iter().map(|r| r.name.clone()).collect();
+    wait_until(
+        Duration::from_secs(30),
+        "every replica to take part in a tick",
+        journal,
+        || {
+            let events = journal.events();
+            names
+                .iter()
+                .all(|n| {
+                    events.iter().any(|e| {
+                        &e.replica == n
+                            && matches!(e.name(), "tick_completed" | "tick_skipped" | "tick_failed")
+                    })
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Waits until tick `last` is completed, or until it is clearly not going to be (a few
+/// seconds after its slot): the audit then reports it missed instead of a timeout.
+pub async fn settle_after(journal: &Journal, last: DateTime<Utc>) {
+    sleep_until_wall(last).await;
+    let give_up = last + chrono::TimeDelta::seconds(4);
+    wait_until(Duration::from_secs(15), "the last tick to settle", journal, || {
+        (journal.completions().range(last..).next().is_some() || Utc::now() > give_up)
+            .then_some(())
+    })
+    .await;
+}
+
+/// The replica that completed the latest two consecutive ticks, and the latest of them.
+fn steady_holder(journal: &Journal, step: chrono::TimeDelta) -> Option<(String, DateTime<Utc>)> {
+    let done = journal.completions();
+    done.iter().rev().find_map(|(t, by)| match by.as_slice() {
+        [one] if done.get(&(*t - step)).is_some_and(|prev| prev.as_slice() == [one.clone()]) => {
+            Some((one.clone(), *t))
+        }
+        _ => None,
+    })
+}
+
+/// A predicate that matches `event` on whichever replica sees it first, and then never
+/// again on any replica sharing `once`.
+fn first_of(once: &Arc<AtomicBool>, event: &'static str) -> impl Fn(&Value) -> bool + Send {
+    let once = Arc::clone(once);
+    move |v: &Value| v["event"] == event && !once.swap(true, Ordering::SeqCst)
+}
+
+fn index_of(replicas: &[Replica], name: &str) -> usize {
+    replicas
+        .iter()
+        .position(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no replica named {name}"))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
+/// Stops every replica with SIGTERM and checks each exits 0 and printed only JSON events.
+fn stop_all(replicas: &mut [Replica], journal: &Journal) {
+    for r in replicas.iter_mut() {
+        if r.is_running() {
+            let code = r.terminate(journal);
+            assert_eq!(code, Some(0), "replica {} exit code\n{}", r.name, journal.tail(20));
+        }
+    }
+    assert!(
+        journal.non_json().is_empty(),
+        "stdout lines that are not JSON events: {:?}",
+        journal.non_json()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Three replicas, a 1 s schedule, 30 ticks
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_complete_every_tick_exactly_once() {
+    let mut sc = Scenario::start("1-three-replicas-redis");
+    bounded(Duration::from_secs(150), async {
+        let w = World::start(false).await;
+        let valid = ids("p", 8);
+        let escaping = escaping_ids();
+        w.create_routes(&valid, "ACTIVE").await;
+        w.create_routes(&escaping, "ACTIVE").await;
+        let registry: Vec<String> = valid.iter().chain(&escaping).cloned().collect();
+        w.set_registry(&registry).await;
+        w.sim.record_requests(true);
+        let flapping = &valid[4..];
+        let flapper = Flapper::start(
+            &w.sim,
+            flapping,
+            Duration::from_millis(2500),
+            Duration::ZERO,
+            vec![
+                Behavior::v0("ACTIVE"),
+                Behavior::v0("STOPPED"),
+                Behavior::v1("WAIT_RUNNING"),
+            ],
+        );
+
+        let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
+            .iter()
+            .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
+            .collect();
+        wait_ticking(&w.journal, &replicas).await;
+        let first = slot_at_or_after(Utc::now() + SECOND, 1);
+        let last = first + SECOND * 29;
+        settle_after(&w.journal, last).await;
+
+        let audit = w.journal.audit(first, last, Duration::from_secs(1));
+        sc.figure("ticks", audit.slots);
+        sc.figure("duplicates", audit.duplicates.len());
+        sc.figure("missed", audit.missed.len());
+        sc.figure("ticks by replica", audit.holders());
+        sc.figure("lock_lost events", w.journal.count("lock_lost"));
+        sc.figure("tick_failed events", w.journal.count("tick_failed"));
+        audit.assert_exactly_once(&w.journal);
+        assert_eq!(audit.slots, 30);
+
+        // Security: no id built to escape the URL was requested, each was logged, and the
+        // Dapr token never went to a plugin.
+        let targets: HashSet<String> = valid.iter().map(|id| format!("/{id}/v1/status")).collect();
+        let recorded = w.sim.recorded();
+        let escaped: Vec<&str> = recorded
+            .iter()
+            .map(|r| r.target.as_str())
+            .filter(|t| !targets.contains(*t))
+            .collect();
+        sc.figure("status requests", recorded.len());
+        sc.figure("escaping ids requested", escaped.len());
+        assert!(escaped.is_empty(), "requests outside the registered ids: {escaped:?}");
+        assert!(
+            recorded.iter().all(|r| r.header("dapr-api-token").is_none()),
+            "the Dapr API token was sent to a plugin"
+        );
+        let logged: HashSet<String> = w
+            .journal
+            .named("invalid_plugin_id")
+            .iter()
+            .map(|e| e.str("plugin_id").to_owned())
+            .collect();
+        assert_eq!(
+            logged.len(),
+            escaping.len(),
+            "each escaping id is logged as invalid_plugin_id: {logged:?}"
+        );
+        for id in &escaping {
+            let route = w.route(id).await.unwrap_or_else(|| panic!("route {id:?} is gone"));
+            assert_eq!(
+                (route.etag.as_str(), route.data.as_slice()),
+                ("1", route_json(id, "ACTIVE").as_bytes()),
+                "the route of the invalid id {id:?} was written"
+            );
+        }
+
+        // Routes end consistent and true.
+        flapper
+            .stop(&w.sim, flapping, Behavior::v0("STOPPED"))
+            .await;
+        let settled = slot_at_or_after(Utc::now() + SECOND * 2, 1);
+        settle_after(&w.journal, settled).await;
+        let statuses = w.statuses(&valid).await;
+        for id in &valid {
+            let want = if flapping.contains(id) { "STOPPED" } else { "ACTIVE" };
+            assert_eq!(statuses[id], want, "route of {id}");
+        }
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    })
+    .await;
+    sc.pass();
+}
+
+// ---------------------------------------------------------------------------------------
+// 1d. The same through the Dapr sidecar double (state and service invocation)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_dapr_replicas_complete_every_tick_exactly_once() {
+    let mut sc = Scenario::start("1d-three-replicas-dapr");
+    bounded(Duration::from_secs(120), async {
+        let w = World::start(false).await;
+        let valid = ids("d", 6);
+        let escaping = escaping_ids();
+        w.create_routes(&valid, "ACTIVE").await;
+        w.create_routes(&escaping, "ACTIVE").await;
+        let registry: Vec<String> = valid.iter().chain(&escaping).cloned().collect();
+        w.set_registry(&registry).await;
+        w.sim.set(valid[0].clone(), Behavior::v0("STOPPED"));
+        w.sim.set(valid[1].clone(), Behavior::v1("WAIT_RUNNING"));
+
+        // The sidecar records every app id it is asked to invoke.
+        let invoked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let origin = w.sim.origin();
+        let record = Arc::clone(&invoked);
+        let sidecar = SidecarDouble::start(
+            SidecarConfig::default()
+                .with_token(DAPR_TOKEN)
+                .with_redis_url(&w.redis.url())
+                .with_invoke_target(move |app_id, method| {
+                    record
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(app_id.to_owned());
+                    Some(format!("{origin}/{app_id}/{method}"))
+                }),
+        )
+        .await;
+
+        let mut replicas: Vec<Replica> = ["d1", "d2", "d3"]
+            .iter()
+            .map(|n| {
+                Spec::run(n)
+                    .dapr(&sidecar.grpc_endpoint(), &sidecar.http_endpoint())
+                    .schedule("* * * * * *")
+                    .spawn(&w.journal)
+            })
+            .collect();
+        wait_ticking(&w.journal, &replicas).await;
+        let first = slot_at_or_after(Utc::now() + SECOND, 1);
+        let last = first + SECOND * 14;
+        settle_after(&w.journal, last).await;
+
+        let audit = w.journal.audit(first, last, Duration::from_secs(1));
+        sc.figure("ticks", audit.slots);
+        sc.figure("duplicates", audit.duplicates.len());
+        sc.figure("missed", audit.missed.len());
+        sc.figure("ticks by replica", audit.holders());
+        sc.figure("lock_lost events", w.journal.count("lock_lost"));
+        audit.assert_exactly_once(&w.journal);
+
+        let invoked = invoked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let outside: Vec<&String> = invoked.iter().filter(|id| !valid.contains(id)).collect();
+        sc.figure("invocations", invoked.len());
+        sc.figure("escaping ids invoked", outside.len());
+        sc.figure("sidecar requests outside /v1.0/invoke", sidecar.calls("not_found"));
+        sc.figure("sidecar requests refused for the token", sidecar.calls("unauthorized"));
+        assert!(outside.is_empty(), "app ids invoked outside the registry: {outside:?}");
+        assert_eq!(sidecar.calls("not_found"), 0, "a status URL escaped /v1.0/invoke/<id>");
+        assert_eq!(sidecar.calls("unauthorized"), 0, "a call went without the token");
+        assert!(sidecar.saw_token());
+        for id in &escaping {
+            let route = w.route(id).await.unwrap_or_else(|| panic!("route {id:?} is gone"));
+            assert_eq!(route.etag, "1", "the route of the invalid id {id:?} was written");
+        }
+        let statuses = w.statuses(&valid).await;
+        assert_eq!(statuses[&valid[0]], "STOPPED");
+        assert_eq!(statuses[&valid[1]], "STARTING");
+        assert_eq!(statuses[&valid[2]], "ACTIVE");
+
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+        drop(sidecar);
+    })
+    .await;
+    sc.pass();
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. SIGKILL the lock holder in the middle of a tick
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
+    let mut sc = Scenario::start("2-sigkill-holder");
+    bounded(Duration::from_secs(120), async {
+        let w = World::start(false).await;
+        let plugins = ids("k", 120);
+        w.seed(&plugins, "ACTIVE").await;
+        let probe_delay = Duration::from_millis(300);
+        w.sim
+            .set_default(Behavior::delay(probe_delay, Behavior::v0("ACTIVE")));
+        let step = chrono::TimeDelta::seconds(2);
+        let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
+            .iter()
+            .map(|n| w.spec(n).schedule("*/2 * * * * *").spawn(&w.journal))
+            .collect();
+        wait_ticking(&w.journal, &replicas).await;
+        let (_, steady) = wait_until(
+            Duration::from_secs(30),
+            "a holder completing two ticks in a row",
+            &w.journal,
+            || steady_holder(&w.journal, step),
+        )
+        .await;
+
+        // Every plugin now stops: the next tick writes all 120 routes. Whoever writes the
+        // first of them is killed on the spot, in the middle of its write phase.
+        w.sim
+            .set_default(Behavior::delay(probe_delay, Behavior::v0("STOPPED")));
+        let once = Arc::new(AtomicBool::new(false));
+        let fired: Vec<_> = replicas
+            .iter()
+            .map(|r| r.signal_on(libc::SIGKILL, first_of(&once, "plugin_status_changed")))
+            .collect();
+        let (victim, killed_at) = wait_until(
+            Duration::from_secs(10),
+            "the holder's first route write after the plugins stopped",
+            &w.journal,
+            || {
+                fired
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, f)| f.get().map(|(at, _)| (i, at)))
+            },
+        )
+        .await;
+        let victim_name = replicas[victim].name.clone();
+        let exited = tokio::task::block_in_place(|| replicas[victim].wait_exit(Duration::from_secs(5)));
+        assert!(exited.is_some(), "the killed replica did not die");
+        let killed_tick = w
+            .journal
+            .of(&victim_name, "lock_acquired")
+            .last()
+            .map(|e| e.tick())
+            .unwrap_or_else(|| panic!("the victim never acquired the lock"));
+        assert!(killed_tick > steady);
+
+        // Right after the crash: every route is whole, either its old or its new status.
+        let snapshot = w.statuses(&plugins).await;
+        let written = snapshot.values().filter(|s| *s == "STOPPED").count();
+        let stray: Vec<_> = snapshot
+            .iter()
+            .filter(|(_, s)| *s != "STOPPED" && *s != "ACTIVE")
+            .collect();
+        assert!(stray.is_empty(), "routes neither old nor new after the crash: {stray:?}");
+        sc.figure("routes written by the killed tick before it died", format!("{written}/{}", plugins.len()));
+
+        // The lease expires by its TTL; the first tick after that is another replica's.
+        let (expired, expired_at) = wait_until(
+            Duration::from_secs(6),
+            "the killed holder's lease to expire",
+            &w.journal,
+            || {
+                (!crate::support::binary::exists(&w.redis, LOCK_REDIS_KEY))
+                    .then(|| (Utc::now(), Instant::now()))
+            },
+        )
+        .await;
+        let takeover = wait_until(
+            Duration::from_secs(10),
+            "another replica to complete a tick",
+            &w.journal,
+            || {
+                w.journal
+                    .named("tick_completed")
+                    .into_iter()
+                    .find(|e| e.replica != victim_name && e.tick() > killed_tick)
+            },
+        )
+        .await;
+        let acquired = w
+            .journal
+            .named("lock_acquired")
+            .into_iter()
+            .find(|e| e.replica != victim_name && e.tick() > killed_tick)
+            .unwrap_or_else(|| panic!("no lock_acquired for the take-over"));
+        let first_after_expiry = slot_at_or_after(expired, 2);
+        let done = w.journal.completions();
+        let mut missed = 0;
+        let mut slot = killed_tick;
+        while slot < takeover.tick() {
+            missed += usize::from(!done.contains_key(&slot));
+            slot += step;
+        }
+        sc.figure("killed tick", killed_tick.format("%H:%M:%S"));
+        sc.figure(
+            "lease expiry seen after the kill",
+            format!("{} (lease 2000 ms)", ms(expired_at.duration_since(killed_at))),
+        );
+        sc.figure(
+            "take-over delay (kill to another replica's lock_acquired)",
+            ms(acquired.at.duration_since(killed_at)),
+        );
+        sc.figure("ticks missed (killed tick included)", missed);
+        assert!(
+            takeover.tick() <= first_after_expiry,
+            "the first tick after the lease expired ({first_after_expiry}) was not scraped; \
+             the next scrape was {}\n{}",
+            takeover.tick(),
+            w.journal.tail(40)
+        );
+
+        // The new holder finishes the job: every route STOPPED, none twice, none torn.
+        let settled = slot_at_or_after(Utc::now(), 2) + step;
+        settle_after(&w.journal, settled).await;
+        let after = w.statuses(&plugins).await;
+        let active: Vec<_> = after.iter().filter(|(_, s)| *s != "STOPPED").collect();
+        assert!(active.is_empty(), "routes not rewritten after the take-over: {active:?}");
+        let done = w.journal.completions();
+        let duplicates: Vec<_> = done.iter().filter(|(_, by)| by.len() > 1).collect();
+        sc.figure("duplicates", duplicates.len());
+        assert!(duplicates.is_empty(), "ticks completed twice: {duplicates:?}");
+        assert!(
+            !done.contains_key(&killed_tick) || done[&killed_tick] == [victim_name.clone()],
+            "the killed tick was scraped again"
+        );
+
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    })
+    .await;
+    sc.pass();
+}
+
+/// Waits for the next tick completed after `after`, lets the holder idle a moment (the
+/// middle of the interval), then stops it with SIGTERM. Checks it exits 0 having released
+/// the lease. Returns the holder's name, its last tick and when the signal was sent.
+async fn sigterm_holder_between_ticks(
+    replicas: &mut [Replica],
+    journal: &Journal,
+    after: DateTime<Utc>,
+) -> (String, DateTime<Utc>, Instant) {
+    let last = wait_until(
+        Duration::from_secs(10),
+        "the holder's next tick",
+        journal,
+        || {
+            journal
+                .named("tick_completed")
+                .into_iter()
+                .find(|e| e.tick() > after)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let i = index_of(replicas, &last.replica);
+    let sent = Instant::now();
+    replicas[i].signal(libc::SIGTERM);
+    let status = tokio::task::block_in_place(|| replicas[i].wait_exit(crate::harness::EXIT_BOUND));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{} did not exit 0 after SIGTERM\n{}",
+        last.replica,
+        journal.tail(20)
+    );
+    assert!(
+        !journal.of(&last.replica, "lock_released").is_empty(),
+        "{} stopped without releasing its lease",
+        last.replica
+    );
+    (last.replica.clone(), last.tick(), sent)
+}
+
+/// The tick `slot`, once completed: (replica, its lock_acquired event's arrival).
+async fn completed(journal: &Journal, slot: DateTime<Utc>) -> (String, Instant) {
+    let by = wait_until(
+        Duration::from_secs(10),
+        &format!("tick {slot} to be completed"),
+        journal,
+        || journal.completions().get(&slot).and_then(|by| by.first().cloned()),
+    )
+    .await;
+    let acquired = journal
+        .of(&by, "lock_acquired")
+        .into_iter()
+        .find(|e| e.tick() == slot)
+        .unwrap_or_else(|| panic!("{by} completed {slot} without lock_acquired"));
+    (by, acquired.at)
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. SIGTERM the lock holder
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
+    let mut sc = Scenario::start("3-sigterm-holder");
+    bounded(Duration::from_secs(120), async {
+        let w = World::start(false).await;
+        let plugins = ids("t", 10);
+        w.seed(&plugins, "ACTIVE").await;
+        w.sim
+            .set_default(Behavior::delay(Duration::from_millis(300), Behavior::v0("ACTIVE")));
+        let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
+            .iter()
+            .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
+            .collect();
+        wait_ticking(&w.journal, &replicas).await;
+        let (_, start) = wait_until(
+            Duration::from_secs(20),
+            "a holder completing two ticks in a row",
+            &w.journal,
+            || steady_holder(&w.journal, SECOND),
+        )
+        .await;
+
+        // Between ticks: the holder releases; the next tick is another replica's.
+        let (first, last, sent) = sigterm_holder_between_ticks(&mut replicas, &w.journal, start).await;
+        let (by, at) = completed(&w.journal, last + SECOND).await;
+        assert_ne!(by, first, "the stopped replica scraped after SIGTERM");
+        sc.figure("hand-over 1 (SIGTERM between ticks to next lock_acquired)", ms(at.duration_since(sent)));
+
+        // In the middle of a tick: the holder finishes it, releases, and the next tick is
+        // another replica's.
+        let once = Arc::new(AtomicBool::new(false));
+        let fired: Vec<_> = replicas
+            .iter()
+            .map(|r| r.signal_on(libc::SIGTERM, first_of(&once, "lock_acquired")))
+            .collect();
+        let (i, (sent, event)) = wait_until(
+            Duration::from_secs(10),
+            "the next lock_acquired",
+            &w.journal,
+            || fired.iter().enumerate().find_map(|(i, f)| f.get().map(|g| (i, g))),
+        )
+        .await;
+        let second = replicas[i].name.clone();
+        let its_tick = crate::harness::parse_time(event["tick"].as_str().unwrap_or_default())
+            .unwrap_or_else(|| panic!("lock_acquired without tick: {event}"));
+        let status = tokio::task::block_in_place(|| replicas[i].wait_exit(crate::harness::EXIT_BOUND));
+        assert_eq!(status.and_then(|s| s.code()), Some(0), "{second} exit\n{}", w.journal.tail(20));
+        assert!(
+            w.journal
+                .of(&second, "tick_completed")
+                .iter()
+                .any(|e| e.tick() == its_tick),
+            "{second} did not finish the tick it was stopped in"
+        );
+        let shutdown = w.journal.of(&second, "shutdown_completed");
+        assert_eq!(
+            shutdown.first().map(|e| e.value["tick_cancelled"].clone()),
+            Some(Value::Bool(false))
+        );
+        assert!(!w.journal.of(&second, "lock_released").is_empty());
+        let (by, at) = completed(&w.journal, its_tick + SECOND).await;
+        assert!(by != first && by != second, "tick after the second stop scraped by {by}");
+        sc.figure("hand-over 2 (SIGTERM mid-tick to next lock_acquired)", ms(at.duration_since(sent)));
+
+        let end = its_tick + SECOND * 4;
+        settle_after(&w.journal, end).await;
+        let audit = w.journal.audit(start, end, Duration::from_secs(1));
+        sc.figure("ticks", audit.slots);
+        sc.figure("duplicates", audit.duplicates.len());
+        sc.figure("missed", audit.missed.len());
+        sc.figure("ticks by replica", audit.holders());
+        audit.assert_exactly_once(&w.journal);
+        w.statuses(&plugins).await;
+
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    })
+    .await;
+    sc.pass();
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Clock skew, from outside the worker
+// ---------------------------------------------------------------------------------------
+
+/// Fails, with what to do, when Debian's `faketime` is not installed.
+fn require_faketime() {
+    let found = std::process::Command::new("faketime")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "scenario 8 skews replica clocks with Debian's `faketime`, which is not installed: \
+         run the README's test command (it installs it), or `apt-get install faketime`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
+    let mut sc = Scenario::start("8-clock-skew");
+    require_faketime();
+    bounded(Duration::from_secs(150), async {
+        let w = World::start(false).await;
+        let plugins = ids("c", 10);
+        w.seed(&plugins, "ACTIVE").await;
+        w.sim
+            .set_default(Behavior::delay(Duration::from_millis(100), Behavior::v0("ACTIVE")));
+        // Clocks 0, +0.3 s and +0.6 s: a third of the 2 s interval apart at most.
+        let skews: [(&str, &str, i64); 3] =
+            [("c0", "+0.0", 0), ("c3", "+0.3", 300), ("c6", "+0.6", 600)];
+        let mut replicas: Vec<Replica> = skews
+            .iter()
+            .map(|(n, offset, _)| {
+                w.spec(n)
+                    .schedule("*/2 * * * * *")
+                    .faketime(offset)
+                    .spawn(&w.journal)
+            })
+            .collect();
+        wait_ticking(&w.journal, &replicas).await;
+
+        let step = chrono::TimeDelta::seconds(2);
+        let start = slot_at_or_after(Utc::now() + step, 2);
+        settle_after(&w.journal, start + step * 4).await;
+        let (_, last, _) = sigterm_holder_between_ticks(&mut replicas, &w.journal, start + step * 3).await;
+        settle_after(&w.journal, last + step * 5).await;
+        let (_, last, _) = sigterm_holder_between_ticks(&mut replicas, &w.journal, last + step * 4).await;
+        let end = last + step * 4;
+        settle_after(&w.journal, end).await;
+
+        // The skew is real: each replica's own timestamps lead the test's clock by its offset.
+        let events = w.journal.events();
+        let mut measured = BTreeMap::new();
+        for (name, _, want_ms) in skews {
+            let lead = events
+                .iter()
+                .filter(|e| e.replica == name)
+                .filter_map(|e| e.timestamp().map(|t| (t - e.wall).num_milliseconds()))
+                .max()
+                .unwrap_or_else(|| panic!("{name} printed no event"));
+            assert!(
+                (lead - want_ms).abs() <= 150,
+                "faketime did not skew {name}'s clock by {want_ms} ms (measured {lead} ms)"
+            );
+            measured.insert(name, lead);
+        }
+        sc.figure(
+            "measured clock lead (c0 c3 c6)",
+            measured
+                .values()
+                .map(|v| format!("{v} ms"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+
+        let audit = w.journal.audit(start, end, Duration::from_secs(2));
+        sc.figure("ticks", audit.slots);
+        sc.figure("duplicates", audit.duplicates.len());
+        sc.figure("missed", audit.missed.len());
+        sc.figure("ticks by replica", audit.holders());
+        sc.figure("already_scraped skips", w.journal.named("tick_skipped").iter().filter(|e| e.str("reason") == "already_scraped").count());
+        audit.assert_exactly_once(&w.journal);
+        assert!(audit.by_replica.len() >= 3, "the ticks did not move between all three clocks: {}", audit.holders());
+
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    })
+    .await;
+    sc.pass();
+}
