@@ -77,25 +77,51 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[derive(Args, Debug, Clone)]
 pub struct Options {
     /// State backend.
-    #[arg(long, global = true, env = "SCRAPER_BACKEND", value_enum, default_value = "dapr")]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_BACKEND",
+        value_enum,
+        default_value = "dapr"
+    )]
     pub backend: Backend,
     /// Redis URL for the redis backend (redis://[:password@]host:port[/db]).
     #[arg(long, global = true, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Public state store (component) name: the routes.
-    #[arg(long, global = true, env = "KEEL_PUBLIC_STORE", default_value = "keel-public-store")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_PUBLIC_STORE",
+        default_value = "keel-public-store"
+    )]
     pub public_store: String,
     /// Private state store (component) name: registry, lock, counters.
-    #[arg(long, global = true, env = "KEEL_PRIVATE_STORE", default_value = "keel-private-store")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_PRIVATE_STORE",
+        default_value = "keel-private-store"
+    )]
     pub private_store: String,
     /// Key prefix of private keys (redis backend only; under dapr the component decides).
-    #[arg(long, global = true, env = "SCRAPER_PRIVATE_KEY_PREFIX", default_value = "plugins")]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_PRIVATE_KEY_PREFIX",
+        default_value = "plugins"
+    )]
     pub private_key_prefix: String,
     /// Status URL template containing {plugin_id}.
     #[arg(long, global = true, env = "SCRAPER_STATUS_URL")]
     pub status_url: Option<String>,
     /// Cron schedule, 6 fields, seconds first.
-    #[arg(long, global = true, env = "SCRAPER_SCHEDULE", default_value = "*/10 * * * * *")]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_SCHEDULE",
+        default_value = "*/10 * * * * *"
+    )]
     pub schedule: String,
     /// Timeout of one probe attempt.
     #[arg(long, global = true, env = "SCRAPER_PROBE_TIMEOUT", default_value = "2s", value_parser = duration)]
@@ -107,10 +133,20 @@ pub struct Options {
     #[arg(long, global = true, env = "SCRAPER_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
     /// Consecutive failed probes that make a passing route FAILED.
-    #[arg(long, global = true, env = "SCRAPER_UNHEALTHY_THRESHOLD", default_value_t = 2)]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_UNHEALTHY_THRESHOLD",
+        default_value_t = 2
+    )]
     pub unhealthy_threshold: u32,
     /// Consecutive passing reports needed to let traffic through again.
-    #[arg(long, global = true, env = "SCRAPER_HEALTHY_THRESHOLD", default_value_t = 1)]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_HEALTHY_THRESHOLD",
+        default_value_t = 1
+    )]
     pub healthy_threshold: u32,
     /// Lease of the scrape_state lock (default: the schedule's shortest gap).
     #[arg(long, global = true, env = "SCRAPER_LEASE", value_parser = duration)]
@@ -119,7 +155,13 @@ pub struct Options {
     #[arg(long, global = true, env = "SCRAPER_HOLDER_ID")]
     pub holder_id: Option<String>,
     /// Log format.
-    #[arg(long, global = true, env = "SCRAPER_LOG_FORMAT", value_enum, default_value = "json")]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
     pub log_format: LogFormat,
     /// Dapr sidecar gRPC endpoint (default 127.0.0.1:$DAPR_GRPC_PORT, else 127.0.0.1:50001).
     #[arg(long, global = true, env = "DAPR_GRPC_ENDPOINT")]
@@ -131,7 +173,12 @@ pub struct Options {
     #[arg(long, global = true, env = "SCRAPER_SIDECAR_WAIT", default_value = "60s", value_parser = duration)]
     pub sidecar_wait: Duration,
     /// Address of the metrics and health server (run only).
-    #[arg(long, global = true, env = "SCRAPER_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     pub listen: SocketAddr,
     /// Time a running tick gets to finish its writes on shutdown.
     #[arg(long, global = true, env = "SCRAPER_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
@@ -242,11 +289,7 @@ fn default_holder_id(env: &dyn Env) -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "keel-scraper".to_string());
-    format!(
-        "{host}-{}-{:04x}",
-        std::process::id(),
-        fastrand::u16(..)
-    )
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
 
 impl Settings {
@@ -283,12 +326,20 @@ impl Settings {
             }
             (_, None) => None,
         };
-        let dapr_grpc_endpoint = normalize_endpoint(&o.dapr_grpc_endpoint.clone().unwrap_or_else(|| {
-            format!("127.0.0.1:{}", env.var("DAPR_GRPC_PORT").unwrap_or_else(|| "50001".into()))
-        }));
-        let dapr_http_endpoint = normalize_endpoint(&o.dapr_http_endpoint.clone().unwrap_or_else(|| {
-            format!("127.0.0.1:{}", env.var("DAPR_HTTP_PORT").unwrap_or_else(|| "3500".into()))
-        }));
+        let dapr_grpc_endpoint =
+            normalize_endpoint(&o.dapr_grpc_endpoint.clone().unwrap_or_else(|| {
+                format!(
+                    "127.0.0.1:{}",
+                    env.var("DAPR_GRPC_PORT").unwrap_or_else(|| "50001".into())
+                )
+            }));
+        let dapr_http_endpoint =
+            normalize_endpoint(&o.dapr_http_endpoint.clone().unwrap_or_else(|| {
+                format!(
+                    "127.0.0.1:{}",
+                    env.var("DAPR_HTTP_PORT").unwrap_or_else(|| "3500".into())
+                )
+            }));
         let status_url = o.status_url.clone().unwrap_or_else(|| {
             format!("{dapr_http_endpoint}/v1.0/invoke/{{plugin_id}}/method/v1/status")
         });
@@ -310,22 +361,37 @@ impl Settings {
             }
         };
         positive("--concurrency / SCRAPER_CONCURRENCY", o.concurrency as u64)?;
-        positive("--unhealthy-threshold / SCRAPER_UNHEALTHY_THRESHOLD", o.unhealthy_threshold.into())?;
-        positive("--healthy-threshold / SCRAPER_HEALTHY_THRESHOLD", o.healthy_threshold.into())?;
+        positive(
+            "--unhealthy-threshold / SCRAPER_UNHEALTHY_THRESHOLD",
+            o.unhealthy_threshold.into(),
+        )?;
+        positive(
+            "--healthy-threshold / SCRAPER_HEALTHY_THRESHOLD",
+            o.healthy_threshold.into(),
+        )?;
         if o.probe_timeout.is_zero() {
-            return Err(ConfigError("--probe-timeout / SCRAPER_PROBE_TIMEOUT must be more than 0".into()));
+            return Err(ConfigError(
+                "--probe-timeout / SCRAPER_PROBE_TIMEOUT must be more than 0".into(),
+            ));
         }
-        for (name, v) in [("--public-store / KEEL_PUBLIC_STORE", &o.public_store), ("--private-store / KEEL_PRIVATE_STORE", &o.private_store)] {
+        for (name, v) in [
+            ("--public-store / KEEL_PUBLIC_STORE", &o.public_store),
+            ("--private-store / KEEL_PRIVATE_STORE", &o.private_store),
+        ] {
             if v.trim().is_empty() {
                 return Err(ConfigError(format!("{name} must not be empty")));
             }
         }
         if o.private_key_prefix.contains("||") {
-            return Err(ConfigError("--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into()));
+            return Err(ConfigError(
+                "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into(),
+            ));
         }
         let holder_id = match &o.holder_id {
             Some(h) if h.trim().is_empty() => {
-                return Err(ConfigError("--holder-id / SCRAPER_HOLDER_ID must not be empty".into()))
+                return Err(ConfigError(
+                    "--holder-id / SCRAPER_HOLDER_ID must not be empty".into(),
+                ))
             }
             Some(h) => h.clone(),
             None => default_holder_id(env),
@@ -360,9 +426,9 @@ impl Settings {
         let src = |id: &str| -> Source {
             let from = |m: &ArgMatches| m.value_source(id);
             let vs = from(matches).or_else(|| {
-                matches
-                    .subcommand()
-                    .and_then(|(_, sub)| sub.try_get_raw(id).ok().flatten().and(sub.value_source(id)))
+                matches.subcommand().and_then(|(_, sub)| {
+                    sub.try_get_raw(id).ok().flatten().and(sub.value_source(id))
+                })
             });
             match vs {
                 Some(ValueSource::CommandLine) => Source::Flag,
@@ -376,47 +442,161 @@ impl Settings {
         };
         let d = |v: Duration| humantime::format_duration(v).to_string();
         let mut out = vec![
-            ("backend", "SCRAPER_BACKEND", self.backend.as_str().to_string(), src("backend")),
+            (
+                "backend",
+                "SCRAPER_BACKEND",
+                self.backend.as_str().to_string(),
+                src("backend"),
+            ),
             (
                 "redis-url",
                 "REDIS_URL",
-                self.redis_url.as_ref().map_or_else(|| "(unset)".into(), |u| redact_url(u.expose())),
+                self.redis_url
+                    .as_ref()
+                    .map_or_else(|| "(unset)".into(), |u| redact_url(u.expose())),
                 src("redis_url"),
             ),
-            ("public-store", "KEEL_PUBLIC_STORE", self.public_store.clone(), src("public_store")),
-            ("private-store", "KEEL_PRIVATE_STORE", self.private_store.clone(), src("private_store")),
-            ("private-key-prefix", "SCRAPER_PRIVATE_KEY_PREFIX", self.private_key_prefix.clone(), src("private_key_prefix")),
-            ("status-url", "SCRAPER_STATUS_URL", self.status_url.clone(), src("status_url")),
-            ("schedule", "SCRAPER_SCHEDULE", self.schedule.text().to_string(), src("schedule")),
-            ("probe-timeout", "SCRAPER_PROBE_TIMEOUT", d(self.probe_timeout), src("probe_timeout")),
-            ("retries", "SCRAPER_RETRIES", self.retries.to_string(), src("retries")),
-            ("concurrency", "SCRAPER_CONCURRENCY", self.concurrency.to_string(), src("concurrency")),
-            ("unhealthy-threshold", "SCRAPER_UNHEALTHY_THRESHOLD", self.unhealthy_threshold.to_string(), src("unhealthy_threshold")),
-            ("healthy-threshold", "SCRAPER_HEALTHY_THRESHOLD", self.healthy_threshold.to_string(), src("healthy_threshold")),
+            (
+                "public-store",
+                "KEEL_PUBLIC_STORE",
+                self.public_store.clone(),
+                src("public_store"),
+            ),
+            (
+                "private-store",
+                "KEEL_PRIVATE_STORE",
+                self.private_store.clone(),
+                src("private_store"),
+            ),
+            (
+                "private-key-prefix",
+                "SCRAPER_PRIVATE_KEY_PREFIX",
+                self.private_key_prefix.clone(),
+                src("private_key_prefix"),
+            ),
+            (
+                "status-url",
+                "SCRAPER_STATUS_URL",
+                self.status_url.clone(),
+                src("status_url"),
+            ),
+            (
+                "schedule",
+                "SCRAPER_SCHEDULE",
+                self.schedule.text().to_string(),
+                src("schedule"),
+            ),
+            (
+                "probe-timeout",
+                "SCRAPER_PROBE_TIMEOUT",
+                d(self.probe_timeout),
+                src("probe_timeout"),
+            ),
+            (
+                "retries",
+                "SCRAPER_RETRIES",
+                self.retries.to_string(),
+                src("retries"),
+            ),
+            (
+                "concurrency",
+                "SCRAPER_CONCURRENCY",
+                self.concurrency.to_string(),
+                src("concurrency"),
+            ),
+            (
+                "unhealthy-threshold",
+                "SCRAPER_UNHEALTHY_THRESHOLD",
+                self.unhealthy_threshold.to_string(),
+                src("unhealthy_threshold"),
+            ),
+            (
+                "healthy-threshold",
+                "SCRAPER_HEALTHY_THRESHOLD",
+                self.healthy_threshold.to_string(),
+                src("healthy_threshold"),
+            ),
             ("lease", "SCRAPER_LEASE", d(self.lease), src("lease")),
-            ("holder-id", "SCRAPER_HOLDER_ID", self.holder_id.clone(), src("holder_id")),
-            ("log-format", "SCRAPER_LOG_FORMAT", format!("{:?}", self.log_format).to_lowercase(), src("log_format")),
-            ("dapr-grpc-endpoint", "DAPR_GRPC_ENDPOINT", self.dapr_grpc_endpoint.clone(), port_src("dapr_grpc_endpoint", "DAPR_GRPC_PORT")),
-            ("dapr-http-endpoint", "DAPR_HTTP_ENDPOINT", self.dapr_http_endpoint.clone(), port_src("dapr_http_endpoint", "DAPR_HTTP_PORT")),
+            (
+                "holder-id",
+                "SCRAPER_HOLDER_ID",
+                self.holder_id.clone(),
+                src("holder_id"),
+            ),
+            (
+                "log-format",
+                "SCRAPER_LOG_FORMAT",
+                format!("{:?}", self.log_format).to_lowercase(),
+                src("log_format"),
+            ),
+            (
+                "dapr-grpc-endpoint",
+                "DAPR_GRPC_ENDPOINT",
+                self.dapr_grpc_endpoint.clone(),
+                port_src("dapr_grpc_endpoint", "DAPR_GRPC_PORT"),
+            ),
+            (
+                "dapr-http-endpoint",
+                "DAPR_HTTP_ENDPOINT",
+                self.dapr_http_endpoint.clone(),
+                port_src("dapr_http_endpoint", "DAPR_HTTP_PORT"),
+            ),
             (
                 "dapr-api-token",
                 "DAPR_API_TOKEN",
-                if self.dapr_api_token.is_some() { "[redacted]".into() } else { "(unset)".into() },
-                if self.dapr_api_token.is_some() { Source::Env } else { Source::Default },
+                if self.dapr_api_token.is_some() {
+                    "[redacted]".into()
+                } else {
+                    "(unset)".into()
+                },
+                if self.dapr_api_token.is_some() {
+                    Source::Env
+                } else {
+                    Source::Default
+                },
             ),
-            ("sidecar-wait", "SCRAPER_SIDECAR_WAIT", d(self.sidecar_wait), src("sidecar_wait")),
-            ("listen", "SCRAPER_LISTEN", self.listen.to_string(), src("listen")),
-            ("shutdown-grace", "SCRAPER_SHUTDOWN_GRACE", d(self.shutdown_grace), src("shutdown_grace")),
+            (
+                "sidecar-wait",
+                "SCRAPER_SIDECAR_WAIT",
+                d(self.sidecar_wait),
+                src("sidecar_wait"),
+            ),
+            (
+                "listen",
+                "SCRAPER_LISTEN",
+                self.listen.to_string(),
+                src("listen"),
+            ),
+            (
+                "shutdown-grace",
+                "SCRAPER_SHUTDOWN_GRACE",
+                d(self.shutdown_grace),
+                src("shutdown_grace"),
+            ),
         ];
-        let log_filter = env.var("SCRAPER_LOG").map(|v| (v, "SCRAPER_LOG")).or_else(|| env.var("RUST_LOG").map(|v| (v, "RUST_LOG")));
+        let log_filter = env
+            .var("SCRAPER_LOG")
+            .map(|v| (v, "SCRAPER_LOG"))
+            .or_else(|| env.var("RUST_LOG").map(|v| (v, "RUST_LOG")));
         out.push((
             "log-filter",
             "SCRAPER_LOG",
-            log_filter.as_ref().map_or_else(|| crate::DEFAULT_LOG_FILTER.to_string(), |(v, _)| v.clone()),
-            if log_filter.is_some() { Source::Env } else { Source::Default },
+            log_filter
+                .as_ref()
+                .map_or_else(|| crate::DEFAULT_LOG_FILTER.to_string(), |(v, _)| v.clone()),
+            if log_filter.is_some() {
+                Source::Env
+            } else {
+                Source::Default
+            },
         ));
         out.into_iter()
-            .map(|(option, env, value, source)| Effective { option, env, value, source: source.as_str() })
+            .map(|(option, env, value, source)| Effective {
+                option,
+                env,
+                value,
+                source: source.as_str(),
+            })
             .collect()
     }
 }
@@ -433,8 +613,12 @@ mod tests {
         }
     }
 
-    fn settings(args: &[&str], env: &[(&'static str, &'static str)]) -> Result<Settings, ConfigError> {
-        let (cli, _) = parse_cli(std::iter::once("keel-scraper").chain(args.iter().copied())).map_err(|e| ConfigError(e.to_string()))?;
+    fn settings(
+        args: &[&str],
+        env: &[(&'static str, &'static str)],
+    ) -> Result<Settings, ConfigError> {
+        let (cli, _) = parse_cli(std::iter::once("keel-scraper").chain(args.iter().copied()))
+            .map_err(|e| ConfigError(e.to_string()))?;
         Settings::from_options(&cli.options, &MapEnv(env.iter().copied().collect()))
     }
 
@@ -447,18 +631,40 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_sidecar_ports_and_the_schedule() {
-        let s = settings(&["--backend", "memory", "run"], &[("DAPR_HTTP_PORT", "3601"), ("POD_NAME", "pod-a")]).unwrap();
+        let s = settings(
+            &["--backend", "memory", "run"],
+            &[("DAPR_HTTP_PORT", "3601"), ("POD_NAME", "pod-a")],
+        )
+        .unwrap();
         assert_eq!(s.dapr_http_endpoint, "http://127.0.0.1:3601");
         assert_eq!(s.dapr_grpc_endpoint, "http://127.0.0.1:50001");
-        assert_eq!(s.status_url, "http://127.0.0.1:3601/v1.0/invoke/{plugin_id}/method/v1/status");
+        assert_eq!(
+            s.status_url,
+            "http://127.0.0.1:3601/v1.0/invoke/{plugin_id}/method/v1/status"
+        );
         assert_eq!(s.lease, Duration::from_secs(10));
-        assert!(s.holder_id.starts_with(&format!("pod-a-{}-", std::process::id())), "{}", s.holder_id);
+        assert!(
+            s.holder_id
+                .starts_with(&format!("pod-a-{}-", std::process::id())),
+            "{}",
+            s.holder_id
+        );
         assert_eq!(s.holder_id.rsplit('-').next().unwrap().len(), 4);
     }
 
     #[test]
     fn endpoints_accept_with_or_without_scheme() {
-        let s = settings(&["run", "--dapr-grpc-endpoint", "localhost:1", "--dapr-http-endpoint", "http://localhost:2/"], &[]).unwrap();
+        let s = settings(
+            &[
+                "run",
+                "--dapr-grpc-endpoint",
+                "localhost:1",
+                "--dapr-http-endpoint",
+                "http://localhost:2/",
+            ],
+            &[],
+        )
+        .unwrap();
         assert_eq!(s.dapr_grpc_endpoint, "http://localhost:1");
         assert_eq!(s.dapr_http_endpoint, "http://localhost:2");
     }
@@ -482,11 +688,35 @@ mod tests {
 
     #[test]
     fn token_and_password_never_print() {
-        let s = settings(&["run", "--backend", "redis", "--redis-url", "redis://:pa55word@h:6379"], &[("DAPR_API_TOKEN", "t0ken")]).unwrap();
-        let (_, m) = parse_cli(["keel-scraper", "run", "--backend", "redis", "--redis-url", "redis://:pa55word@h:6379"]).unwrap();
+        let s = settings(
+            &[
+                "run",
+                "--backend",
+                "redis",
+                "--redis-url",
+                "redis://:pa55word@h:6379",
+            ],
+            &[("DAPR_API_TOKEN", "t0ken")],
+        )
+        .unwrap();
+        let (_, m) = parse_cli([
+            "keel-scraper",
+            "run",
+            "--backend",
+            "redis",
+            "--redis-url",
+            "redis://:pa55word@h:6379",
+        ])
+        .unwrap();
         let env = MapEnv([("DAPR_API_TOKEN", "t0ken")].into_iter().collect());
-        let printed = format!("{s:?} {}", serde_json::to_string(&s.effective(&m, &env)).unwrap());
-        assert!(!printed.contains("pa55word") && !printed.contains("t0ken"), "{printed}");
+        let printed = format!(
+            "{s:?} {}",
+            serde_json::to_string(&s.effective(&m, &env)).unwrap()
+        );
+        assert!(
+            !printed.contains("pa55word") && !printed.contains("t0ken"),
+            "{printed}"
+        );
     }
 
     #[test]

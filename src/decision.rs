@@ -143,6 +143,16 @@ mod tests {
         }
     }
 
+    /// (current, counters before, observation, thresholds, expected write, counters after)
+    type Row = (
+        &'static str,
+        Counters,
+        Observation,
+        Thresholds,
+        Option<(RouteStatus, Reason)>,
+        Counters,
+    );
+
     #[test]
     fn decision_table() {
         // (current, counters before, observation, thresholds, expected write, counters after)
@@ -150,31 +160,115 @@ mod tests {
             unhealthy: 3,
             healthy: 3,
         };
-        let rows: Vec<(&str, Counters, Observation, Thresholds, Option<(RouteStatus, Reason)>, Counters)> = vec![
+        let rows: Vec<Row> = vec![
             // Same status: nothing to write, counters reset.
             ("ACTIVE", c(1, 0), Reported(Active), TH, None, c(0, 0)),
             // Blocking reports are written at once.
-            ("ACTIVE", c(0, 0), Reported(Stopping), TH, Some((Stopping, Reason::Reported)), c(0, 0)),
-            ("STARTING", c(0, 0), Reported(Failed), TH, Some((Failed, Reason::Reported)), c(0, 0)),
-            ("STOPPED", c(0, 0), Reported(Failed), h3, Some((Failed, Reason::Reported)), c(0, 0)),
+            (
+                "ACTIVE",
+                c(0, 0),
+                Reported(Stopping),
+                TH,
+                Some((Stopping, Reason::Reported)),
+                c(0, 0),
+            ),
+            (
+                "STARTING",
+                c(0, 0),
+                Reported(Failed),
+                TH,
+                Some((Failed, Reason::Reported)),
+                c(0, 0),
+            ),
+            (
+                "STOPPED",
+                c(0, 0),
+                Reported(Failed),
+                h3,
+                Some((Failed, Reason::Reported)),
+                c(0, 0),
+            ),
             // Moves between the passing statuses are written at once, whatever the threshold.
-            ("STARTING", c(0, 0), Reported(Active), h3, Some((Active, Reason::Reported)), c(0, 0)),
-            ("ACTIVE", c(0, 0), Reported(Starting), h3, Some((Starting, Reason::Reported)), c(0, 0)),
+            (
+                "STARTING",
+                c(0, 0),
+                Reported(Active),
+                h3,
+                Some((Active, Reason::Reported)),
+                c(0, 0),
+            ),
+            (
+                "ACTIVE",
+                c(0, 0),
+                Reported(Starting),
+                h3,
+                Some((Starting, Reason::Reported)),
+                c(0, 0),
+            ),
             // Blocking -> passing needs `healthy` consecutive reports.
-            ("FAILED", c(0, 0), Reported(Active), TH, Some((Active, Reason::Reported)), c(0, 0)),
+            (
+                "FAILED",
+                c(0, 0),
+                Reported(Active),
+                TH,
+                Some((Active, Reason::Reported)),
+                c(0, 0),
+            ),
             ("FAILED", c(0, 0), Reported(Active), h3, None, c(0, 1)),
             ("FAILED", c(0, 1), Reported(Starting), h3, None, c(0, 2)),
-            ("FAILED", c(0, 2), Reported(Active), h3, Some((Active, Reason::HealthyThreshold)), c(0, 0)),
+            (
+                "FAILED",
+                c(0, 2),
+                Reported(Active),
+                h3,
+                Some((Active, Reason::HealthyThreshold)),
+                c(0, 0),
+            ),
             // A blocking report in between restarts the count.
-            ("FAILED", c(0, 2), Reported(Stopped), h3, Some((Stopped, Reason::Reported)), c(0, 0)),
+            (
+                "FAILED",
+                c(0, 2),
+                Reported(Stopped),
+                h3,
+                Some((Stopped, Reason::Reported)),
+                c(0, 0),
+            ),
             // Unknown stored statuses block traffic.
             ("", c(0, 0), Reported(Active), h3, None, c(0, 1)),
-            ("WEIRD", c(0, 0), Reported(Stopped), TH, Some((Stopped, Reason::Reported)), c(0, 0)),
+            (
+                "WEIRD",
+                c(0, 0),
+                Reported(Stopped),
+                TH,
+                Some((Stopped, Reason::Reported)),
+                c(0, 0),
+            ),
             // Failures count up; at the threshold a passing route becomes FAILED.
             ("ACTIVE", c(0, 0), ProbeFailed, TH, None, c(1, 0)),
-            ("ACTIVE", c(1, 0), ProbeFailed, TH, Some((Failed, Reason::UnhealthyThreshold)), c(2, 0)),
-            ("STARTING", c(1, 0), ProbeFailed, TH, Some((Failed, Reason::UnhealthyThreshold)), c(2, 0)),
-            ("ACTIVE", c(5, 0), ProbeFailed, TH, Some((Failed, Reason::UnhealthyThreshold)), c(6, 0)),
+            (
+                "ACTIVE",
+                c(1, 0),
+                ProbeFailed,
+                TH,
+                Some((Failed, Reason::UnhealthyThreshold)),
+                c(2, 0),
+            ),
+            (
+                "STARTING",
+                c(1, 0),
+                ProbeFailed,
+                TH,
+                Some((Failed, Reason::UnhealthyThreshold)),
+                c(2, 0),
+            ),
+            (
+                "ACTIVE",
+                c(5, 0),
+                ProbeFailed,
+                TH,
+                Some((Failed, Reason::UnhealthyThreshold)),
+                c(6, 0),
+            ),
             // A blocking status is left as it is.
             ("STOPPED", c(7, 0), ProbeFailed, TH, None, c(8, 0)),
             ("FAILED", c(1, 0), ProbeFailed, TH, None, c(2, 0)),

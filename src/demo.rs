@@ -50,7 +50,10 @@ async fn demo(s: &Settings) -> Result<(), String> {
     sim.set("iothub", Behavior::v0("ACTIVE"));
     sim.set("rudder", Behavior::v1("RUNNING"));
     sim.set("console", Behavior::v0("ACTIVE"));
-    sim.set("tenant-admin", Behavior::raw(200, "<html>502 Bad Gateway</html>"));
+    sim.set(
+        "tenant-admin",
+        Behavior::raw(200, "<html>502 Bad Gateway</html>"),
+    );
 
     let store = Arc::new(MemoryStore::new(&s.public_store, &s.private_store));
     let registry = br#"{"iothub":"true","rudder":"true","console":"true","tenant-admin":"true"}"#;
@@ -58,7 +61,11 @@ async fn demo(s: &Settings) -> Result<(), String> {
         let store = store.clone();
         let (key, data) = (key.to_string(), data.to_vec());
         async move {
-            let kind = if key == REGISTRY_KEY { StoreKind::Private } else { StoreKind::Public };
+            let kind = if key == REGISTRY_KEY {
+                StoreKind::Private
+            } else {
+                StoreKind::Public
+            };
             store
                 .save(kind, Save::cas(&key, &data, crate::store::ABSENT_ETAG))
                 .await
@@ -66,7 +73,12 @@ async fn demo(s: &Settings) -> Result<(), String> {
         }
     };
     seed(REGISTRY_KEY, registry).await?;
-    for (id, status) in [("iothub", "STARTING"), ("rudder", "STARTING"), ("console", "STARTING"), ("tenant-admin", "ACTIVE")] {
+    for (id, status) in [
+        ("iothub", "STARTING"),
+        ("rudder", "STARTING"),
+        ("console", "STARTING"),
+        ("tenant-admin", "ACTIVE"),
+    ] {
         let route = format!(
             r#"{{"status":"{status}","tkeel_version":"v0.4.0","register_addons":{{"{id}_created":"{id}/v1/hook"}}}}"#
         );
@@ -88,7 +100,12 @@ async fn demo(s: &Settings) -> Result<(), String> {
     let ticker = Ticker {
         store: store_dyn.clone(),
         prober: Arc::new(prober),
-        lease: Arc::new(Lease::new(store_dyn.clone(), s.holder_id.clone(), interval, interval)),
+        lease: Arc::new(Lease::new(
+            store_dyn.clone(),
+            s.holder_id.clone(),
+            interval,
+            interval,
+        )),
         thresholds: Thresholds {
             unhealthy: 2,
             healthy: 1,
@@ -130,7 +147,14 @@ async fn demo(s: &Settings) -> Result<(), String> {
     println!("  iothub: healthy (v0)   rudder: healthy (v1)");
     println!("  console: crashes after tick {CRASH_AFTER}   tenant-admin: answers garbage\n");
     println!("routes before:\n{}", table(&before));
-    println!("status changes:\n{}", if changes.is_empty() { "  (none)\n".to_string() } else { changes.join("\n") + "\n" });
+    println!(
+        "status changes:\n{}",
+        if changes.is_empty() {
+            "  (none)\n".to_string()
+        } else {
+            changes.join("\n") + "\n"
+        }
+    );
     println!("routes after:\n{}", table(&previous));
     Ok(())
 }

@@ -194,7 +194,8 @@ impl Meter for ShutdownCompleted {}
 
 /// The README's event catalog table, rendered from [`CATALOG`].
 pub fn catalog_markdown() -> String {
-    let mut out = String::from("| event | level | alert | fields | meaning |\n|---|---|---|---|---|\n");
+    let mut out =
+        String::from("| event | level | alert | fields | meaning |\n|---|---|---|---|---|\n");
     for e in CATALOG {
         let fields = e
             .fields
@@ -225,14 +226,22 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), CATALOG.len());
         for n in names {
-            assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{n}");
+            assert!(
+                n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{n}"
+            );
         }
     }
 
     #[test]
     fn alerting_events_carry_the_alert_field() {
         for e in CATALOG {
-            assert_eq!(e.alert != "never", e.fields.contains(&"alert"), "{}", e.name);
+            assert_eq!(
+                e.alert != "never",
+                e.fields.contains(&"alert"),
+                "{}",
+                e.name
+            );
         }
     }
 }

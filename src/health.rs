@@ -93,7 +93,10 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
 
 async fn metrics_text() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         metrics().render(),
     )
 }

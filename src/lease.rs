@@ -103,9 +103,13 @@ pub struct Guard {
 pub enum Acquire {
     Acquired(Guard),
     /// Another holder's lease is live (`holder` is None for a foreign record).
-    Held { holder: Option<String> },
+    Held {
+        holder: Option<String>,
+    },
     /// The scheduled tick is not newer than the recorded one.
-    AlreadyScraped { recorded: String },
+    AlreadyScraped {
+        recorded: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +137,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn new(store: Arc<dyn Store>, holder: String, lease: Duration, interval: Duration) -> Lease {
+    pub fn new(
+        store: Arc<dyn Store>,
+        holder: String,
+        lease: Duration,
+        interval: Duration,
+    ) -> Lease {
         Lease {
             store,
             holder,

@@ -21,8 +21,8 @@ pub mod schedule;
 pub mod secret;
 pub mod sim;
 pub mod status;
-pub mod telemetry;
 pub mod store;
+pub mod telemetry;
 pub mod tick;
 pub mod worker;
 

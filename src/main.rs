@@ -27,7 +27,10 @@ fn main() -> ExitCode {
         _ => LogTarget::Stdout,
     };
     telemetry::init(settings.log_format, target);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keel-scraper: cannot start the async runtime: {e}");
@@ -69,7 +72,10 @@ fn main() -> ExitCode {
 /// Resolves on SIGTERM or SIGINT with the signal's name.
 async fn signal() -> String {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process can still be killed; never resolve.
         return std::future::pending().await;
     };
@@ -81,10 +87,18 @@ async fn signal() -> String {
 
 fn print_routes(rows: &[worker::RouteRow], json: bool) {
     if json {
-        println!("{}", serde_json::to_string(rows).unwrap_or_else(|_| "[]".into()));
+        println!(
+            "{}",
+            serde_json::to_string(rows).unwrap_or_else(|_| "[]".into())
+        );
         return;
     }
-    let width = rows.iter().map(|r| r.plugin_id.len()).max().unwrap_or(6).max(6);
+    let width = rows
+        .iter()
+        .map(|r| r.plugin_id.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
     println!("{:<width$}  STATUS", "PLUGIN");
     for r in rows {
         let status = match (&r.status, &r.error) {
@@ -101,8 +115,14 @@ fn print_config(settings: &Settings, matches: &clap::ArgMatches) {
     let w1 = rows.iter().map(|r| r.option.len()).max().unwrap_or(0);
     let w2 = rows.iter().map(|r| r.env.len()).max().unwrap_or(0);
     let w3 = rows.iter().map(|r| r.value.len()).max().unwrap_or(0);
-    println!("{:<w1$}  {:<w2$}  {:<w3$}  SOURCE", "OPTION", "ENV", "VALUE");
+    println!(
+        "{:<w1$}  {:<w2$}  {:<w3$}  SOURCE",
+        "OPTION", "ENV", "VALUE"
+    );
     for r in rows {
-        println!("{:<w1$}  {:<w2$}  {:<w3$}  {}", r.option, r.env, r.value, r.source);
+        println!(
+            "{:<w1$}  {:<w2$}  {:<w3$}  {}",
+            r.option, r.env, r.value, r.source
+        );
     }
 }

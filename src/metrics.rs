@@ -35,23 +35,59 @@ impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("keel_scraper");
         let ticks = Family::<Labels, Counter>::default();
-        registry.register("ticks", "Ticks by outcome (completed, skipped, failed)", ticks.clone());
+        registry.register(
+            "ticks",
+            "Ticks by outcome (completed, skipped, failed)",
+            ticks.clone(),
+        );
         let tick_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
-        registry.register("tick_duration_seconds", "Duration of completed ticks", tick_duration.clone());
+        registry.register(
+            "tick_duration_seconds",
+            "Duration of completed ticks",
+            tick_duration.clone(),
+        );
         let probe_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register("probe_duration_seconds", "Duration of /v1/status probes, retries included", probe_duration.clone());
+        registry.register(
+            "probe_duration_seconds",
+            "Duration of /v1/status probes, retries included",
+            probe_duration.clone(),
+        );
         let probe_failures = Family::<Labels, Counter>::default();
-        registry.register("probe_failures", "Failed probes by error_kind", probe_failures.clone());
+        registry.register(
+            "probe_failures",
+            "Failed probes by error_kind",
+            probe_failures.clone(),
+        );
         let route_writes = Family::<Labels, Counter>::default();
-        registry.register("route_writes", "Route writes by outcome (written, conflict, failed, resurrection_undone)", route_writes.clone());
+        registry.register(
+            "route_writes",
+            "Route writes by outcome (written, conflict, failed, resurrection_undone)",
+            route_writes.clone(),
+        );
         let plugins = Family::<Labels, Gauge>::default();
-        registry.register("plugins", "Registered plugins by route status after the last completed tick", plugins.clone());
+        registry.register(
+            "plugins",
+            "Registered plugins by route status after the last completed tick",
+            plugins.clone(),
+        );
         let lock_held = Gauge::default();
-        registry.register("lock_held", "1 while this replica holds the scrape_state lease", lock_held.clone());
+        registry.register(
+            "lock_held",
+            "1 while this replica holds the scrape_state lease",
+            lock_held.clone(),
+        );
         let last_tick_completed = Gauge::<f64, AtomicU64>::default();
-        registry.register("last_tick_completed_timestamp_seconds", "Unix time of the last tick completed by this replica", last_tick_completed.clone());
+        registry.register(
+            "last_tick_completed_timestamp_seconds",
+            "Unix time of the last tick completed by this replica",
+            last_tick_completed.clone(),
+        );
         let store_errors = Family::<Labels, Counter>::default();
-        registry.register("store_errors", "Store or sidecar operations that failed, by operation", store_errors.clone());
+        registry.register(
+            "store_errors",
+            "Store or sidecar operations that failed, by operation",
+            store_errors.clone(),
+        );
         // Make the outcome series exist from the start, so rate() and absent() work.
         for o in ["completed", "skipped", "failed"] {
             let _ = ticks.get_or_create(&label("outcome", o));
@@ -77,7 +113,9 @@ impl Metrics {
     pub fn tick_completed(&self, duration_ms: u64) {
         self.tick_outcome("completed");
         self.tick_duration.observe(duration_ms as f64 / 1000.0);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         self.last_tick_completed.set(now);
     }
 
@@ -86,11 +124,15 @@ impl Metrics {
     }
 
     pub fn probe_failure(&self, kind: &str) {
-        self.probe_failures.get_or_create(&label("error_kind", kind)).inc();
+        self.probe_failures
+            .get_or_create(&label("error_kind", kind))
+            .inc();
     }
 
     pub fn route_write(&self, outcome: &str) {
-        self.route_writes.get_or_create(&label("outcome", outcome)).inc();
+        self.route_writes
+            .get_or_create(&label("outcome", outcome))
+            .inc();
     }
 
     pub fn lock_held(&self, held: bool) {
@@ -98,7 +140,9 @@ impl Metrics {
     }
 
     pub fn store_error(&self, operation: &str) {
-        self.store_errors.get_or_create(&label("operation", operation)).inc();
+        self.store_errors
+            .get_or_create(&label("operation", operation))
+            .inc();
     }
 
     /// Replaces the per-status plugin gauge with this tick's counts.

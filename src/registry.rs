@@ -67,7 +67,11 @@ pub fn invalid_id_reason(id: &str) -> Option<&'static str> {
 /// An id made safe to log: control characters escaped and cut to a readable length.
 pub fn printable_id(id: &str) -> String {
     const SHOWN: usize = 80;
-    let mut out: String = id.chars().take(SHOWN).flat_map(char::escape_debug).collect();
+    let mut out: String = id
+        .chars()
+        .take(SHOWN)
+        .flat_map(char::escape_debug)
+        .collect();
     if id.chars().count() > SHOWN {
         out.push_str(&format!("... ({} bytes)", id.len()));
     }
@@ -80,7 +84,8 @@ mod tests {
 
     #[test]
     fn parses_ids_with_opaque_values() {
-        let ids = parse_ids(br#"{"iothub":"true","rudder":"ACTIVE","x":{"y":1},"z":null}"#).unwrap();
+        let ids =
+            parse_ids(br#"{"iothub":"true","rudder":"ACTIVE","x":{"y":1},"z":null}"#).unwrap();
         assert_eq!(ids, ["iothub", "rudder", "x", "z"]);
     }
 
@@ -103,8 +108,17 @@ mod tests {
         }
         let long = "a".repeat(64);
         for bad in [
-            "", "../v1.0/state/x", "a/b", "a?b", "%2e%2e", "a#b", "app.other-namespace",
-            "a b", &long, "café", "a\nb",
+            "",
+            "../v1.0/state/x",
+            "a/b",
+            "a?b",
+            "%2e%2e",
+            "a#b",
+            "app.other-namespace",
+            "a b",
+            &long,
+            "café",
+            "a\nb",
         ] {
             assert!(invalid_id_reason(bad).is_some(), "{bad:?}");
         }

@@ -119,10 +119,22 @@ mod tests {
 
     #[test]
     fn malformed_routes_are_errors_not_rewrites() {
-        assert!(matches!(read_status(b"not json"), Err(RouteError::NotAnObject(_))));
-        assert!(matches!(read_status(b"[1,2]"), Err(RouteError::NotAnObject(_))));
-        assert!(matches!(read_status(br#"{"x":1}"#), Err(RouteError::NoStatus)));
-        assert!(matches!(read_status(br#"{"status":3}"#), Err(RouteError::StatusNotString)));
+        assert!(matches!(
+            read_status(b"not json"),
+            Err(RouteError::NotAnObject(_))
+        ));
+        assert!(matches!(
+            read_status(b"[1,2]"),
+            Err(RouteError::NotAnObject(_))
+        ));
+        assert!(matches!(
+            read_status(br#"{"x":1}"#),
+            Err(RouteError::NoStatus)
+        ));
+        assert!(matches!(
+            read_status(br#"{"status":3}"#),
+            Err(RouteError::StatusNotString)
+        ));
         assert!(rewrite_status(br#"{"x":1}"#, RouteStatus::Active).is_err());
         assert!(rewrite_status(b"{\"status\":\"ACTIVE\"", RouteStatus::Active).is_err());
     }

@@ -49,12 +49,7 @@ pub fn redact_url(url: &str) -> String {
         // `redis://secret@host` puts the password where the user name would be.
         "[redacted]".to_string()
     };
-    format!(
-        "{}://{}@{}",
-        &url[..scheme_end],
-        redacted,
-        &rest[at + 1..]
-    )
+    format!("{}://{}@{}", &url[..scheme_end], redacted, &rest[at + 1..])
 }
 
 /// `host:port` of a connection URL, for error messages that must not show credentials.

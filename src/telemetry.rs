@@ -30,7 +30,9 @@ pub fn init(format: LogFormat, target: LogTarget) {
         LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
         LogTarget::Stderr => BoxMakeWriter::new(std::io::stderr),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(writer);
     let result = match format {
         LogFormat::Json => builder
             .json()
@@ -41,7 +43,9 @@ pub fn init(format: LogFormat, target: LogTarget) {
             .try_init(),
         LogFormat::Pretty => builder
             .with_target(false)
-            .with_ansi(target == LogTarget::Stderr || std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_ansi(
+                target == LogTarget::Stderr || std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            )
             .try_init(),
     };
     // A subscriber already installed (tests, the demo) is fine: keep it.

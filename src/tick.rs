@@ -288,7 +288,10 @@ impl Ticker {
 
         // Probes.
         let probe_ids: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
-        let timed = self.prober.probe_all_timed(&probe_ids, probe_deadline).await;
+        let timed = self
+            .prober
+            .probe_all_timed(&probe_ids, probe_deadline)
+            .await;
         let m = metrics();
         let outcomes = timed.into_iter().map(|(outcome, took)| {
             if !matches!(outcome, ProbeOutcome::CutOff) {
@@ -406,8 +409,11 @@ impl Ticker {
             self.undo_resurrections(&written).await;
         }
 
-        self.save_counters(counters_entry.as_ref().map(|e| (&e.data, e.etag.as_str())), &new_counters)
-            .await;
+        self.save_counters(
+            counters_entry.as_ref().map(|e| (&e.data, e.etag.as_str())),
+            &new_counters,
+        )
+        .await;
 
         let mut counts: Vec<(&str, i64)> = statuses.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         counts.sort();
@@ -458,14 +464,18 @@ impl Ticker {
                     return WriteResult::Gone;
                 }
             };
-            match store.update_existing(StoreKind::Public, &key, &new_data, &etag).await {
+            match store
+                .update_existing(StoreKind::Public, &key, &new_data, &etag)
+                .await
+            {
                 Ok(()) => {
                     events::PluginStatusChanged {
                         plugin_id: cand.id.clone(),
                         from: current.clone(),
                         to: status.as_str().to_string(),
                         reason: reason.as_str().to_string(),
-                        alert: crate::status::status_str_passes_gate(&current) && !status.passes_gate(),
+                        alert: crate::status::status_str_passes_gate(&current)
+                            && !status.passes_gate(),
                     }
                     .emit();
                     return WriteResult::Written {
@@ -492,7 +502,10 @@ impl Ticker {
                     }
                     last_error = e.to_string();
                     if let Some(d) = delays.next() {
-                        tokio::time::sleep(d.min(deadline.saturating_duration_since(Instant::now()))).await;
+                        tokio::time::sleep(
+                            d.min(deadline.saturating_duration_since(Instant::now())),
+                        )
+                        .await;
                     }
                     // Re-read and re-decide from this tick's observation only.
                     match store.get(StoreKind::Public, &key).await {
@@ -552,7 +565,10 @@ impl Ticker {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let gone: Vec<&String> = written.iter().filter(|id| !registered.contains(*id)).collect();
+        let gone: Vec<&String> = written
+            .iter()
+            .filter(|id| !registered.contains(*id))
+            .collect();
         for id in gone {
             let key = route_key(id);
             match store.get(StoreKind::Public, &key).await {
@@ -569,7 +585,11 @@ impl Ticker {
         }
     }
 
-    async fn save_counters(&self, stored: Option<(&Vec<u8>, &str)>, counters: &HashMap<String, Counters>) {
+    async fn save_counters(
+        &self,
+        stored: Option<(&Vec<u8>, &str)>,
+        counters: &HashMap<String, Counters>,
+    ) {
         let store = &*self.store;
         let mut sorted: Vec<(&String, &Counters)> = counters.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(b.0));
@@ -595,8 +615,16 @@ impl Ticker {
 }
 
 enum WriteResult {
-    Written { status: RouteStatus, counters: Counters },
-    Unchanged { status: String, counters: Counters },
+    Written {
+        status: RouteStatus,
+        counters: Counters,
+    },
+    Unchanged {
+        status: String,
+        counters: Counters,
+    },
     Gone,
-    Failed { before: Counters },
+    Failed {
+        before: Counters,
+    },
 }

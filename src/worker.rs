@@ -63,8 +63,13 @@ pub async fn build_store(s: &Settings) -> Result<Arc<dyn Store>, StoreError> {
             // Validated at start: the redis backend always has a URL.
             let url = s.redis_url.as_ref().map(|u| u.expose()).unwrap_or_default();
             Arc::new(
-                RedisStore::connect(url, &s.public_store, &s.private_store, &s.private_key_prefix)
-                    .await?,
+                RedisStore::connect(
+                    url,
+                    &s.public_store,
+                    &s.private_store,
+                    &s.private_key_prefix,
+                )
+                .await?,
             )
         }
         Backend::Dapr => Arc::new(
@@ -100,7 +105,9 @@ pub fn store_endpoint(s: &Settings) -> String {
         Backend::Memory => "the embedded store".into(),
         Backend::Redis => format!(
             "redis at {}",
-            s.redis_url.as_ref().map_or_else(String::new, |u| url_host_port(u.expose()))
+            s.redis_url
+                .as_ref()
+                .map_or_else(String::new, |u| url_host_port(u.expose()))
         ),
         Backend::Dapr => format!("the Dapr sidecar at {}", s.dapr_grpc_endpoint),
     }
@@ -108,7 +115,8 @@ pub fn store_endpoint(s: &Settings) -> String {
 
 /// Whether status calls go through the sidecar's service invocation.
 pub fn status_via_sidecar(s: &Settings) -> bool {
-    s.status_url.starts_with(&format!("{}/", s.dapr_http_endpoint))
+    s.status_url
+        .starts_with(&format!("{}/", s.dapr_http_endpoint))
 }
 
 /// Waits for the sidecar's outbound readiness (`GET /v1.0/healthz/outbound`, served
@@ -163,7 +171,12 @@ pub async fn wait_for_sidecar(s: &Settings, probes: bool) -> Result<(), WorkerEr
 
 /// Builds the ticker for `store`.
 pub fn ticker(s: &Settings, store: Arc<dyn Store>, prober: Prober) -> Ticker {
-    let lease = Lease::new(store.clone(), s.holder_id.clone(), s.lease, s.schedule.interval());
+    let lease = Lease::new(
+        store.clone(),
+        s.holder_id.clone(),
+        s.lease,
+        s.schedule.interval(),
+    );
     Ticker {
         store,
         prober: Arc::new(prober),
@@ -183,7 +196,12 @@ pub async fn once(s: &Settings) -> (Exit, Option<String>) {
     }
     let store = match build_store(s).await {
         Ok(st) => st,
-        Err(e) => return (Exit::Failed, Some(format!("cannot reach {}: {e}", store_endpoint(s)))),
+        Err(e) => {
+            return (
+                Exit::Failed,
+                Some(format!("cannot reach {}: {e}", store_endpoint(s))),
+            )
+        }
     };
     let prober = match build_prober(s) {
         Ok(p) => p,
@@ -312,9 +330,19 @@ where
     let health = Health::new(interval);
     let listener = match health::bind(s.listen).await {
         Ok(l) => l,
-        Err(e) => return (Exit::Failed, Some(format!("cannot listen on {} (--listen / SCRAPER_LISTEN): {e}", s.listen))),
+        Err(e) => {
+            return (
+                Exit::Failed,
+                Some(format!(
+                    "cannot listen on {} (--listen / SCRAPER_LISTEN): {e}",
+                    s.listen
+                )),
+            )
+        }
     };
-    let address = listener.local_addr().map_or_else(|_| s.listen.to_string(), |a| a.to_string());
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| s.listen.to_string(), |a| a.to_string());
     events::Listening { address }.emit();
     let server = tokio::spawn(health::serve(listener, health.clone()));
 
@@ -443,7 +471,8 @@ async fn start_scheduler(
     s: &Settings,
     tx: mpsc::Sender<chrono::DateTime<Utc>>,
 ) -> Result<JobScheduler, String> {
-    let err = |e: tokio_cron_scheduler::JobSchedulerError| format!("scheduler failed to start: {e}");
+    let err =
+        |e: tokio_cron_scheduler::JobSchedulerError| format!("scheduler failed to start: {e}");
     let scheduler = JobScheduler::new().await.map_err(err)?;
     let job = Job::new_async(s.schedule.text(), move |_id, _sched| {
         let tx = tx.clone();

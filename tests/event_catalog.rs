@@ -13,8 +13,13 @@ const END: &str = "<!-- event-catalog:end -->";
 fn readme_event_catalog_matches_the_code() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
         .expect("README.md is readable");
-    let start = readme.find(BEGIN).expect("README has the event catalog begin marker") + BEGIN.len();
-    let end = readme.find(END).expect("README has the event catalog end marker");
+    let start = readme
+        .find(BEGIN)
+        .expect("README has the event catalog begin marker")
+        + BEGIN.len();
+    let end = readme
+        .find(END)
+        .expect("README has the event catalog end marker");
     let documented = readme[start..end].trim();
     let expected = catalog_markdown();
     assert_eq!(
@@ -46,7 +51,9 @@ fn every_catalog_event_has_an_emit_site_and_no_other_event_is_logged() {
         name.split('_')
             .map(|w| {
                 let mut c = w.chars();
-                c.next().map_or(String::new(), |f| f.to_ascii_uppercase().to_string() + c.as_str())
+                c.next().map_or(String::new(), |f| {
+                    f.to_ascii_uppercase().to_string() + c.as_str()
+                })
             })
             .collect()
     };
@@ -56,10 +63,24 @@ fn every_catalog_event_has_an_emit_site_and_no_other_event_is_logged() {
             never_emitted.insert(e.name);
         }
     }
-    assert!(never_emitted.is_empty(), "catalog events with no emit site: {never_emitted:?}");
+    assert!(
+        never_emitted.is_empty(),
+        "catalog events with no emit site: {never_emitted:?}"
+    );
     // No log line outside the catalog: nothing else calls tracing's macros directly.
-    for mac in ["tracing::info!", "tracing::warn!", "tracing::error!", "tracing::event!", "info!(", "warn!(", "error!("] {
-        assert!(!sources.contains(mac), "a log line outside the event catalog: {mac}");
+    for mac in [
+        "tracing::info!",
+        "tracing::warn!",
+        "tracing::error!",
+        "tracing::event!",
+        "info!(",
+        "warn!(",
+        "error!(",
+    ] {
+        assert!(
+            !sources.contains(mac),
+            "a log line outside the event catalog: {mac}"
+        );
     }
 }
 

@@ -161,8 +161,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Deletes `key` if absent, if `etag` matches, or unconditionally when `etag` is None.
-    async fn delete(&self, kind: StoreKind, key: &str, etag: Option<&str>)
-        -> Result<(), StoreError>;
+    async fn delete(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        etag: Option<&str>,
+    ) -> Result<(), StoreError>;
 
     /// Whether [`Store::update_existing`] refuses to re-create a deleted key atomically.
     fn update_checks_existence(&self) -> bool;
