@@ -406,7 +406,9 @@ impl Ticker {
         }
 
         if !store.update_checks_existence() && !written.is_empty() {
-            self.undo_resurrections(&written).await;
+            // An undone write changed nothing that stays: do not count it as a change.
+            let undone = self.undo_resurrections(&written).await;
+            report.routes_changed -= undone.min(report.routes_changed);
         }
 
         self.save_counters(
@@ -551,13 +553,13 @@ impl Ticker {
     /// Dapr lets a CAS write re-create a route deleted after it was read. Read each
     /// written route back, re-read the registry, and delete (with the ETag just read) the
     /// routes of plugins that are no longer registered.
-    async fn undo_resurrections(&self, written: &[String]) {
+    async fn undo_resurrections(&self, written: &[String]) -> u64 {
         let store = &*self.store;
         let registry = match store.get(StoreKind::Private, REGISTRY_KEY).await {
             Ok(r) => r,
             Err(e) => {
                 emit_store_error(store, StoreKind::Private, "read_registry", &e);
-                return;
+                return 0;
             }
         };
         let registered: HashSet<String> = registry
@@ -569,20 +571,25 @@ impl Ticker {
             .iter()
             .filter(|id| !registered.contains(*id))
             .collect();
+        let mut undone = 0;
         for id in gone {
             let key = route_key(id);
             match store.get(StoreKind::Public, &key).await {
                 Ok(Some(e)) => match store.delete(StoreKind::Public, &key, Some(&e.etag)).await {
-                    Ok(()) => events::RouteResurrectionUndone {
-                        plugin_id: id.clone(),
+                    Ok(()) => {
+                        undone += 1;
+                        events::RouteResurrectionUndone {
+                            plugin_id: id.clone(),
+                        }
+                        .emit()
                     }
-                    .emit(),
                     Err(err) => emit_store_error(store, StoreKind::Public, "delete_route", &err),
                 },
                 Ok(None) => {}
                 Err(err) => emit_store_error(store, StoreKind::Public, "read_route", &err),
             }
         }
+        undone
     }
 
     async fn save_counters(
