@@ -57,8 +57,10 @@ const TICKS: usize = 5;
 /// `once` processes per N.
 const ONCE_RUNS: usize = 3;
 const ONCE_RUNS_AT_10K: usize = 5;
-/// Counted `wrk` and pipelined Redis runs per N.
+/// `wrk` and pipelined Redis runs per N.
 const LIMIT_RUNS: usize = 3;
+/// Length of one `wrk` run.
+const WRK_SECONDS: u32 = 2;
 /// The slow-plugin scenario: its probe timeout and how long slow plugins take.
 const SLOW_TIMEOUT: Duration = Duration::from_millis(500);
 const SLOW_ANSWER: Duration = Duration::from_secs(3);
@@ -154,7 +156,10 @@ impl Churn {
         let mut out = HashMap::new();
         for (g, ids) in self.groups.iter().enumerate() {
             for id in ids {
-                out.insert(id.as_str(), if self.stopped[g] { "STOPPED" } else { "ACTIVE" });
+                out.insert(
+                    id.as_str(),
+                    if self.stopped[g] { "STOPPED" } else { "ACTIVE" },
+                );
             }
         }
         out
@@ -202,7 +207,10 @@ fn check(report: &TickReport, expect: Expect) -> Result<()> {
     if problems.is_empty() {
         Ok(())
     } else {
-        bail!("the tick did not do the expected work: {}", problems.join("; "))
+        bail!(
+            "the tick did not do the expected work: {}",
+            problems.join("; ")
+        )
     }
 }
 
@@ -312,7 +320,10 @@ async fn verify_routes(conn: &mut MultiplexedConnection, churn: &Churn) -> Resul
         }
     }
     if wrong > 0 {
-        bail!("{wrong} of {} routes do not carry the status their plugin reports", ids.len());
+        bail!(
+            "{wrong} of {} routes do not carry the status their plugin reports",
+            ids.len()
+        );
     }
     Ok(())
 }
@@ -359,7 +370,11 @@ async fn redis_limit(conn: &mut MultiplexedConnection, n: usize) -> Result<Durat
     writes.query_async::<()>(conn).await?;
     let took = started.elapsed();
     if replies.len() != n + 2 {
-        bail!("the pipelined reads returned {} replies for {} keys", replies.len(), n + 2);
+        bail!(
+            "the pipelined reads returned {} replies for {} keys",
+            replies.len(),
+            n + 2
+        );
     }
     Ok(took)
 }
@@ -390,7 +405,9 @@ async fn old_pattern(store: &dyn Store, prober: &Prober, n: usize) -> Result<(Du
         }
     }
     let took = started.elapsed();
-    store.delete(StoreKind::Private, "scrape_state", None).await?;
+    store
+        .delete(StoreKind::Private, "scrape_state", None)
+        .await?;
     Ok((took, changed))
 }
 
@@ -410,7 +427,11 @@ fn once_process(bin: &Path, args: &[String], dir: &Path) -> Result<support::proc
     let exited = child.wait_measured(started, ONCE_LIMIT)?;
     if exited.code != 0 {
         let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        bail!("keel-scraper once exited with code {}: {}", exited.code, stderr.trim());
+        bail!(
+            "keel-scraper once exited with code {}: {}",
+            exited.code,
+            stderr.trim()
+        );
     }
     Ok(exited)
 }
@@ -460,7 +481,12 @@ impl Bench {
     }
 
     fn args(&self, backend: &str, timeout: Duration) -> Vec<String> {
-        worker_args(backend, &self.redis.url(), &self.sim.url_template(), timeout)
+        worker_args(
+            backend,
+            &self.redis.url(),
+            &self.sim.url_template(),
+            timeout,
+        )
     }
 
     /// Every measurement at size `n`.
@@ -489,7 +515,11 @@ impl Bench {
         self.worker_rt.block_on(verify_routes(&mut conn, &churn))?;
 
         // Whole processes.
-        let runs = if n == 10_000 { ONCE_RUNS_AT_10K } else { ONCE_RUNS };
+        let runs = if n == 10_000 {
+            ONCE_RUNS_AT_10K
+        } else {
+            ONCE_RUNS
+        };
         let args = self.args("redis", Duration::from_secs(2));
         let (mut times, mut rss, mut hwm) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
@@ -514,22 +544,24 @@ impl Bench {
             let (mut runs, mut capacity, mut wrk_cpu) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..LIMIT_RUNS {
                 let sim_before = support::thread_cpu_seconds("bench-sim");
-                let run = support::wrk::counted(
+                let run = support::wrk::timed(
                     self.tmp.path(),
                     &self.sim.origin(),
                     n,
                     CONCURRENCY,
                     LUA_ID_FORMAT,
+                    WRK_SECONDS,
                 )?;
                 let sim_cpu = support::thread_cpu_seconds("bench-sim") - sim_before;
                 if run.requests < n as u64 || run.errors > 0 {
                     bail!(
-                        "wrk answered {} of {n} requests with {} errors",
+                        "wrk got {} answers in {:?} with {} errors",
                         run.requests,
+                        run.duration,
                         run.errors
                     );
                 }
-                runs.push(run.duration);
+                runs.push(run.time_for(n));
                 capacity.push(run.requests as f64 / sim_cpu.max(1e-9));
                 wrk_cpu.push(run.cpu.as_secs_f64() / run.requests as f64);
             }
@@ -584,10 +616,8 @@ impl Bench {
         let is_slow = |i: usize| i % 20 == 10;
         let slow: Vec<String> = (0..n).filter(|i| is_slow(*i)).map(plugin_id).collect();
         let slow_count = slow.len() as u64;
-        self.sim.set_many(
-            slow,
-            Behavior::delay(SLOW_ANSWER, Behavior::v0("ACTIVE")),
-        );
+        self.sim
+            .set_many(slow, Behavior::delay(SLOW_ANSWER, Behavior::v0("ACTIVE")));
         let mut churn = Churn::new(n, is_slow);
         let t = self.ticker(&self.args("redis", SLOW_TIMEOUT), None)?;
         let ticks = self.worker_rt.block_on(measure_ticks(
@@ -629,7 +659,9 @@ fn sizes() -> Vec<usize> {
 /// a sink: the tick's cost includes its events, without flooding the table.
 fn install_log_sink() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(keel_scraper::DEFAULT_LOG_FILTER))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            keel_scraper::DEFAULT_LOG_FILTER,
+        ))
         .with_writer(std::io::sink)
         .json()
         .flatten_event(true)
@@ -644,6 +676,7 @@ fn run() -> Result<bool> {
     install_log_sink();
     println!("keel-scraper scale benchmark");
     println!("machine: {}", support::machine());
+    println!("load average at start: {}", support::load_average());
     if !on_path("redis-server") {
         bail!("redis-server is not installed (Debian: apt-get install redis-server); nothing can be measured");
     }
@@ -695,6 +728,7 @@ fn run() -> Result<bool> {
     let old = bench.old_pattern(1_000)?;
     let slow = bench.slow(1_000)?;
     let rows = rows(&results, old, slow, have_wrk);
+    println!("load average at end: {}", support::load_average());
     println!();
     print!("{}", support::table(&rows));
     let failed: Vec<&Row> = rows.iter().filter(|r| r.pass() == Some(false)).collect();
@@ -702,7 +736,11 @@ fn run() -> Result<bool> {
     println!();
     println!("{passed} targets met, {} missed", failed.len());
     for r in &failed {
-        println!("  missed: {} (N = {})", r.name, r.n.map_or("-".into(), |n| n.to_string()));
+        println!(
+            "  missed: {} (N = {})",
+            r.name,
+            r.n.map_or("-".into(), |n| n.to_string())
+        );
     }
     Ok(failed.is_empty())
 }
@@ -717,9 +755,24 @@ fn rows(results: &[(usize, Sized)], old: Stats, slow: Stats, have_wrk: bool) -> 
             (Some(h), Some(r)) => Some(h.median + r.median),
             _ => None,
         };
-        rows.push(Row::new("limit: HTTP (wrk, N GETs, c64)", Some(n), Unit::Seconds, s.http_limit));
-        rows.push(Row::new("limit: Redis (pipelined raw commands)", Some(n), Unit::Seconds, s.redis_limit));
-        let tick = Row::new("tick in process (redis)", Some(n), Unit::Seconds, s.redis_ticks);
+        rows.push(Row::new(
+            "limit: HTTP (N / wrk's rate at c64)",
+            Some(n),
+            Unit::Seconds,
+            s.http_limit,
+        ));
+        rows.push(Row::new(
+            "limit: Redis (pipelined raw commands)",
+            Some(n),
+            Unit::Seconds,
+            s.redis_limit,
+        ));
+        let tick = Row::new(
+            "tick in process (redis)",
+            Some(n),
+            Unit::Seconds,
+            s.redis_ticks,
+        );
         rows.push(match limit {
             Some(l) => {
                 let row = tick.against(l);
@@ -732,45 +785,96 @@ fn rows(results: &[(usize, Sized)], old: Stats, slow: Stats, have_wrk: bool) -> 
             None if have_wrk => tick,
             None => Row::skipped("tick in process (redis) vs limit", Some(n), no_wrk),
         });
-        let memory = Row::new("tick in process (memory) vs HTTP limit", Some(n), Unit::Seconds, s.memory_ticks);
+        let memory = Row::new(
+            "tick in process (memory) vs HTTP limit",
+            Some(n),
+            Unit::Seconds,
+            s.memory_ticks,
+        );
         rows.push(match s.http_limit {
             Some(h) => memory.against(h.median).target(Target::RatioAtMost(1.2)),
             None => Row::skipped("tick in process (memory) vs HTTP limit", Some(n), no_wrk),
         });
-        let once = Row::new("whole `once` process (redis)", Some(n), Unit::Seconds, s.once);
+        let once = Row::new(
+            "whole `once` process (redis)",
+            Some(n),
+            Unit::Seconds,
+            s.once,
+        );
         rows.push(match limit {
             Some(l) if n == 10_000 => once.against(l).target(Target::MedianAtMost(1.0)),
             Some(l) => once.against(l),
             None if n == 10_000 => once.target(Target::MedianAtMost(1.0)),
             None => once,
         });
-        let rss = Row::new("peak RSS of `once` (ru_maxrss)", Some(n), Unit::Mib, s.once_rss_mib);
-        rows.push(if n == 50_000 { rss.target(Target::MibAtMost(64.0)) } else { rss });
-        rows.push(Row::new("peak RSS of `once` (VmHWM polled)", Some(n), Unit::Mib, s.once_hwm_mib));
+        let rss = Row::new(
+            "peak RSS of `once` (ru_maxrss)",
+            Some(n),
+            Unit::Mib,
+            s.once_rss_mib,
+        );
+        rows.push(if n == 50_000 {
+            rss.target(Target::MibAtMost(64.0))
+        } else {
+            rss
+        });
+        rows.push(Row::new(
+            "peak RSS of `once` (VmHWM polled)",
+            Some(n),
+            Unit::Mib,
+            s.once_hwm_mib,
+        ));
         if let (Some(cap), Some(t)) = (s.sim_capacity, s.redis_ticks) {
             let worker_rate = n as f64 / t.median;
-            let mut row = Row::new("simulator capacity (req/CPU-s) vs worker req/s", Some(n), Unit::PerSecond, Some(cap));
+            let mut row = Row::new(
+                "simulator capacity (req/CPU-s) vs worker req/s",
+                Some(n),
+                Unit::PerSecond,
+                Some(cap),
+            );
             row.limit = Some(worker_rate);
             row.ratio = Some(cap.median / worker_rate);
             rows.push(row.target(Target::RatioAtLeast(2.0)));
         }
         if let (Some(w), Some(k)) = (s.wrk_cpu_per_request, s.worker_cpu_per_probe) {
-            let mut row = Row::new("CPU per request: worker (µs) vs wrk", Some(n), Unit::PerSecond, Stats::of(&[k * 1e6]));
-            row.limit = Some(w * 1e6);
+            let mut row = Row::new(
+                "CPU per request: worker (redis tick) vs wrk",
+                Some(n),
+                Unit::Seconds,
+                Stats::of(&[k]),
+            );
+            row.limit = Some(w);
             row.ratio = Some(k / w);
             rows.push(row);
         }
     }
-    match (get(10_000).and_then(|s| s.redis_ticks), get(50_000).and_then(|s| s.redis_ticks)) {
+    match (
+        get(10_000).and_then(|s| s.redis_ticks),
+        get(50_000).and_then(|s| s.redis_ticks),
+    ) {
         (Some(a), Some(b)) => {
-            let mut row = Row::new("growth: tick(50 000) / tick(10 000)", Some(50_000), Unit::Seconds, Some(b));
+            let mut row = Row::new(
+                "growth: tick(50 000) / tick(10 000)",
+                Some(50_000),
+                Unit::Seconds,
+                Some(b),
+            );
             row.limit = Some(a.median);
             row.ratio = Some(b.median / a.median);
             rows.push(row.target(Target::RatioAtMost(5.5)));
         }
-        _ => rows.push(Row::skipped("growth: tick(50 000) / tick(10 000)", None, "needs N = 10 000 and 50 000")),
+        _ => rows.push(Row::skipped(
+            "growth: tick(50 000) / tick(10 000)",
+            None,
+            "needs N = 10 000 and 50 000",
+        )),
     }
-    let old_row = Row::new("old access pattern (one at a time, redis)", Some(1_000), Unit::Seconds, Some(old));
+    let old_row = Row::new(
+        "old access pattern (one at a time, redis)",
+        Some(1_000),
+        Unit::Seconds,
+        Some(old),
+    );
     rows.push(match get(1_000).and_then(|s| s.redis_ticks) {
         Some(t) => {
             let mut row = old_row;
@@ -782,7 +886,12 @@ fn rows(results: &[(usize, Sized)], old: Stats, slow: Stats, have_wrk: bool) -> 
         None => old_row,
     });
     let bound = SLOW_TIMEOUT.as_secs_f64() * f64::from(RETRIES + 1) + 0.5;
-    let mut slow_row = Row::new("tick, 5% plugins slower than the timeout", Some(1_000), Unit::Seconds, Some(slow));
+    let mut slow_row = Row::new(
+        "tick, 5% plugins slower than the timeout",
+        Some(1_000),
+        Unit::Seconds,
+        Some(slow),
+    );
     slow_row.limit = Some(bound);
     slow_row.ratio = Some(slow.max / bound);
     rows.push(slow_row.target(Target::MaxAtMost(bound)));

@@ -15,6 +15,7 @@ use support::binary::{
     seed_route, PRIVATE, PUBLIC,
 };
 use support::redis_server::{free_port, RedisServer};
+use support::sidecar::{SidecarConfig, SidecarDouble};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_exits_0_and_prints_json_events_with_the_documented_fields() {
@@ -38,17 +39,33 @@ async fn once_exits_0_and_prints_json_events_with_the_documented_fields() {
     let events = out.events();
     for e in &events.0 {
         let ts = e["timestamp"].as_str().unwrap();
-        chrono::DateTime::parse_from_rfc3339(ts).unwrap_or_else(|err| panic!("timestamp {ts}: {err}"));
+        chrono::DateTime::parse_from_rfc3339(ts)
+            .unwrap_or_else(|err| panic!("timestamp {ts}: {err}"));
         assert!(e.get("fields").is_none(), "fields must be flattened: {e}");
     }
 
     let done = events.one("tick_completed");
-    for field in ["tick", "holder", "plugins", "probed_ok", "probe_failed", "routes_changed", "duration_ms"] {
-        assert!(done.get(field).is_some(), "tick_completed lacks {field}: {done}");
+    for field in [
+        "tick",
+        "holder",
+        "plugins",
+        "probed_ok",
+        "probe_failed",
+        "routes_changed",
+        "duration_ms",
+    ] {
+        assert!(
+            done.get(field).is_some(),
+            "tick_completed lacks {field}: {done}"
+        );
     }
     let tick = done["tick"].as_str().unwrap();
-    let parsed = chrono::DateTime::parse_from_rfc3339(tick).unwrap_or_else(|e| panic!("tick {tick}: {e}"));
-    assert!(tick.ends_with('Z') && !tick.contains('.'), "tick is UTC, whole seconds: {tick}");
+    let parsed =
+        chrono::DateTime::parse_from_rfc3339(tick).unwrap_or_else(|e| panic!("tick {tick}: {e}"));
+    assert!(
+        tick.ends_with('Z') && !tick.contains('.'),
+        "tick is UTC, whole seconds: {tick}"
+    );
     assert_eq!(parsed.offset().local_minus_utc(), 0);
     assert_eq!(done["holder"], "replica-a");
     assert_eq!(done["plugins"], 2);
@@ -71,6 +88,7 @@ async fn once_exits_0_and_prints_json_events_with_the_documented_fields() {
 
     assert_eq!(route_status(&server, "ok").as_deref(), Some("ACTIVE"));
     assert_eq!(route_status(&server, "broken").as_deref(), Some("ACTIVE"));
+    assert!(out.stderr_events().0.is_empty(), "once logs to stdout\n{}", out.describe());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +138,11 @@ async fn unreachable_redis_exits_1_naming_host_and_port_never_the_password() {
                 .run_async()
                 .await;
             out.assert_code(1);
-            assert!(out.stderr.contains(&endpoint), "the message must name {endpoint}\n{}", out.describe());
+            assert!(
+                out.stderr.contains(&endpoint),
+                "the message must name {endpoint}\n{}",
+                out.describe()
+            );
             assert_no_secret(&out, "s3cr3t-pa55");
         }
     }
@@ -135,7 +157,11 @@ async fn unreachable_redis_exits_1_naming_host_and_port_never_the_password() {
         .run_async()
         .await;
     out.assert_code(1);
-    assert!(out.stderr.contains(&server.endpoint()), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&server.endpoint()),
+        "{}",
+        out.describe()
+    );
     assert_no_secret(&out, "wr0ng-pw");
 }
 
@@ -148,30 +174,60 @@ async fn malformed_registry_fails_once_with_exit_1_and_writes_no_route_or_counte
     seed_route(&*store, "b", "STARTING").await;
     sim.set("a", Behavior::raw(503, "{}"));
     sim.set("b", Behavior::v0("ACTIVE"));
-    let routes_before = [raw_data(&server, "plugin_route_a"), raw_data(&server, "plugin_route_b")];
+    let routes_before = [
+        raw_data(&server, "plugin_route_a"),
+        raw_data(&server, "plugin_route_b"),
+    ];
 
-    for (i, registry) in [r#"{"a":"true","b":"#, r#"["a","b"]"#, r#""a,b""#, "not json"]
-        .into_iter()
-        .enumerate()
+    for (i, registry) in [
+        r#"{"a":"true","b":"#,
+        r#"["a","b"]"#,
+        r#""a,b""#,
+        "not json",
+    ]
+    .into_iter()
+    .enumerate()
     {
         server.query::<()>(redis::cmd("DEL").arg("plugins||all_registered_plugin"));
-        seed(&*store, StoreKind::Private, "all_registered_plugin", registry).await;
+        seed(
+            &*store,
+            StoreKind::Private,
+            "all_registered_plugin",
+            registry,
+        )
+        .await;
         let out = keel()
             .redis(&server.url(), &sim.url_template())
-            .args(["once", "--holder-id", &format!("replica-{i}"), "--unhealthy-threshold", "1"])
+            .args([
+                "once",
+                "--holder-id",
+                &format!("replica-{i}"),
+                "--unhealthy-threshold",
+                "1",
+            ])
             .run_async()
             .await;
         out.assert_code(1);
-        assert!(out.stderr.contains("all_registered_plugin"), "name the registry\n{}", out.describe());
+        assert!(
+            out.stderr.contains("all_registered_plugin"),
+            "name the registry\n{}",
+            out.describe()
+        );
         assert!(!out.events().has("tick_completed"), "{}", out.describe());
         assert_eq!(
-            [raw_data(&server, "plugin_route_a"), raw_data(&server, "plugin_route_b")],
+            [
+                raw_data(&server, "plugin_route_a"),
+                raw_data(&server, "plugin_route_b")
+            ],
             routes_before,
             "{registry}: a route was written"
         );
         assert_eq!(raw_version(&server, "plugin_route_a"), Some(1));
         assert_eq!(raw_version(&server, "plugin_route_b"), Some(1));
-        assert!(!exists(&server, "plugins||scrape_counters"), "{registry}: counters were written");
+        assert!(
+            !exists(&server, "plugins||scrape_counters"),
+            "{registry}: counters were written"
+        );
     }
     assert_eq!(sim.total_requests(), 0, "a plugin was probed");
 }
@@ -182,18 +238,46 @@ fn invalid_configuration_exits_2_naming_the_option() {
     let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
         (vec!["once", "--backend", "etcd"], vec![], "--backend"),
         (vec!["once"], vec![("SCRAPER_BACKEND", "etcd")], "--backend"),
-        ([&redis[..], &["once", "--schedule", "*/5 * * * *"]].concat(), vec![], "--schedule"),
-        ([&redis[..], &["once", "--schedule", "a b c d e f"]].concat(), vec![], "--schedule"),
         (
-            [&redis[..], &["once", "--status-url", "http://127.0.0.1:3500/v1/status"]].concat(),
+            [&redis[..], &["once", "--schedule", "*/5 * * * *"]].concat(),
+            vec![],
+            "--schedule",
+        ),
+        (
+            [&redis[..], &["once", "--schedule", "a b c d e f"]].concat(),
+            vec![],
+            "--schedule",
+        ),
+        (
+            [
+                &redis[..],
+                &["once", "--status-url", "http://127.0.0.1:3500/v1/status"],
+            ]
+            .concat(),
             vec![],
             "--status-url",
         ),
-        ([&redis[..], &["once"]].concat(), vec![("SCRAPER_STATUS_URL", "http://x/status")], "--status-url"),
-        ([&redis[..], &["once", "--lease", "500ms"]].concat(), vec![], "--lease"),
-        ([&redis[..], &["once", "--lease", "0s"]].concat(), vec![], "--lease"),
+        (
+            [&redis[..], &["once"]].concat(),
+            vec![("SCRAPER_STATUS_URL", "http://x/status")],
+            "--status-url",
+        ),
+        (
+            [&redis[..], &["once", "--lease", "500ms"]].concat(),
+            vec![],
+            "--lease",
+        ),
+        (
+            [&redis[..], &["once", "--lease", "0s"]].concat(),
+            vec![],
+            "--lease",
+        ),
         (vec!["once", "--backend", "redis"], vec![], "--redis-url"),
-        (vec!["routes", "--json"], vec![("SCRAPER_BACKEND", "redis")], "--redis-url"),
+        (
+            vec!["routes", "--json"],
+            vec![("SCRAPER_BACKEND", "redis")],
+            "--redis-url",
+        ),
     ];
     for (args, envs, option) in cases {
         let mut cmd = keel().args(&args).timeout(Duration::from_secs(10));
@@ -202,8 +286,16 @@ fn invalid_configuration_exits_2_naming_the_option() {
         }
         let out = cmd.run();
         out.assert_code(2);
-        assert!(out.stderr.contains(option), "{args:?} {envs:?}: the message must name {option}\n{}", out.describe());
-        assert!(out.stdout.trim().is_empty(), "usage errors go to stderr\n{}", out.describe());
+        assert!(
+            out.stderr.contains(option),
+            "{args:?} {envs:?}: the message must name {option}\n{}",
+            out.describe()
+        );
+        assert!(
+            out.stdout.trim().is_empty(),
+            "usage errors go to stderr\n{}",
+            out.describe()
+        );
     }
 }
 
@@ -230,9 +322,16 @@ async fn once_exits_3_while_another_holder_holds_the_lock() {
         .run_async()
         .await;
     out.assert_code(3);
-    assert!(out.stderr.contains("replica-x"), "say who holds it\n{}", out.describe());
+    assert!(
+        out.stderr.contains("replica-x"),
+        "say who holds it\n{}",
+        out.describe()
+    );
     assert_eq!(out.events().one("tick_skipped")["reason"], "lock_held");
-    assert_eq!(raw_data(&server, "plugins||scrape_state").as_deref(), Some(record.as_bytes()));
+    assert_eq!(
+        raw_data(&server, "plugins||scrape_state").as_deref(),
+        Some(record.as_bytes())
+    );
     assert_eq!(route_status(&server, "p").as_deref(), Some("ACTIVE"));
     assert_eq!(sim.total_requests(), 0);
 }
@@ -242,7 +341,9 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
     let server = RedisServer::start();
     let sim = PluginSim::start().unwrap();
     // The registry under a non-default prefix: found only if that option is read too.
-    let other: RedisStore = RedisStore::connect(&server.url(), PUBLIC, PRIVATE, "other").await.unwrap();
+    let other: RedisStore = RedisStore::connect(&server.url(), PUBLIC, PRIVATE, "other")
+        .await
+        .unwrap();
     seed_registry(&other, &["up", "down"]).await;
     seed_route(&other, "up", "ACTIVE").await;
     seed_route(&other, "down", "ACTIVE").await;
@@ -252,9 +353,20 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
     let template = sim.url_template();
     let flags = |holder: &'static str| -> Vec<String> {
         [
-            "--backend", "redis", "--redis-url", url.as_str(), "--status-url", template.as_str(),
-            "--private-key-prefix", "other", "--unhealthy-threshold", "1", "--retries", "0",
-            "--holder-id", holder,
+            "--backend",
+            "redis",
+            "--redis-url",
+            url.as_str(),
+            "--status-url",
+            template.as_str(),
+            "--private-key-prefix",
+            "other",
+            "--unhealthy-threshold",
+            "1",
+            "--retries",
+            "0",
+            "--holder-id",
+            holder,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -265,7 +377,10 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
     let runs = vec![
         ("h-before", keel().args(&before).arg("once")),
         ("h-after", keel().arg("once").args(&after)),
-        ("h-mixed", keel().args(&mixed[..6]).arg("once").args(&mixed[6..])),
+        (
+            "h-mixed",
+            keel().args(&mixed[..6]).arg("once").args(&mixed[6..]),
+        ),
         (
             "h-env",
             keel()
@@ -282,7 +397,12 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
     ];
     for (holder, cmd) in runs {
         // Reset the failing plugin's route so each run has a decision to make.
-        server.query::<()>(redis::cmd("HSET").arg("plugin_route_down").arg("data").arg(r#"{"status":"ACTIVE"}"#));
+        server.query::<()>(
+            redis::cmd("HSET")
+                .arg("plugin_route_down")
+                .arg("data")
+                .arg(r#"{"status":"ACTIVE"}"#),
+        );
         server.query::<()>(redis::cmd("DEL").arg("other||scrape_counters"));
         let out = cmd.run_async().await;
         out.assert_code(0);
@@ -290,11 +410,28 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
         let done = events.one("tick_completed");
         assert_eq!(done["holder"], holder, "{}", out.describe());
         assert_eq!(done["plugins"], 2, "{}", out.describe());
-        assert_eq!(done["probed_ok"], 1, "the status URL option was not used\n{}", out.describe());
-        assert_eq!(sim.requests("down") as usize, sim.requests("up") as usize, "--retries 0");
-        assert_eq!(route_status(&server, "down").as_deref(), Some("FAILED"), "{}", out.describe());
+        assert_eq!(
+            done["probed_ok"],
+            1,
+            "the status URL option was not used\n{}",
+            out.describe()
+        );
+        assert_eq!(
+            sim.requests("down") as usize,
+            sim.requests("up") as usize,
+            "--retries 0"
+        );
+        assert_eq!(
+            route_status(&server, "down").as_deref(),
+            Some("FAILED"),
+            "{}",
+            out.describe()
+        );
     }
-    assert!(!exists(&server, "plugins||scrape_state"), "the default prefix was used");
+    assert!(
+        !exists(&server, "plugins||scrape_state"),
+        "the default prefix was used"
+    );
 
     // The log format from the environment: pretty lines are not JSON.
     let out = keel()
@@ -308,10 +445,21 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
     out.assert_code(0);
     assert!(out.stdout.contains("tick_completed"), "{}", out.describe());
     assert!(
-        out.stdout.lines().all(|l| serde_json::from_str::<Value>(l).is_err()),
+        out.stdout
+            .lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_err()),
         "SCRAPER_LOG_FORMAT=pretty was ignored\n{}",
         out.describe()
     );
+}
+
+/// Stdout must be exactly one line holding one JSON array.
+fn one_json_array(out: &support::binary::Output) -> Value {
+    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "stdout must be one JSON array\n{}", out.describe());
+    let rows: Value = serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}\n{}", out.describe()));
+    assert!(rows.is_array(), "{}", out.describe());
+    rows
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,15 +472,11 @@ async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
 
     let out = keel()
         .args(["routes", "--json", "--backend", "redis", "--redis-url", &server.url()])
-        // As verbose as it gets: any log line must still stay off stdout.
-        .env("SCRAPER_LOG", "trace")
         .run_async()
         .await;
     out.assert_code(0);
-    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "stdout must be one JSON array\n{}", out.describe());
-    let rows: Value = serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}\n{}", out.describe()));
-    let mut sorted = rows.as_array().unwrap_or_else(|| panic!("not an array: {rows}")).clone();
+    let rows = one_json_array(&out);
+    let mut sorted = rows.as_array().cloned().unwrap_or_default();
     sorted.sort_by_key(|r| r["plugin_id"].as_str().unwrap_or_default().to_owned());
     assert_eq!(
         Value::Array(sorted),
@@ -342,10 +486,6 @@ async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
             {"plugin_id": "missing", "status": null},
         ])
     );
-    for line in out.stderr.lines().filter(|l| l.starts_with('{')) {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("stderr line {line}: {e}"));
-        assert!(v.get("level").is_some(), "{line}");
-    }
 
     // The same options after the command and `--json` before it.
     let out = keel()
@@ -353,14 +493,40 @@ async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
         .run_async()
         .await;
     out.assert_code(0);
-    assert_eq!(serde_json::from_str::<Value>(out.stdout.trim()).unwrap(), rows);
+    assert_eq!(one_json_array(&out), rows);
+
+    // On the dapr backend with a sidecar slow to become ready, `routes` logs while it
+    // waits: those lines go to stderr, and stdout is still the one array.
+    let sidecar = SidecarDouble::start(
+        SidecarConfig::default()
+            .with_redis_url(&server.url())
+            .ready_after(Duration::from_millis(800)),
+    )
+    .await;
+    let out = keel()
+        .args(["routes", "--json", "--backend", "dapr"])
+        .args(["--dapr-grpc-endpoint", &sidecar.grpc_endpoint()])
+        .args(["--dapr-http-endpoint", &sidecar.http_endpoint()])
+        .run_async()
+        .await;
+    out.assert_code(0);
+    assert_eq!(one_json_array(&out), rows, "{}", out.describe());
+    assert!(
+        out.stderr_events().has("sidecar_waiting"),
+        "the wait was not logged on stderr\n{}",
+        out.describe()
+    );
 }
 
 #[test]
 fn demo_exits_0_within_30_seconds_and_prints_the_route_table() {
     let out = keel().arg("demo").timeout(Duration::from_secs(40)).run();
     out.assert_code(0);
-    assert!(out.elapsed < Duration::from_secs(30), "demo took {:?}", out.elapsed);
+    assert!(
+        out.elapsed < Duration::from_secs(30),
+        "demo took {:?}",
+        out.elapsed
+    );
     // The last table printed is the routes after the run: one row per simulated plugin.
     let after = out
         .stdout

@@ -43,7 +43,12 @@ async fn world() -> World {
 impl World {
     /// A replica with its own connection, 10 s lease and interval.
     async fn replica(&self, holder: &str) -> Ticker {
-        redis_ticker(&self.server, &self.sim.url_template(), &ReplicaOptions::new(holder)).await
+        redis_ticker(
+            &self.server,
+            &self.sim.url_template(),
+            &ReplicaOptions::new(holder),
+        )
+        .await
     }
 
     /// A replica with a 1 s lease and a 1 s schedule interval.
@@ -70,7 +75,8 @@ impl World {
                 .arg(0),
         );
         if let Some(ttl) = ttl_seconds {
-            self.server.query::<()>(redis::cmd("EXPIRE").arg(LOCK).arg(ttl));
+            self.server
+                .query::<()>(redis::cmd("EXPIRE").arg(LOCK).arg(ttl));
         }
     }
 }
@@ -110,36 +116,39 @@ fn already_scraped(o: &TickOutcome) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_replicas_scrape_each_scheduled_tick_exactly_once() {
     let w = world().await;
-    const REPLICAS: usize = 4;
     const ROUNDS: i64 = 6;
+    // When each replica fires, in ms after the slot: two at once (racing the
+    // first-write save), one while the winner's tick runs, one after it released.
+    const FIRE_AT_MS: [u64; 4] = [0, 0, 60, 600];
     let mut replicas = Vec::new();
-    for i in 0..REPLICAS {
+    for i in 0..FIRE_AT_MS.len() {
         replicas.push(Arc::new(w.replica(&format!("replica-{i}")).await));
     }
+    // The winner's tick lasts a while, so the third replica finds the lease live.
+    let slow = |status: &str| Behavior::delay(Duration::from_millis(200), Behavior::v0(status));
     let base = slot(0);
     let mut reasons = Vec::new();
     for round in 0..ROUNDS {
         // Each round the plugin flips its status, so the round's winner writes once.
-        let status = if round % 2 == 0 { "STOPPING" } else { "ACTIVE" };
-        w.sim.set("p", Behavior::v0(status));
+        w.sim.set("p", slow(if round % 2 == 0 { "STOPPING" } else { "ACTIVE" }));
         let version_before = raw_version(&w.server, "plugin_route_p").unwrap();
         let requests_before = w.sim.requests("p");
         let this_slot = base + chrono::Duration::seconds(10 * round);
+        // A different replica fires first each round.
+        let mut order: Vec<u64> = FIRE_AT_MS.to_vec();
+        order.rotate_left(round as usize % FIRE_AT_MS.len());
         let tasks: Vec<_> = replicas
             .iter()
-            .enumerate()
-            .map(|(i, t)| {
+            .zip(order)
+            .map(|(t, fire_at)| {
                 let t = t.clone();
                 tokio::spawn(async move {
-                    // Replicas fire a few milliseconds apart, as clocks and schedulers do.
-                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..15) + i as u64)).await;
+                    tokio::time::sleep(Duration::from_millis(fire_at)).await;
                     let capture = Capture::new();
                     let (outcome, guard) = capture.run(t.tick(TickKind::Scheduled(this_slot))).await;
-                    // A replica that stops cleanly releases; the others keep theirs.
+                    // The winner lets its lease go (as it would expire before the next slot).
                     if let Some(g) = guard {
-                        if i % 2 == 0 {
-                            t.lease.release(&g).await.expect("release");
-                        }
+                        t.lease.release(&g).await.expect("release");
                     }
                     (outcome, capture.events())
                 })
@@ -169,10 +178,12 @@ async fn racing_replicas_scrape_each_scheduled_tick_exactly_once() {
         );
         assert_eq!(w.record()["tick"], tick_id(this_slot));
     }
-    assert!(!reasons.is_empty());
     for r in &reasons {
         assert!(r == "lock_held" || r == "already_scraped", "{r}");
     }
+    // Both ways of losing happened: the lease was live, and the tick was already done.
+    assert!(reasons.iter().any(|r| r == "lock_held"), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "already_scraped"), "{reasons:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,14 +200,22 @@ async fn scheduled_tick_not_newer_than_the_recorded_one_is_skipped_already_scrap
 
     for (who, at) in [(&b, t), (&b, t - chrono::Duration::seconds(10)), (&a, t)] {
         let (o, events) = tick(who, TickKind::Scheduled(at)).await;
-        assert!(already_scraped(&o), "{} at {at}: {o:?}\n{events}", who.lease.holder());
+        assert!(
+            already_scraped(&o),
+            "{} at {at}: {o:?}\n{events}",
+            who.lease.holder()
+        );
         let skipped = events.one("tick_skipped");
         assert_eq!(skipped["reason"], "already_scraped");
         assert_eq!(skipped["tick"], tick_id(at));
         assert!(!events.has("tick_completed"), "{events}");
     }
     assert_eq!(w.sim.requests("p"), 1, "a skipped tick probed");
-    assert_eq!(w.record()["tick"], tick_id(t), "a skipped tick moved the recorded tick");
+    assert_eq!(
+        w.record()["tick"],
+        tick_id(t),
+        "a skipped tick moved the recorded tick"
+    );
 
     let next = t + chrono::Duration::seconds(10);
     let (o, events) = tick(&b, TickKind::Scheduled(next)).await;
@@ -215,7 +234,10 @@ async fn manual_tick_neither_checks_nor_advances_the_recorded_tick() {
     let future = slot(3600);
     assert!(completed(&tick(&a, TickKind::Scheduled(future)).await.0));
     let (o, events) = tick(&b, TickKind::Manual(Utc::now())).await;
-    assert!(completed(&o), "a manual tick checked the recorded tick: {o:?}\n{events}");
+    assert!(
+        completed(&o),
+        "a manual tick checked the recorded tick: {o:?}\n{events}"
+    );
     assert_eq!(w.record()["tick"], tick_id(future));
 
     // ...and a manual tick does not advance it: the next scheduled tick still runs.
@@ -224,9 +246,20 @@ async fn manual_tick_neither_checks_nor_advances_the_recorded_tick() {
     assert!(completed(&tick(&a, TickKind::Scheduled(past)).await.0));
     let (o, events) = tick(&b, TickKind::Manual(Utc::now())).await;
     assert!(completed(&o), "{o:?}\n{events}");
-    assert_eq!(w.record()["tick"], tick_id(past), "a manual tick advanced the recorded tick");
-    let (o, events) = tick(&a, TickKind::Scheduled(past + chrono::Duration::seconds(10))).await;
-    assert!(completed(&o), "the scheduled tick after a manual one was skipped: {o:?}\n{events}");
+    assert_eq!(
+        w.record()["tick"],
+        tick_id(past),
+        "a manual tick advanced the recorded tick"
+    );
+    let (o, events) = tick(
+        &a,
+        TickKind::Scheduled(past + chrono::Duration::seconds(10)),
+    )
+    .await;
+    assert!(
+        completed(&o),
+        "the scheduled tick after a manual one was skipped: {o:?}\n{events}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,13 +279,23 @@ async fn release_clears_the_holder_and_keeps_the_recorded_tick_with_a_ttl() {
     let ttl = pttl(&w.server, LOCK);
     assert!(ttl > 0 && ttl <= 10_000, "lease TTL {ttl} ms");
     let fields: Vec<String> = w.server.hgetall(LOCK).into_iter().map(|(f, _)| f).collect();
-    assert!(fields.contains(&"first-write".to_owned()), "the lock is a first-write save: {fields:?}");
+    assert!(
+        fields.contains(&"first-write".to_owned()),
+        "the lock is a first-write save: {fields:?}"
+    );
     assert!(held(&tick_and_hold(&b, TickKind::Manual(Utc::now())).await));
 
     a.lease.release(&guard).await.expect("release");
     let record = w.record();
-    assert!(record["holder"].is_null(), "release keeps a holder: {record}");
-    assert_eq!(record["tick"], tick_id(t), "release lost the recorded tick: {record}");
+    assert!(
+        record["holder"].is_null(),
+        "release keeps a holder: {record}"
+    );
+    assert_eq!(
+        record["tick"],
+        tick_id(t),
+        "release lost the recorded tick: {record}"
+    );
     let ttl = pttl(&w.server, LOCK);
     // Readable for at least one interval (10 s), and still expiring.
     assert!(ttl > 10_000, "released record TTL {ttl} ms");
@@ -287,7 +330,10 @@ async fn live_legacy_true_lock_with_a_ttl_counts_as_held() {
     let wait = Duration::from_millis(2300).saturating_sub(started.elapsed());
     tokio::time::sleep(wait).await;
     let (o, events) = tick(&b, TickKind::Scheduled(slot(2))).await;
-    assert!(held(&o), "a live record with a TTL was taken over: {o:?}\n{events}");
+    assert!(
+        held(&o),
+        "a live record with a TTL was taken over: {o:?}\n{events}"
+    );
     assert_eq!(raw_data(&w.server, LOCK).as_deref(), Some(&b"true"[..]));
     assert_eq!(raw_version(&w.server, LOCK), Some(1));
     assert_eq!(w.sim.requests("p"), 0);
@@ -309,11 +355,22 @@ async fn takeover_of_a_record_without_ttl(data: &str) {
 
     // Before lease + interval (2 s): still held, for scheduled and manual ticks.
     tokio::time::sleep_until(at(1000).into()).await;
-    assert!(held(&tick(&b, TickKind::Scheduled(slot(2))).await.0), "taken over after 1 s");
+    assert!(
+        held(&tick(&b, TickKind::Scheduled(slot(2))).await.0),
+        "taken over after 1 s"
+    );
     assert!(held(&tick(&c, TickKind::Manual(Utc::now())).await.0));
     let out = keel()
         .redis(&w.server.url(), &w.sim.url_template())
-        .args(["once", "--lease", "1s", "--schedule", "* * * * * *", "--holder-id", "operator"])
+        .args([
+            "once",
+            "--lease",
+            "1s",
+            "--schedule",
+            "* * * * * *",
+            "--holder-id",
+            "operator",
+        ])
         .run_async()
         .await;
     out.assert_code(3);
@@ -321,7 +378,8 @@ async fn takeover_of_a_record_without_ttl(data: &str) {
     // The record changes (its ETag moves): observation starts again. Without that, 2.3 s
     // after first sight would be past lease + interval.
     tokio::time::sleep_until(at(1300).into()).await;
-    w.server.query::<()>(redis::cmd("HINCRBY").arg(LOCK).arg("version").arg(1));
+    w.server
+        .query::<()>(redis::cmd("HINCRBY").arg(LOCK).arg("version").arg(1));
     tokio::time::sleep_until(at(2300).into()).await;
     let reset = Instant::now();
     assert!(
@@ -332,17 +390,31 @@ async fn takeover_of_a_record_without_ttl(data: &str) {
     // Manual ticks never take it over, however long it has been seen unchanged.
     tokio::time::sleep_until((reset + Duration::from_millis(2300)).into()).await;
     let (o, events) = tick(&c, TickKind::Manual(Utc::now())).await;
-    assert!(held(&o), "a manual tick took over a lock without TTL: {o:?}\n{events}");
+    assert!(
+        held(&o),
+        "a manual tick took over a lock without TTL: {o:?}\n{events}"
+    );
     let out = keel()
         .redis(&w.server.url(), &w.sim.url_template())
-        .args(["once", "--lease", "1s", "--schedule", "* * * * * *", "--holder-id", "operator"])
+        .args([
+            "once",
+            "--lease",
+            "1s",
+            "--schedule",
+            "* * * * * *",
+            "--holder-id",
+            "operator",
+        ])
         .run_async()
         .await;
     out.assert_code(3);
 
     // A scheduled tick after lease + interval of unchanged observation takes it over.
     let (o, events) = tick(&b, TickKind::Scheduled(slot(5))).await;
-    assert!(completed(&o), "no takeover after lease + interval: {o:?}\n{events}");
+    assert!(
+        completed(&o),
+        "no takeover after lease + interval: {o:?}\n{events}"
+    );
     assert_eq!(events.one("lock_acquired")["takeover"], true, "{events}");
     assert_eq!(w.sim.requests("p"), 1);
     // The record is ours now, and expires by a TTL again.
@@ -352,7 +424,10 @@ async fn takeover_of_a_record_without_ttl(data: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_record_without_ttl_is_taken_over_only_after_lease_plus_interval_unchanged() {
-    takeover_of_a_record_without_ttl(r#"{"holder":"crashed-replica","tick":"2020-01-01T00:00:00Z"}"#).await;
+    takeover_of_a_record_without_ttl(
+        r#"{"holder":"crashed-replica","tick":"2020-01-01T00:00:00Z"}"#,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +462,8 @@ impl Store for LockTakenAfterRead {
 
     async fn get(&self, kind: StoreKind, key: &str) -> Result<Option<Entry>, StoreError> {
         let read = self.inner.get(kind, key).await?;
-        if kind == StoreKind::Private && key == LOCK_KEY && self.armed.swap(false, Ordering::SeqCst) {
+        if kind == StoreKind::Private && key == LOCK_KEY && self.armed.swap(false, Ordering::SeqCst)
+        {
             let etag = read.as_ref().map_or(ABSENT_ETAG, |e| e.etag.as_str());
             self.intruder
                 .save(
@@ -400,7 +476,11 @@ impl Store for LockTakenAfterRead {
         Ok(read)
     }
 
-    async fn bulk_get(&self, kind: StoreKind, keys: &[String]) -> Result<Vec<Option<Entry>>, StoreError> {
+    async fn bulk_get(
+        &self,
+        kind: StoreKind,
+        keys: &[String],
+    ) -> Result<Vec<Option<Entry>>, StoreError> {
         self.inner.bulk_get(kind, keys).await
     }
 
@@ -408,11 +488,22 @@ impl Store for LockTakenAfterRead {
         self.inner.save(kind, save).await
     }
 
-    async fn update_existing(&self, kind: StoreKind, key: &str, data: &[u8], etag: &str) -> Result<(), StoreError> {
+    async fn update_existing(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        etag: &str,
+    ) -> Result<(), StoreError> {
         self.inner.update_existing(kind, key, data, etag).await
     }
 
-    async fn delete(&self, kind: StoreKind, key: &str, etag: Option<&str>) -> Result<(), StoreError> {
+    async fn delete(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        etag: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.inner.delete(kind, key, etag).await
     }
 
@@ -434,7 +525,11 @@ async fn lock_taken_between_read_and_save_comes_back_as_held_not_as_a_store_erro
         intruder: redis_store(&w.server).await,
         armed: armed.clone(),
     });
-    let b = ticker(store, &w.sim.url_template(), &ReplicaOptions::new("replica-b"));
+    let b = ticker(
+        store,
+        &w.sim.url_template(),
+        &ReplicaOptions::new("replica-b"),
+    );
     let a = w.replica("replica-a").await;
     // The replica reads no record (its save carries the "absent" ETag), or a released
     // one (its save carries the ETag just read); the intruder saves first either way.
@@ -448,7 +543,10 @@ async fn lock_taken_between_read_and_save_comes_back_as_held_not_as_a_store_erro
             armed.store(true, Ordering::SeqCst);
             let (o, events) = tick(&b, kind).await;
             assert!(!armed.load(Ordering::SeqCst), "the lock was never read");
-            assert!(held(&o), "existing record {existing}, {kind:?}: {o:?}\n{events}");
+            assert!(
+                held(&o),
+                "existing record {existing}, {kind:?}: {o:?}\n{events}"
+            );
             assert!(!events.has("tick_failed"), "{events}");
             assert_eq!(events.one("tick_skipped")["reason"], "lock_held");
             assert_eq!(
@@ -465,7 +563,10 @@ async fn lock_taken_between_read_and_save_comes_back_as_held_not_as_a_store_erro
 async fn concurrent_once_processes_exit_0_or_3_never_1() {
     let w = world().await;
     // A slow plugin keeps the winner's lease live while the others start.
-    w.sim.set("p", Behavior::delay(Duration::from_millis(800), Behavior::v0("ACTIVE")));
+    w.sim.set(
+        "p",
+        Behavior::delay(Duration::from_millis(800), Behavior::v0("ACTIVE")),
+    );
     let runs: Vec<_> = (0..5)
         .map(|i| {
             keel()

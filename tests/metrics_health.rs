@@ -139,7 +139,10 @@ fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -154,7 +157,11 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
     seed(
         &redis,
         &["good", "down", "stopper", "ghost"],
-        &[("good", "ACTIVE"), ("down", "ACTIVE"), ("stopper", "ACTIVE")],
+        &[
+            ("good", "ACTIVE"),
+            ("down", "ACTIVE"),
+            ("stopper", "ACTIVE"),
+        ],
     );
     // A lease longer than the interval: the holder renews it, the standby stays a standby.
     let mut args = run_args(&redis, &sim);
@@ -171,12 +178,19 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
     holder.wait_event(Duration::from_secs(10), |e| {
         is(e, "plugin_status_changed") && e["plugin_id"] == "down"
     });
-    holder.wait_until(Duration::from_secs(10), "a tick after FAILED was written", |evs| {
-        let changed = evs
-            .iter()
-            .position(|e| is(e, "plugin_status_changed") && e["plugin_id"] == "down")?;
-        evs[changed..].iter().any(|e| is(e, "tick_completed")).then_some(())
-    });
+    holder.wait_until(
+        Duration::from_secs(10),
+        "a tick after FAILED was written",
+        |evs| {
+            let changed = evs
+                .iter()
+                .position(|e| is(e, "plugin_status_changed") && e["plugin_id"] == "down")?;
+            evs[changed..]
+                .iter()
+                .any(|e| is(e, "tick_completed"))
+                .then_some(())
+        },
+    );
 
     // The gauge of plugins by status is replaced at the end of each tick: poll until the
     // settled statuses show (a scrape may land between a clear and a set).
@@ -189,50 +203,146 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
             && by("missing") == Some(1.0))
         .then_some(text)
     });
-    let completed_logged = holder.events().iter().filter(|e| is(e, "tick_completed")).count() as f64;
+    let completed_logged = holder
+        .events()
+        .iter()
+        .filter(|e| is(e, "tick_completed"))
+        .count() as f64;
     let get = |name: &str, labels: &[(&str, &str)]| {
-        metric(&text, name, labels).unwrap_or_else(|| panic!("{name}{labels:?} missing from:\n{text}"))
+        metric(&text, name, labels)
+            .unwrap_or_else(|| panic!("{name}{labels:?} missing from:\n{text}"))
     };
     let completed = get("keel_scraper_ticks_total", &[("outcome", "completed")]);
-    assert!(completed >= 2.0 && completed >= completed_logged, "completed ticks {completed}, logged {completed_logged}");
-    assert_eq!(get("keel_scraper_ticks_total", &[("outcome", "failed")]), 0.0);
+    assert!(
+        completed >= 2.0 && completed >= completed_logged,
+        "completed ticks {completed}, logged {completed_logged}"
+    );
+    assert_eq!(
+        get("keel_scraper_ticks_total", &[("outcome", "failed")]),
+        0.0
+    );
     let durations = get("keel_scraper_tick_duration_seconds_count", &[]);
-    assert!((durations - completed).abs() <= 1.0, "tick durations {durations} vs completed {completed}");
+    assert!(
+        (durations - completed).abs() <= 1.0,
+        "tick durations {durations} vs completed {completed}"
+    );
     assert!(get("keel_scraper_tick_duration_seconds_sum", &[]) > 0.0);
     // Three plugins with a route are probed on every tick; the one without is not.
     let probes = get("keel_scraper_probe_duration_seconds_count", &[]);
-    assert!(probes >= 3.0 * completed, "probes {probes} for {completed} ticks");
-    let failures = get("keel_scraper_probe_failures_total", &[("error_kind", "http_status")]);
-    assert!(failures >= completed && failures <= probes, "http_status failures {failures}");
-    assert!(metric(&text, "keel_scraper_probe_failures_total", &[("error_kind", "connect")]).is_none());
-    assert_eq!(get("keel_scraper_route_writes_total", &[("outcome", "written")]), 2.0, "stopper and down, once each");
+    assert!(
+        probes >= 3.0 * completed,
+        "probes {probes} for {completed} ticks"
+    );
+    let failures = get(
+        "keel_scraper_probe_failures_total",
+        &[("error_kind", "http_status")],
+    );
+    assert!(
+        failures >= completed && failures <= probes,
+        "http_status failures {failures}"
+    );
+    assert!(metric(
+        &text,
+        "keel_scraper_probe_failures_total",
+        &[("error_kind", "connect")]
+    )
+    .is_none());
+    assert_eq!(
+        get("keel_scraper_route_writes_total", &[("outcome", "written")]),
+        2.0,
+        "stopper and down, once each"
+    );
     assert_eq!(get("keel_scraper_lock_held", &[]), 1.0);
     let last = get("keel_scraper_last_tick_completed_timestamp_seconds", &[]);
     let age = now_unix() - last;
-    assert!((-1.0..5.0).contains(&age), "last completed tick {age:.1} s ago");
+    assert!(
+        (-1.0..5.0).contains(&age),
+        "last completed tick {age:.1} s ago"
+    );
     assert_eq!(route_status(&redis, "stopper"), "STOPPED");
     assert_eq!(route_status(&redis, "down"), "FAILED");
 
     // The standby skipped every tick: it holds nothing and completed nothing.
+    assert_eq!(
+        http_get(&standby_address, "/healthz").0,
+        200,
+        "skipped ticks are attempts"
+    );
     let text = scrape(&standby_address);
     let get = |name: &str, labels: &[(&str, &str)]| {
-        metric(&text, name, labels).unwrap_or_else(|| panic!("{name}{labels:?} missing from:\n{text}"))
+        metric(&text, name, labels)
+            .unwrap_or_else(|| panic!("{name}{labels:?} missing from:\n{text}"))
     };
     assert_eq!(get("keel_scraper_lock_held", &[]), 0.0);
     assert!(get("keel_scraper_ticks_total", &[("outcome", "skipped")]) >= 1.0);
-    assert_eq!(get("keel_scraper_ticks_total", &[("outcome", "completed")]), 0.0);
+    assert_eq!(
+        get("keel_scraper_ticks_total", &[("outcome", "completed")]),
+        0.0
+    );
     assert_eq!(get("keel_scraper_tick_duration_seconds_count", &[]), 0.0);
-    assert_eq!(get("keel_scraper_last_tick_completed_timestamp_seconds", &[]), 0.0);
+    assert_eq!(
+        get("keel_scraper_last_tick_completed_timestamp_seconds", &[]),
+        0.0
+    );
     // Every metric is prefixed; every stdout line is one JSON event.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
-        assert!(line.starts_with("keel_scraper_"), "unprefixed series: {line}");
+        assert!(
+            line.starts_with("keel_scraper_"),
+            "unprefixed series: {line}"
+        );
     }
     for w in [&holder, &standby] {
         for line in w.stdout_lines() {
-            let e: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
-            assert!(e["timestamp"].is_string() && e["level"].is_string() && e["event"].is_string(), "{line}");
+            let e: Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            assert!(
+                e["timestamp"].is_string() && e["level"].is_string() && e["event"].is_string(),
+                "{line}"
+            );
         }
     }
+}
+
+/// A replica whose lease was taken over (it stalled past its lease, another replica took
+/// `scrape_state`) skips with `lock_held`: it no longer holds the lock, and its gauge must
+/// say so, or two replicas report `lock_held 1` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_held_drops_to_0_when_another_holder_has_taken_the_lease() {
+    let redis = RedisServer::start();
+    let sim = PluginSim::start().expect("simulator");
+    seed(&redis, &["a"], &[("a", "ACTIVE")]);
+    let mut args = run_args(&redis, &sim);
+    args.extend(["--lease".into(), "2s".into()]);
+    let w = Worker::spawn(&args, &[("SCRAPER_HOLDER_ID", "first")]);
+    let address = w.listening_address();
+    w.wait_event(Duration::from_secs(10), |e| is(e, "tick_completed"));
+    assert_eq!(
+        metric(&scrape(&address), "keel_scraper_lock_held", &[]),
+        Some(1.0)
+    );
+    // Another replica's live lease, as it would write it after taking over.
+    redis.query::<()>(
+        redis::cmd("HSET")
+            .arg("plugins||scrape_state")
+            .arg("data")
+            .arg(r#"{"holder":"second","lease_ms":30000}"#),
+    );
+    redis.query::<i64>(
+        redis::cmd("HINCRBY")
+            .arg("plugins||scrape_state")
+            .arg("version")
+            .arg(1),
+    );
+    redis.query::<i64>(redis::cmd("EXPIRE").arg("plugins||scrape_state").arg(30));
+    w.wait_event(Duration::from_secs(10), |e| {
+        is(e, "tick_skipped") && e["reason"] == "lock_held" && e["holder"] == "second"
+    });
+    let text = scrape(&address);
+    assert_eq!(
+        metric(&text, "keel_scraper_lock_held", &[]),
+        Some(0.0),
+        "the lease belongs to another replica:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,15 +360,16 @@ async fn healthz_answers_200_while_start_up_waits_for_the_sidecar() {
             &format!("127.0.0.1:{grpc}"),
             "--sidecar-wait",
             "60s",
-            "--listen",
-            "127.0.0.1:0",
             "--schedule",
             "* * * * * *",
         ],
-        &[],
+        // The listen address from the environment this time.
+        &[("SCRAPER_LISTEN", "127.0.0.1:0")],
     );
     let address = w.listening_address();
-    w.wait_event(Duration::from_secs(10), |e| is(e, "sidecar_waiting") && e["attempt"].as_u64() >= Some(2));
+    w.wait_event(Duration::from_secs(10), |e| {
+        is(e, "sidecar_waiting") && e["attempt"].as_u64() >= Some(2)
+    });
     let (code, body) = http_get(&address, "/healthz");
     assert_eq!(code, 200, "liveness while waiting for the sidecar: {body}");
     let (code, _) = http_get(&address, "/readyz");
@@ -266,7 +377,10 @@ async fn healthz_answers_200_while_start_up_waits_for_the_sidecar() {
     let (code, body) = http_get(&address, "/metrics");
     assert_eq!(code, 200);
     assert!(body.contains("keel_scraper_ticks_total"), "{body}");
-    assert!(w.events().iter().all(|e| !is(e, "tick_started") && !is(e, "lock_acquired")));
+    assert!(w
+        .events()
+        .iter()
+        .all(|e| !is(e, "tick_started") && !is(e, "lock_acquired")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,14 +398,20 @@ async fn readyz_follows_the_store_and_healthz_stays_ok_through_an_outage() {
 
     redis.stop();
     let stopped = Instant::now();
-    eventually(Duration::from_secs(6), "/readyz 503 with redis stopped", || {
-        (http_get(&address, "/readyz").0 == 503).then_some(())
-    });
+    eventually(
+        Duration::from_secs(6),
+        "/readyz 503 with redis stopped",
+        || (http_get(&address, "/readyz").0 == 503).then_some(()),
+    );
     // The store has been unreachable for over an interval: ticks fail, loudly.
     w.wait_event(Duration::from_secs(10), |e| is(e, "tick_failed"));
     assert!(stopped.elapsed() > Duration::from_secs(1));
     // Failed ticks are attempts: the loop is alive.
-    assert_eq!(http_get(&address, "/healthz").0, 200, "live through a store outage");
+    assert_eq!(
+        http_get(&address, "/healthz").0,
+        200,
+        "live through a store outage"
+    );
     let text = scrape(&address);
     assert!(
         metric(&text, "keel_scraper_ticks_total", &[("outcome", "failed")]).unwrap_or(0.0) >= 1.0,
@@ -308,15 +428,22 @@ async fn readyz_follows_the_store_and_healthz_stays_ok_through_an_outage() {
     assert!(w.events().iter().any(|e| is(e, "store_error")));
 
     redis.restart();
-    eventually(Duration::from_secs(10), "/readyz 200 after redis restarted", || {
-        (http_get(&address, "/readyz").0 == 200).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "/readyz 200 after redis restarted",
+        || (http_get(&address, "/readyz").0 == 200).then_some(()),
+    );
     assert_eq!(http_get(&address, "/healthz").0, 200);
 }
 
 /// The libfaketime preload library, when installed (`scripts/test` installs it).
 fn libfaketime() -> Option<std::path::PathBuf> {
-    let dirs = ["/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime", "/usr/lib/faketime", "/usr/local/lib/faketime"];
+    let dirs = [
+        "/usr/lib/x86_64-linux-gnu/faketime",
+        "/usr/lib/aarch64-linux-gnu/faketime",
+        "/usr/lib/faketime",
+        "/usr/local/lib/faketime",
+    ];
     dirs.iter()
         .map(|d| std::path::Path::new(d).join("libfaketimeMT.so.1"))
         .find(|p| p.exists())
@@ -338,7 +465,10 @@ async fn healthz_fails_when_the_scheduler_stops_firing_and_recovers_when_it_fire
         &run_args(&redis, &sim),
         &[
             ("LD_PRELOAD", lib.to_str().unwrap_or_default()),
-            ("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap_or_default()),
+            (
+                "FAKETIME_TIMESTAMP_FILE",
+                clock.to_str().unwrap_or_default(),
+            ),
             ("FAKETIME_CACHE_DURATION", "1"),
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
         ],
@@ -349,17 +479,33 @@ async fn healthz_fails_when_the_scheduler_stops_firing_and_recovers_when_it_fire
     eventually(Duration::from_secs(10), "/readyz 200", || {
         (http_get(&address, "/readyz").0 == 200).then_some(())
     });
-    let (code, body) = eventually(Duration::from_secs(8), "/healthz 503 with the scheduler stalled", || {
-        let r = http_get(&address, "/healthz");
-        (r.0 == 503).then_some(r)
-    });
+    let (code, body) = eventually(
+        Duration::from_secs(8),
+        "/healthz 503 with the scheduler stalled",
+        || {
+            let r = http_get(&address, "/healthz");
+            (r.0 == 503).then_some(r)
+        },
+    );
     assert_eq!(code, 503, "{body}");
-    assert!(w.events().iter().all(|e| !is(e, "lock_acquired")), "no tick can have run: {}", w.dump());
-    assert_eq!(http_get(&address, "/readyz").0, 200, "the store still answers");
+    assert!(
+        w.events().iter().all(|e| !is(e, "lock_acquired")),
+        "no tick can have run: {}",
+        w.dump()
+    );
+    assert_eq!(
+        http_get(&address, "/readyz").0,
+        200,
+        "the store still answers"
+    );
 
     std::fs::write(&clock, "+0\n").expect("unfreeze the clock");
     w.wait_event(Duration::from_secs(10), |e| is(e, "tick_completed"));
-    assert_eq!(http_get(&address, "/healthz").0, 200, "live again once the loop attempts ticks");
+    assert_eq!(
+        http_get(&address, "/healthz").0,
+        200,
+        "live again once the loop attempts ticks"
+    );
 }
 
 /// `*/10`-style schedules are regular, but `A,A+1 * * * * *` fires twice a minute, one
@@ -375,7 +521,10 @@ async fn healthz_stays_200_through_the_long_gap_of_an_irregular_schedule() {
     let first = (chrono::Utc::now().second() + 30) % 59;
     let schedule = format!("{},{} * * * * *", first, first + 1);
     let mut args = run_args(&redis, &sim);
-    let at = args.iter().position(|a| a == "* * * * * *").expect("schedule argument");
+    let at = args
+        .iter()
+        .position(|a| a == "* * * * * *")
+        .expect("schedule argument");
     args[at] = schedule;
     let w = Worker::spawn(&args, &[]);
     let address = w.listening_address();
@@ -394,7 +543,11 @@ async fn healthz_stays_200_through_the_long_gap_of_an_irregular_schedule() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert!(w.events().iter().all(|e| !is(e, "lock_acquired")), "the schedule fired inside the window: {}", w.dump());
+    assert!(
+        w.events().iter().all(|e| !is(e, "lock_acquired")),
+        "the schedule fired inside the window: {}",
+        w.dump()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,10 +557,34 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
     // (plugin, route before, what it reports, route after, alert)
     let cases: &[(&str, &str, Behavior, &str, bool)] = &[
         ("dead", "ACTIVE", Behavior::Unknown404, "FAILED", true),
-        ("stopping", "ACTIVE", Behavior::v0("STOPPING"), "STOPPING", true),
-        ("crashed", "STARTING", Behavior::v0("FAILED"), "FAILED", true),
-        ("warming", "ACTIVE", Behavior::v0("STARTING"), "STARTING", false),
-        ("ready", "STARTING", Behavior::v1("RUNNING"), "ACTIVE", false),
+        (
+            "stopping",
+            "ACTIVE",
+            Behavior::v0("STOPPING"),
+            "STOPPING",
+            true,
+        ),
+        (
+            "crashed",
+            "STARTING",
+            Behavior::v0("FAILED"),
+            "FAILED",
+            true,
+        ),
+        (
+            "warming",
+            "ACTIVE",
+            Behavior::v0("STARTING"),
+            "STARTING",
+            false,
+        ),
+        (
+            "ready",
+            "STARTING",
+            Behavior::v1("RUNNING"),
+            "ACTIVE",
+            false,
+        ),
         ("back", "FAILED", Behavior::v0("ACTIVE"), "ACTIVE", false),
         ("worse", "STOPPED", Behavior::v0("FAILED"), "FAILED", false),
     ];
@@ -435,14 +612,22 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
         Duration::from_secs(20),
     );
     assert_eq!(out.code, Some(0), "{}", out.dump());
-    let changes: Vec<Value> = out.events().into_iter().filter(|e| is(e, "plugin_status_changed")).collect();
+    let changes: Vec<Value> = out
+        .events()
+        .into_iter()
+        .filter(|e| is(e, "plugin_status_changed"))
+        .collect();
     assert_eq!(changes.len(), cases.len(), "{}", out.dump());
     for (id, from, _, to, alert) in cases {
         let e = changes
             .iter()
             .find(|e| e["plugin_id"] == *id)
             .unwrap_or_else(|| panic!("no change for {id}: {}", out.dump()));
-        assert_eq!((e["from"].as_str(), e["to"].as_str()), (Some(*from), Some(*to)), "{e}");
+        assert_eq!(
+            (e["from"].as_str(), e["to"].as_str()),
+            (Some(*from), Some(*to)),
+            "{e}"
+        );
         assert_eq!(e["alert"], *alert, "{id} {from} -> {to}: {e}");
         assert_eq!(route_status(&redis, id), *to);
     }
@@ -452,9 +637,21 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
 async fn tick_failed_carries_alert_when_the_registry_is_malformed() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    put(&redis, "plugins||all_registered_plugin", "[\"not\", \"an object\"]");
+    put(
+        &redis,
+        "plugins||all_registered_plugin",
+        "[\"not\", \"an object\"]",
+    );
     let out = harness::run_to_end(
-        &["once", "--backend", "redis", "--redis-url", &redis.url(), "--status-url", &sim.url_template()],
+        &[
+            "once",
+            "--backend",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--status-url",
+            &sim.url_template(),
+        ],
         &[],
         Duration::from_secs(20),
     );
@@ -466,7 +663,13 @@ async fn tick_failed_carries_alert_when_the_registry_is_malformed() {
         .unwrap_or_else(|| panic!("no tick_failed: {}", out.dump()));
     assert_eq!(failed["alert"], true, "{failed}");
     assert_eq!(failed["level"], "ERROR", "{failed}");
-    assert!(failed["error"].as_str().unwrap_or_default().contains("all_registered_plugin"), "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("all_registered_plugin"),
+        "{failed}"
+    );
     assert_eq!(sim.total_requests(), 0);
 }
 
@@ -476,7 +679,10 @@ async fn tick_failed_carries_alert_when_the_registry_is_malformed() {
 async fn lock_lost_carries_alert_and_the_tick_writes_nothing() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    sim.set("slow", Behavior::delay(Duration::from_millis(1500), Behavior::v0("STOPPED")));
+    sim.set(
+        "slow",
+        Behavior::delay(Duration::from_millis(1500), Behavior::v0("STOPPED")),
+    );
     seed(&redis, &["slow"], &[("slow", "ACTIVE")]);
     let mut w = Worker::spawn(
         &[
@@ -497,7 +703,9 @@ async fn lock_lost_carries_alert_and_the_tick_writes_nothing() {
         &[],
     );
     w.wait_event(Duration::from_secs(10), |e| is(e, "lock_acquired"));
-    eventually(Duration::from_secs(5), "the probe in flight", || (sim.in_flight() > 0).then_some(()));
+    eventually(Duration::from_secs(5), "the probe in flight", || {
+        (sim.in_flight() > 0).then_some(())
+    });
     // An intruder's record, with a newer version: the holder's ETag no longer matches.
     redis.query::<()>(
         redis::cmd("HSET")
@@ -505,16 +713,35 @@ async fn lock_lost_carries_alert_and_the_tick_writes_nothing() {
             .arg("data")
             .arg(r#"{"holder":"intruder"}"#),
     );
-    redis.query::<i64>(redis::cmd("HINCRBY").arg("plugins||scrape_state").arg("version").arg(1));
+    redis.query::<i64>(
+        redis::cmd("HINCRBY")
+            .arg("plugins||scrape_state")
+            .arg("version")
+            .arg(1),
+    );
     let status = w.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{}", w.dump());
     let events = w.events();
-    let lost = events.iter().find(|e| is(e, "lock_lost")).unwrap_or_else(|| panic!("no lock_lost: {}", w.dump()));
+    let lost = events
+        .iter()
+        .find(|e| is(e, "lock_lost"))
+        .unwrap_or_else(|| panic!("no lock_lost: {}", w.dump()));
     assert_eq!(lost["alert"], true, "{lost}");
-    let failed = events.iter().find(|e| is(e, "tick_failed")).unwrap_or_else(|| panic!("no tick_failed: {}", w.dump()));
+    let failed = events
+        .iter()
+        .find(|e| is(e, "tick_failed"))
+        .unwrap_or_else(|| panic!("no tick_failed: {}", w.dump()));
     assert_eq!(failed["alert"], true, "{failed}");
-    assert!(events.iter().all(|e| !is(e, "plugin_status_changed")), "{}", w.dump());
-    assert_eq!(route_status(&redis, "slow"), "ACTIVE", "nothing written after the lease was lost");
+    assert!(
+        events.iter().all(|e| !is(e, "plugin_status_changed")),
+        "{}",
+        w.dump()
+    );
+    assert_eq!(
+        route_status(&redis, "slow"),
+        "ACTIVE",
+        "nothing written after the lease was lost"
+    );
 }
 
 /// Running the real binary: a clean environment, output collected line by line, killed
@@ -555,7 +782,10 @@ mod harness {
     }
 
     fn parse_events(lines: &[String]) -> Vec<Value> {
-        lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// A running `keel-scraper`.
@@ -607,7 +837,12 @@ mod harness {
         }
 
         /// Polls the events until `f` returns `Some`; panics with the output after `timeout`.
-        pub fn wait_until<T>(&self, timeout: Duration, what: &str, f: impl Fn(&[Value]) -> Option<T>) -> T {
+        pub fn wait_until<T>(
+            &self,
+            timeout: Duration,
+            what: &str,
+            f: impl Fn(&[Value]) -> Option<T>,
+        ) -> T {
             let deadline = Instant::now() + timeout;
             loop {
                 if let Some(v) = f(&self.events()) {
@@ -624,13 +859,18 @@ mod harness {
 
         /// The first event matching `pred`.
         pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-            self.wait_until(timeout, "an event", |evs| evs.iter().find(|e| pred(e)).cloned())
+            self.wait_until(timeout, "an event", |evs| {
+                evs.iter().find(|e| pred(e)).cloned()
+            })
         }
 
         /// The metrics and health server's address, from the `listening` event.
         pub fn listening_address(&self) -> String {
             let e = self.wait_event(Duration::from_secs(10), |e| is(e, "listening"));
-            e["address"].as_str().expect("listening names its address").to_string()
+            e["address"]
+                .as_str()
+                .expect("listening names its address")
+                .to_string()
         }
 
         /// Waits for the process to exit, then for its output to be read to the end.
@@ -644,7 +884,11 @@ mod harness {
                     self.exited = Some(s);
                     break s;
                 }
-                assert!(Instant::now() < deadline, "the process did not exit within {timeout:?}{}", self.dump());
+                assert!(
+                    Instant::now() < deadline,
+                    "the process did not exit within {timeout:?}{}",
+                    self.dump()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             };
             for r in self.readers.drain(..) {
@@ -676,7 +920,11 @@ mod harness {
         }
 
         pub fn dump(&self) -> String {
-            format!("\n--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout.join("\n"), self.stderr.join("\n"))
+            format!(
+                "\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                self.stdout.join("\n"),
+                self.stderr.join("\n")
+            )
         }
     }
 
@@ -697,7 +945,9 @@ mod harness {
         let addr: SocketAddr = address.parse().expect("a socket address");
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
         let mut response = String::new();
         stream

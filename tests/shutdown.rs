@@ -64,14 +64,26 @@ fn seed(redis: &RedisServer, routes: &[(&str, &str)]) {
         .iter()
         .map(|(id, _)| (id.to_string(), Value::String("true".into())))
         .collect();
-    put(redis, "plugins||all_registered_plugin", &Value::Object(registry).to_string());
+    put(
+        redis,
+        "plugins||all_registered_plugin",
+        &Value::Object(registry).to_string(),
+    );
     for (id, status) in routes {
-        put(redis, &format!("plugin_route_{id}"), &serde_json::json!({ "status": status }).to_string());
+        put(
+            redis,
+            &format!("plugin_route_{id}"),
+            &serde_json::json!({ "status": status }).to_string(),
+        );
     }
 }
 
 fn route_status(redis: &RedisServer, id: &str) -> String {
-    let data: Vec<u8> = redis.query(redis::cmd("HGET").arg(format!("plugin_route_{id}")).arg("data"));
+    let data: Vec<u8> = redis.query(
+        redis::cmd("HGET")
+            .arg(format!("plugin_route_{id}"))
+            .arg("data"),
+    );
     let route: Value = serde_json::from_slice(&data).expect("the route is JSON");
     route["status"].as_str().unwrap_or_default().to_string()
 }
@@ -79,8 +91,12 @@ fn route_status(redis: &RedisServer, id: &str) -> String {
 /// The raw `scrape_state` record (the lease) and its remaining TTL in milliseconds.
 fn lock_record(redis: &RedisServer) -> (Value, i64) {
     let data: Vec<u8> = redis.query(redis::cmd("HGET").arg("plugins||scrape_state").arg("data"));
-    let record = serde_json::from_slice(&data)
-        .unwrap_or_else(|_| panic!("scrape_state is not JSON: {}", String::from_utf8_lossy(&data)));
+    let record = serde_json::from_slice(&data).unwrap_or_else(|_| {
+        panic!(
+            "scrape_state is not JSON: {}",
+            String::from_utf8_lossy(&data)
+        )
+    });
     let pttl: i64 = redis.query(redis::cmd("PTTL").arg("plugins||scrape_state"));
     (record, pttl)
 }
@@ -111,7 +127,10 @@ fn parse_tick(t: &str) -> chrono::DateTime<chrono::Utc> {
 fn eventually(timeout: Duration, what: &str, f: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -122,12 +141,18 @@ fn stops_cleanly_on(signal: libc::c_int, name: &str) {
     let sim = PluginSim::start().expect("simulator");
     seed(&redis, &[("a", "ACTIVE")]);
     // A lease longer than the interval: only the release can free it at once.
-    let mut w = Worker::spawn(&run_args(&redis, &sim, &["--lease", "5s", "--holder-id", "replica-1"]), &[]);
+    let mut w = Worker::spawn(
+        &run_args(&redis, &sim, &["--lease", "5s", "--holder-id", "replica-1"]),
+        &[],
+    );
     w.wait_until(Duration::from_secs(10), "two completed ticks", |evs| {
         (completed_ticks(evs).len() >= 2).then_some(())
     });
     let (before, _) = lock_record(&redis);
-    assert_eq!(before["holder"], "replica-1", "the holder keeps its lease between ticks");
+    assert_eq!(
+        before["holder"], "replica-1",
+        "the holder keeps its lease between ticks"
+    );
 
     w.signal(signal);
     let status = w.wait_exit(Duration::from_secs(5));
@@ -140,12 +165,24 @@ fn stops_cleanly_on(signal: libc::c_int, name: &str) {
     assert_eq!(events[started]["signal"], name);
     assert_eq!(events[released]["holder"], "replica-1");
     assert_eq!(events[completed]["tick_cancelled"], false);
-    assert_eq!(completed, events.len() - 1, "shutdown_completed is the last event{}", w.dump());
+    assert_eq!(
+        completed,
+        events.len() - 1,
+        "shutdown_completed is the last event{}",
+        w.dump()
+    );
 
     let (record, pttl) = lock_record(&redis);
-    assert!(record["holder"].is_null(), "the lease has no holder after the stop: {record}");
+    assert!(
+        record["holder"].is_null(),
+        "the lease has no holder after the stop: {record}"
+    );
     let last = completed_ticks(&events).pop().expect("a completed tick");
-    assert_eq!(record["tick"], last.as_str(), "the scraped tick stays recorded: {record}");
+    assert_eq!(
+        record["tick"],
+        last.as_str(),
+        "the scraped tick stays recorded: {record}"
+    );
     assert!(pttl > 0, "the released record still expires (PTTL {pttl})");
 }
 
@@ -161,15 +198,33 @@ async fn sigint_behaves_like_sigterm() {
 
 /// Starts a replica whose first tick probes one plugin that answers after `delay`
 /// (reporting STOPPED, so the tick has a route to write), and signals it mid-probe.
-fn signal_mid_tick(redis: &RedisServer, sim: &PluginSim, delay: Duration, grace: &str) -> (Worker, Instant) {
+fn signal_mid_tick(
+    redis: &RedisServer,
+    sim: &PluginSim,
+    delay: Duration,
+    grace: &str,
+) -> (Worker, Instant) {
     sim.set("slow", Behavior::delay(delay, Behavior::v0("STOPPED")));
     seed(redis, &[("slow", "ACTIVE")]);
     let w = Worker::spawn(
-        &run_args(redis, sim, &["--lease", "6s", "--probe-timeout", "5s", "--shutdown-grace", grace]),
+        &run_args(
+            redis,
+            sim,
+            &[
+                "--lease",
+                "6s",
+                "--probe-timeout",
+                "5s",
+                "--shutdown-grace",
+                grace,
+            ],
+        ),
         &[],
     );
     w.wait_event(Duration::from_secs(10), |e| is(e, "lock_acquired"));
-    eventually(Duration::from_secs(5), "the probe in flight", || sim.in_flight() > 0);
+    eventually(Duration::from_secs(5), "the probe in flight", || {
+        sim.in_flight() > 0
+    });
     w.signal(libc::SIGTERM);
     (w, Instant::now())
 }
@@ -188,12 +243,26 @@ async fn sigterm_mid_tick_lets_the_tick_finish_its_writes_then_exits_0() {
     let tick_done = index_of(&w, &events, "tick_completed");
     let released = index_of(&w, &events, "lock_released");
     let completed = index_of(&w, &events, "shutdown_completed");
-    assert!(started < changed && changed < tick_done && tick_done < released && released < completed, "{}", w.dump());
+    assert!(
+        started < changed && changed < tick_done && tick_done < released && released < completed,
+        "{}",
+        w.dump()
+    );
     assert_eq!(events[completed]["tick_cancelled"], false);
-    assert_eq!(route_status(&redis, "slow"), "STOPPED", "the running tick's write landed");
-    assert!(took >= Duration::from_millis(500), "the process waited for the tick ({took:?})");
+    assert_eq!(
+        route_status(&redis, "slow"),
+        "STOPPED",
+        "the running tick's write landed"
+    );
+    assert!(
+        took >= Duration::from_millis(500),
+        "the process waited for the tick ({took:?})"
+    );
     let (record, _) = lock_record(&redis);
-    assert!(record["holder"].is_null(), "released after the tick: {record}");
+    assert!(
+        record["holder"].is_null(),
+        "released after the tick: {record}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,12 +273,25 @@ async fn a_tick_slower_than_the_grace_is_cancelled_and_the_process_still_exits_0
     let status = w.wait_exit(Duration::from_secs(5));
     let took = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "{}", w.dump());
-    assert!(took < Duration::from_millis(1500), "exit {took:?} after SIGTERM with a 200ms grace");
+    assert!(
+        took < Duration::from_millis(1500),
+        "exit {took:?} after SIGTERM with a 200ms grace"
+    );
     let events = w.events();
     let completed = index_of(&w, &events, "shutdown_completed");
     assert_eq!(events[completed]["tick_cancelled"], true, "{}", w.dump());
-    assert!(events.iter().all(|e| !is(e, "tick_completed") && !is(e, "plugin_status_changed")), "{}", w.dump());
-    assert_eq!(route_status(&redis, "slow"), "ACTIVE", "a cancelled tick writes nothing more");
+    assert!(
+        events
+            .iter()
+            .all(|e| !is(e, "tick_completed") && !is(e, "plugin_status_changed")),
+        "{}",
+        w.dump()
+    );
+    assert_eq!(
+        route_status(&redis, "slow"),
+        "ACTIVE",
+        "a cancelled tick writes nothing more"
+    );
 }
 
 /// The cancelled tick held the lease: the process must still release it, or no replica
@@ -227,7 +309,11 @@ async fn a_cancelled_tick_still_releases_the_lease() {
         "the lease is still held after the process exited (PTTL {pttl} ms): {record}{}",
         w.dump()
     );
-    assert!(w.events().iter().any(|e| is(e, "lock_released")), "{}", w.dump());
+    assert!(
+        w.events().iter().any(|e| is(e, "lock_released")),
+        "{}",
+        w.dump()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,27 +326,54 @@ async fn a_standby_replica_takes_the_very_next_tick_after_the_holder_stops() {
     let mut first = Worker::spawn(&args("first"), &[]);
     first.wait_event(Duration::from_secs(10), |e| is(e, "tick_completed"));
     let second = Worker::spawn(&args("second"), &[]);
-    second.wait_event(Duration::from_secs(10), |e| is(e, "tick_skipped") && e["reason"] == "lock_held");
+    second.wait_event(Duration::from_secs(10), |e| {
+        is(e, "tick_skipped") && e["reason"] == "lock_held"
+    });
     // Signal right after a tick completed: the next fire is most of a second away.
     let seen = completed_ticks(&first.events()).len();
     first.wait_until(Duration::from_secs(5), "another completed tick", |evs| {
         (completed_ticks(evs).len() > seen).then_some(())
     });
     first.signal(libc::SIGTERM);
-    assert_eq!(first.wait_exit(Duration::from_secs(5)).code(), Some(0), "{}", first.dump());
+    assert_eq!(
+        first.wait_exit(Duration::from_secs(5)).code(),
+        Some(0),
+        "{}",
+        first.dump()
+    );
     let first_ticks = completed_ticks(&first.events());
-    let last = parse_tick(first_ticks.last().expect("the first replica completed ticks"));
-    assert!(first.events().iter().any(|e| is(e, "lock_released")), "{}", first.dump());
+    let last = parse_tick(
+        first_ticks
+            .last()
+            .expect("the first replica completed ticks"),
+    );
+    assert!(
+        first.events().iter().any(|e| is(e, "lock_released")),
+        "{}",
+        first.dump()
+    );
 
     let next = second.wait_event(Duration::from_secs(5), |e| {
         e["tick"].as_str().is_some_and(|t| parse_tick(t) > last)
             && (is(e, "tick_completed") || is(e, "tick_skipped") || is(e, "tick_failed"))
     });
-    assert_eq!(next["event"], "tick_completed", "the standby's first tick after the stop: {next}{}", second.dump());
+    assert_eq!(
+        next["event"],
+        "tick_completed",
+        "the standby's first tick after the stop: {next}{}",
+        second.dump()
+    );
     let took = parse_tick(next["tick"].as_str().unwrap_or_default());
-    assert_eq!(took - last, chrono::Duration::seconds(1), "tick {last} by the first, then {took} by the second");
+    assert_eq!(
+        took - last,
+        chrono::Duration::seconds(1),
+        "tick {last} by the first, then {took} by the second"
+    );
     let second_ticks = completed_ticks(&second.events());
-    assert!(first_ticks.iter().all(|t| !second_ticks.contains(t)), "a tick scraped twice: {first_ticks:?} {second_ticks:?}");
+    assert!(
+        first_ticks.iter().all(|t| !second_ticks.contains(t)),
+        "a tick scraped twice: {first_ticks:?} {second_ticks:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,15 +381,38 @@ async fn sigterm_during_start_up_exits_0() {
     // Nothing listens there: start-up retries the connection until the signal.
     let url = format!("redis://127.0.0.1:{}/", free_port());
     let mut w = Worker::spawn(
-        &["run", "--backend", "redis", "--redis-url", &url, "--status-url", "http://127.0.0.1:1/{plugin_id}", "--listen", "127.0.0.1:0"],
+        &[
+            "run",
+            "--backend",
+            "redis",
+            "--redis-url",
+            &url,
+            "--status-url",
+            "http://127.0.0.1:1/{plugin_id}",
+            "--listen",
+            "127.0.0.1:0",
+        ],
         &[],
     );
-    w.wait_event(Duration::from_secs(10), |e| is(e, "store_error") && e["operation"] == "connect");
+    w.wait_event(Duration::from_secs(10), |e| {
+        is(e, "store_error") && e["operation"] == "connect"
+    });
     w.signal(libc::SIGTERM);
-    assert_eq!(w.wait_exit(Duration::from_secs(5)).code(), Some(0), "{}", w.dump());
+    assert_eq!(
+        w.wait_exit(Duration::from_secs(5)).code(),
+        Some(0),
+        "{}",
+        w.dump()
+    );
     let events = w.events();
-    assert_eq!(events[index_of(&w, &events, "shutdown_started")]["signal"], "SIGTERM");
-    assert_eq!(events[index_of(&w, &events, "shutdown_completed")]["tick_cancelled"], false);
+    assert_eq!(
+        events[index_of(&w, &events, "shutdown_started")]["signal"],
+        "SIGTERM"
+    );
+    assert_eq!(
+        events[index_of(&w, &events, "shutdown_completed")]["tick_cancelled"],
+        false
+    );
 }
 
 /// Running the real binary: a clean environment, output collected line by line, killed
@@ -316,7 +452,10 @@ mod harness {
     }
 
     fn parse_events(lines: &[String]) -> Vec<Value> {
-        lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// A running `keel-scraper`.
@@ -368,7 +507,12 @@ mod harness {
         }
 
         /// Polls the events until `f` returns `Some`; panics with the output after `timeout`.
-        pub fn wait_until<T>(&self, timeout: Duration, what: &str, f: impl Fn(&[Value]) -> Option<T>) -> T {
+        pub fn wait_until<T>(
+            &self,
+            timeout: Duration,
+            what: &str,
+            f: impl Fn(&[Value]) -> Option<T>,
+        ) -> T {
             let deadline = Instant::now() + timeout;
             loop {
                 if let Some(v) = f(&self.events()) {
@@ -385,13 +529,19 @@ mod harness {
 
         /// The first event matching `pred`.
         pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-            self.wait_until(timeout, "an event", |evs| evs.iter().find(|e| pred(e)).cloned())
+            self.wait_until(timeout, "an event", |evs| {
+                evs.iter().find(|e| pred(e)).cloned()
+            })
         }
 
         /// Sends `signal` to the process, which must not have been reaped yet (so its pid
         /// cannot belong to another process).
         pub fn signal(&self, signal: libc::c_int) {
-            assert!(self.exited.is_none(), "the process already exited{}", self.dump());
+            assert!(
+                self.exited.is_none(),
+                "the process already exited{}",
+                self.dump()
+            );
             // SAFETY: kill(2) on our own child's pid; the child has not been reaped.
             let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
             assert_eq!(rc, 0, "kill({signal}) failed");
@@ -408,7 +558,11 @@ mod harness {
                     self.exited = Some(s);
                     break s;
                 }
-                assert!(Instant::now() < deadline, "the process did not exit within {timeout:?}{}", self.dump());
+                assert!(
+                    Instant::now() < deadline,
+                    "the process did not exit within {timeout:?}{}",
+                    self.dump()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             };
             for r in self.readers.drain(..) {

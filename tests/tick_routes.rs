@@ -15,8 +15,8 @@ use keel_scraper::store::{Save, Store, StoreKind};
 use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
 use std::sync::Arc;
 use support::binary::{
-    exists, keel, raw_data, raw_json, raw_version, redis_store, redis_ticker, route_status,
-    seed, seed_registry, seed_route, Capture, Events, ReplicaOptions,
+    exists, keel, raw_data, raw_json, raw_version, redis_store, redis_ticker, route_status, seed,
+    seed_registry, seed_route, Capture, Events, ReplicaOptions,
 };
 use support::redis_server::RedisServer;
 
@@ -111,7 +111,12 @@ async fn only_routes_whose_status_changes_are_written() {
     let (report, events) = tick(&t).await;
     assert_eq!(report.routes_changed, 0, "{events}");
     assert!(!events.has("plugin_status_changed"), "{events}");
-    for (id, version) in [("steady", 1), ("steady-v1", 1), ("starting", 2), ("stopping", 2)] {
+    for (id, version) in [
+        ("steady", 1),
+        ("steady-v1", 1),
+        ("starting", 2),
+        ("stopping", 2),
+    ] {
         assert_eq!(w.version(id), Some(version), "{id}");
     }
 }
@@ -150,9 +155,27 @@ async fn v0_and_v1_statuses_map_to_the_route_vocabulary() {
     let s = &*w.store;
     // (plugin, route before, behaviour, route after, error_kind when the probe fails)
     let cases: Vec<(&str, &str, Behavior, &str, Option<&str>)> = vec![
-        ("v1-running", "STARTING", Behavior::v1("RUNNING"), "ACTIVE", None),
-        ("v1-wait", "ACTIVE", Behavior::v1("WAIT_RUNNING"), "STARTING", None),
-        ("v1-err", "ACTIVE", Behavior::v1("ERR_REGISTER"), "FAILED", None),
+        (
+            "v1-running",
+            "STARTING",
+            Behavior::v1("RUNNING"),
+            "ACTIVE",
+            None,
+        ),
+        (
+            "v1-wait",
+            "ACTIVE",
+            Behavior::v1("WAIT_RUNNING"),
+            "STARTING",
+            None,
+        ),
+        (
+            "v1-err",
+            "ACTIVE",
+            Behavior::v1("ERR_REGISTER"),
+            "FAILED",
+            None,
+        ),
         (
             "v1-numbers",
             "STARTING",
@@ -160,19 +183,58 @@ async fn v0_and_v1_statuses_map_to_the_route_vocabulary() {
             "ACTIVE",
             None,
         ),
-        ("v1-defaults", "STARTING", Behavior::raw(200, r#"{"res":{},"status":"RUNNING"}"#), "ACTIVE", None),
-        ("v1-unknown", "ACTIVE", Behavior::v1("UNKNOWN"), "ACTIVE", Some("unknown_status")),
+        (
+            "v1-defaults",
+            "STARTING",
+            Behavior::raw(200, r#"{"res":{},"status":"RUNNING"}"#),
+            "ACTIVE",
+            None,
+        ),
+        (
+            "v1-unknown",
+            "ACTIVE",
+            Behavior::v1("UNKNOWN"),
+            "ACTIVE",
+            Some("unknown_status"),
+        ),
         (
             "v1-bad-ret",
             "ACTIVE",
-            Behavior::raw(200, r#"{"res":{"ret":"INTERNAL_ERROR","msg":"x"},"status":"RUNNING"}"#),
+            Behavior::raw(
+                200,
+                r#"{"res":{"ret":"INTERNAL_ERROR","msg":"x"},"status":"RUNNING"}"#,
+            ),
             "ACTIVE",
             Some("plugin_error"),
         ),
-        ("v0-stopping", "ACTIVE", Behavior::v0("STOPPING"), "STOPPING", None),
-        ("v0-starting", "ACTIVE", Behavior::v0("STARTING"), "STARTING", None),
-        ("v0-failed", "STARTING", Behavior::v0("FAILED"), "FAILED", None),
-        ("v0-no-ret", "STARTING", Behavior::raw(200, r#"{"status":"ACTIVE"}"#), "ACTIVE", None),
+        (
+            "v0-stopping",
+            "ACTIVE",
+            Behavior::v0("STOPPING"),
+            "STOPPING",
+            None,
+        ),
+        (
+            "v0-starting",
+            "ACTIVE",
+            Behavior::v0("STARTING"),
+            "STARTING",
+            None,
+        ),
+        (
+            "v0-failed",
+            "STARTING",
+            Behavior::v0("FAILED"),
+            "FAILED",
+            None,
+        ),
+        (
+            "v0-no-ret",
+            "STARTING",
+            Behavior::raw(200, r#"{"status":"ACTIVE"}"#),
+            "ACTIVE",
+            None,
+        ),
         (
             "v0-v1-word",
             "ACTIVE",
@@ -227,11 +289,24 @@ async fn registered_plugin_without_route_is_skipped_and_never_created() {
     for _ in 0..2 {
         let (report, events) = tick(&t).await;
         assert_eq!(report.plugins, 2, "{events}");
-        assert_eq!(events.for_plugin("route_missing", "ghost").len(), 1, "{events}");
-        assert!(events.for_plugin("plugin_status_changed", "ghost").is_empty());
-        assert!(!exists(&w.server, "plugin_route_ghost"), "a missing route was created");
+        assert_eq!(
+            events.for_plugin("route_missing", "ghost").len(),
+            1,
+            "{events}"
+        );
+        assert!(events
+            .for_plugin("plugin_status_changed", "ghost")
+            .is_empty());
+        assert!(
+            !exists(&w.server, "plugin_route_ghost"),
+            "a missing route was created"
+        );
     }
-    assert_eq!(w.sim.requests("ghost"), 0, "a plugin without route was probed");
+    assert_eq!(
+        w.sim.requests("ghost"),
+        0,
+        "a plugin without route was probed"
+    );
     assert_eq!(w.status("present").as_deref(), Some("STOPPED"));
 }
 
@@ -240,7 +315,10 @@ async fn malformed_route_is_logged_and_left_byte_identical_while_others_proceed(
     let w = world().await;
     let s = &*w.store;
     let malformed = [
-        ("truncated", r#"{"status":"ACTIVE","tkeel_version":"v0.4.0""#),
+        (
+            "truncated",
+            r#"{"status":"ACTIVE","tkeel_version":"v0.4.0""#,
+        ),
         ("no-status", r#"{"tkeel_version":"v0.4.0"}"#),
         ("status-number", r#"{"status":3}"#),
         ("array", r#"["ACTIVE"]"#),
@@ -260,8 +338,16 @@ async fn malformed_route_is_logged_and_left_byte_identical_while_others_proceed(
     let (report, events) = tick(&t).await;
     for (id, data) in malformed {
         let key = format!("plugin_route_{id}");
-        assert_eq!(events.for_plugin("route_invalid", id).len(), 1, "{id}\n{events}");
-        assert_eq!(raw_data(&w.server, &key).as_deref(), Some(data.as_bytes()), "{id}");
+        assert_eq!(
+            events.for_plugin("route_invalid", id).len(),
+            1,
+            "{id}\n{events}"
+        );
+        assert_eq!(
+            raw_data(&w.server, &key).as_deref(),
+            Some(data.as_bytes()),
+            "{id}"
+        );
         assert_eq!(raw_version(&w.server, &key), Some(1), "{id} was written");
     }
     assert_eq!(report.routes_changed, 1, "{events}");
@@ -278,13 +364,16 @@ async fn cas_conflict_rereads_the_route_and_reapplies_the_decision_on_the_fresh_
     let slow = |status: &str| Behavior::delay(Duration::from_millis(1500), Behavior::v0(status));
     w.sim.set("edited", slow("STOPPED"));
     w.sim.set("agreed", slow("STOPPED"));
-    let t = w.ticker(&ReplicaOptions::new("replica-a").probe_timeout(Duration::from_secs(5))).await;
+    let t = w
+        .ticker(&ReplicaOptions::new("replica-a").probe_timeout(Duration::from_secs(5)))
+        .await;
 
     // The Plugins plugin, on its own connection, edits both routes after the tick read
     // them and while it waits for the probes.
     let other = redis_store(&w.server).await;
     let theirs_edited = r#"{"status":"ACTIVE","tkeel_version":"v0.5.0","register_addons":{"added":"x/v1/y"},"owner":"plugins"}"#;
-    let theirs_agreed = r#"{"status":"STOPPED","tkeel_version":"v0.5.0","note":"stopped by an operator"}"#;
+    let theirs_agreed =
+        r#"{"status":"STOPPED","tkeel_version":"v0.5.0","note":"stopped by an operator"}"#;
     let capture = Capture::new();
     let meddle = async {
         wait_for_requests(&w.sim, &["edited", "agreed"]).await;
@@ -296,19 +385,31 @@ async fn cas_conflict_rereads_the_route_and_reapplies_the_decision_on_the_fresh_
                 .expect("read the route")
                 .expect("the route exists");
             other
-                .save(StoreKind::Public, Save::cas(&key, data.as_bytes(), &current.etag))
+                .save(
+                    StoreKind::Public,
+                    Save::cas(&key, data.as_bytes(), &current.etag),
+                )
                 .await
                 .expect("the other writer's CAS save");
         }
     };
-    let ((outcome, guard), ()) = tokio::join!(capture.run(t.tick(TickKind::Manual(Utc::now()))), meddle);
+    let ((outcome, guard), ()) =
+        tokio::join!(capture.run(t.tick(TickKind::Manual(Utc::now()))), meddle);
     let events = capture.events();
     let TickOutcome::Completed(report) = outcome else {
         panic!("the tick did not complete: {outcome:?}\n{events}");
     };
-    t.lease.release(&guard.expect("a completed tick holds the lease")).await.expect("release");
+    t.lease
+        .release(&guard.expect("a completed tick holds the lease"))
+        .await
+        .expect("release");
 
-    assert!(!events.for_plugin("route_write_conflict", "edited").is_empty(), "{events}");
+    assert!(
+        !events
+            .for_plugin("route_write_conflict", "edited")
+            .is_empty(),
+        "{events}"
+    );
     // Their fields, our decided status, in one more version.
     assert_eq!(
         String::from_utf8_lossy(&raw_data(&w.server, "plugin_route_edited").unwrap()),
@@ -320,10 +421,17 @@ async fn cas_conflict_rereads_the_route_and_reapplies_the_decision_on_the_fresh_
         String::from_utf8_lossy(&raw_data(&w.server, "plugin_route_agreed").unwrap()),
         theirs_agreed
     );
-    assert_eq!(w.version("agreed"), Some(2), "a route needing no change was written");
+    assert_eq!(
+        w.version("agreed"),
+        Some(2),
+        "a route needing no change was written"
+    );
     assert_eq!(report.routes_changed, 1, "{events}");
     assert_eq!(events.named("plugin_status_changed").len(), 1, "{events}");
-    assert_eq!(events.for_plugin("plugin_status_changed", "edited")[0]["from"], "ACTIVE");
+    assert_eq!(
+        events.for_plugin("plugin_status_changed", "edited")[0]["from"],
+        "ACTIVE"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,11 +441,21 @@ async fn route_deleted_while_the_tick_runs_is_not_recreated() {
     seed_registry(s, &["doomed", "failing"]).await;
     seed_route(s, "doomed", "ACTIVE").await;
     seed_route(s, "failing", "ACTIVE").await;
-    w.sim.set("doomed", Behavior::delay(Duration::from_millis(1500), Behavior::v0("STOPPED")));
+    w.sim.set(
+        "doomed",
+        Behavior::delay(Duration::from_millis(1500), Behavior::v0("STOPPED")),
+    );
     // A probe failing at the threshold decides FAILED: that write must not land either.
-    w.sim.set("failing", Behavior::delay(Duration::from_millis(1500), Behavior::raw(503, "{}")));
+    w.sim.set(
+        "failing",
+        Behavior::delay(Duration::from_millis(1500), Behavior::raw(503, "{}")),
+    );
     let t = w
-        .ticker(&ReplicaOptions::new("replica-a").probe_timeout(Duration::from_secs(5)).thresholds(1, 1))
+        .ticker(
+            &ReplicaOptions::new("replica-a")
+                .probe_timeout(Duration::from_secs(5))
+                .thresholds(1, 1),
+        )
         .await;
 
     let other = redis_store(&w.server).await;
@@ -351,14 +469,28 @@ async fn route_deleted_while_the_tick_runs_is_not_recreated() {
                 .expect("delete the route");
         }
     };
-    let ((outcome, guard), ()) = tokio::join!(capture.run(t.tick(TickKind::Manual(Utc::now()))), delete);
+    let ((outcome, guard), ()) =
+        tokio::join!(capture.run(t.tick(TickKind::Manual(Utc::now()))), delete);
     let events = capture.events();
-    assert!(matches!(outcome, TickOutcome::Completed(_)), "{outcome:?}\n{events}");
-    t.lease.release(&guard.expect("lease")).await.expect("release");
+    assert!(
+        matches!(outcome, TickOutcome::Completed(_)),
+        "{outcome:?}\n{events}"
+    );
+    t.lease
+        .release(&guard.expect("lease"))
+        .await
+        .expect("release");
 
     for id in ["doomed", "failing"] {
-        assert!(!exists(&w.server, &format!("plugin_route_{id}")), "{id} was re-created\n{events}");
-        assert_eq!(events.for_plugin("route_missing", id).len(), 1, "{id}\n{events}");
+        assert!(
+            !exists(&w.server, &format!("plugin_route_{id}")),
+            "{id} was re-created\n{events}"
+        );
+        assert_eq!(
+            events.for_plugin("route_missing", id).len(),
+            1,
+            "{id}\n{events}"
+        );
     }
     assert!(!events.has("plugin_status_changed"), "{events}");
 }
@@ -371,9 +503,15 @@ async fn unhealthy_threshold_two_fails_a_route_on_the_second_failed_probe_across
     seed_route(s, "flaky", "ACTIVE").await;
     w.sim.set("flaky", Behavior::raw(503, "{}"));
     let once = |holder: &str| {
-        keel()
-            .redis(&w.server.url(), &w.sim.url_template())
-            .args(["once", "--unhealthy-threshold", "2", "--retries", "0", "--holder-id", holder])
+        keel().redis(&w.server.url(), &w.sim.url_template()).args([
+            "once",
+            "--unhealthy-threshold",
+            "2",
+            "--retries",
+            "0",
+            "--holder-id",
+            holder,
+        ])
     };
 
     let first = once("replica-a").run_async().await;
@@ -383,17 +521,28 @@ async fn unhealthy_threshold_two_fails_a_route_on_the_second_failed_probe_across
     assert_eq!(failed.len(), 1, "{}", first.describe());
     assert_eq!(failed[0]["error_kind"], "http_status");
     assert_eq!(failed[0]["consecutive_failures"], 1);
-    assert_eq!(w.status("flaky").as_deref(), Some("ACTIVE"), "one failure is below the threshold");
+    assert_eq!(
+        w.status("flaky").as_deref(),
+        Some("ACTIVE"),
+        "one failure is below the threshold"
+    );
     // The count lives in the private store, under the Plugins prefix.
-    let counters = raw_json(&w.server, "plugins||scrape_counters").expect("plugins||scrape_counters exists");
+    let counters =
+        raw_json(&w.server, "plugins||scrape_counters").expect("plugins||scrape_counters exists");
     assert!(counters.get("flaky").is_some(), "{counters}");
-    assert!(!exists(&w.server, "scrape_counters"), "counters must be a private key");
+    assert!(
+        !exists(&w.server, "scrape_counters"),
+        "counters must be a private key"
+    );
 
     // Another replica (another process, another holder) continues the count.
     let second = once("replica-b").run_async().await;
     second.assert_code(0);
     let events = second.events();
-    assert_eq!(events.for_plugin("plugin_probe_failed", "flaky")[0]["consecutive_failures"], 2);
+    assert_eq!(
+        events.for_plugin("plugin_probe_failed", "flaky")[0]["consecutive_failures"],
+        2
+    );
     let changed = events.for_plugin("plugin_status_changed", "flaky");
     assert_eq!(changed.len(), 1, "{}", second.describe());
     assert_eq!(changed[0]["from"], "ACTIVE");
@@ -411,14 +560,22 @@ async fn healthy_threshold_two_needs_two_passing_reports_to_leave_failed() {
     seed_route(s, "recovering", "FAILED").await;
     w.sim.set("recovering", Behavior::v0("ACTIVE"));
     let once = |holder: &str| {
-        keel()
-            .redis(&w.server.url(), &w.sim.url_template())
-            .args(["once", "--healthy-threshold", "2", "--holder-id", holder])
+        keel().redis(&w.server.url(), &w.sim.url_template()).args([
+            "once",
+            "--healthy-threshold",
+            "2",
+            "--holder-id",
+            holder,
+        ])
     };
 
     let first = once("replica-a").run_async().await;
     first.assert_code(0);
-    assert!(!first.events().has("plugin_status_changed"), "{}", first.describe());
+    assert!(
+        !first.events().has("plugin_status_changed"),
+        "{}",
+        first.describe()
+    );
     assert_eq!(w.status("recovering").as_deref(), Some("FAILED"));
     assert_eq!(w.version("recovering"), Some(1));
     let counters = raw_json(&w.server, "plugins||scrape_counters").expect("counters saved");
@@ -456,7 +613,10 @@ async fn probe_running_at_the_deadline_is_cut_off_without_moving_counter_or_stat
     let counters_before = raw_data(&w.server, "plugins||scrape_counters").expect("counters saved");
 
     // Now the slow plugin answers (a blocking status) only after 3 s.
-    w.sim.set("slow", Behavior::delay(Duration::from_secs(3), Behavior::v0("STOPPED")));
+    w.sim.set(
+        "slow",
+        Behavior::delay(Duration::from_secs(3), Behavior::v0("STOPPED")),
+    );
     w.sim.set("fast", Behavior::v0("STOPPING"));
     let started = Instant::now();
     let (report, events) = tick(&t).await;
@@ -466,8 +626,16 @@ async fn probe_running_at_the_deadline_is_cut_off_without_moving_counter_or_stat
     assert_eq!(report.probe_failed, 0, "{events}");
     assert_eq!(report.probed_ok, 1, "{events}");
     assert_eq!(events.one("probes_cut_off")["plugins"], 1);
-    assert!(events.for_plugin("plugin_probe_failed", "slow").is_empty(), "{events}");
-    assert!(events.for_plugin("plugin_status_changed", "slow").is_empty(), "{events}");
+    assert!(
+        events.for_plugin("plugin_probe_failed", "slow").is_empty(),
+        "{events}"
+    );
+    assert!(
+        events
+            .for_plugin("plugin_status_changed", "slow")
+            .is_empty(),
+        "{events}"
+    );
     assert_eq!(w.status("slow").as_deref(), Some("ACTIVE"));
     assert_eq!(w.version("slow"), Some(1));
     assert_eq!(
@@ -478,8 +646,15 @@ async fn probe_running_at_the_deadline_is_cut_off_without_moving_counter_or_stat
     // The others' decided writes still land.
     assert_eq!(w.status("fast").as_deref(), Some("STOPPING"));
     // Probing stopped at lease - lease/5 = 800 ms: the tick ends inside the 1 s lease.
-    assert!(report.duration < Duration::from_secs(1), "tick took {:?}", report.duration);
-    assert!(wall < Duration::from_millis(1500), "tick and release took {wall:?}");
+    assert!(
+        report.duration < Duration::from_secs(1),
+        "tick took {:?}",
+        report.duration
+    );
+    assert!(
+        wall < Duration::from_millis(1500),
+        "tick and release took {wall:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,19 +664,39 @@ async fn once_cuts_off_probes_at_the_deadline_and_finishes_inside_the_lease() {
     seed_registry(s, &["slow", "fast"]).await;
     seed_route(s, "slow", "ACTIVE").await;
     seed_route(s, "fast", "STARTING").await;
-    w.sim.set("slow", Behavior::delay(Duration::from_secs(3), Behavior::v0("STOPPED")));
+    w.sim.set(
+        "slow",
+        Behavior::delay(Duration::from_secs(3), Behavior::v0("STOPPED")),
+    );
     w.sim.set("fast", Behavior::v0("ACTIVE"));
 
     let out = keel()
         .redis(&w.server.url(), &w.sim.url_template())
-        .args(["once", "--lease", "1s", "--probe-timeout", "5s", "--holder-id", "replica-a"])
+        .args([
+            "once",
+            "--lease",
+            "1s",
+            "--probe-timeout",
+            "5s",
+            "--holder-id",
+            "replica-a",
+        ])
         .run_async()
         .await;
     out.assert_code(0);
     let events = out.events();
-    assert_eq!(events.one("probes_cut_off")["plugins"], 1, "{}", out.describe());
+    assert_eq!(
+        events.one("probes_cut_off")["plugins"],
+        1,
+        "{}",
+        out.describe()
+    );
     let done = events.one("tick_completed");
-    assert!(done["duration_ms"].as_u64().unwrap() < 1000, "{}", out.describe());
+    assert!(
+        done["duration_ms"].as_u64().unwrap() < 1000,
+        "{}",
+        out.describe()
+    );
     assert_eq!(done["probed_ok"], 1);
     assert_eq!(done["probe_failed"], 0);
     assert_eq!(w.status("slow").as_deref(), Some("ACTIVE"));

@@ -101,11 +101,6 @@ impl Row {
         self
     }
 
-    pub fn ratio(mut self, ratio: Option<f64>) -> Row {
-        self.ratio = ratio;
-        self
-    }
-
     pub fn target(mut self, target: Target) -> Row {
         self.target = target;
         self
@@ -137,6 +132,7 @@ impl Row {
 
 fn fmt_value(v: f64, unit: Unit) -> String {
     match unit {
+        Unit::Seconds if v < 1e-3 => format!("{:.1} µs", v * 1e6),
         Unit::Seconds if v < 1.0 => format!("{:.1} ms", v * 1e3),
         Unit::Seconds => format!("{v:.3} s"),
         Unit::Mib => format!("{v:.1} MiB"),
@@ -261,8 +257,19 @@ pub fn thread_cpu_seconds(prefix: &str) -> f64 {
         }
         total_ns += std::fs::read_to_string(task.path().join("schedstat"))
             .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
             .unwrap_or(0);
     }
     total_ns as f64 / 1e9
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the machine skews every figure.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }

@@ -23,9 +23,8 @@ pub fn free_port() -> Result<u16> {
 
 /// Whether `program` can be found on `PATH`.
 pub fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// Spawns `cmd` so that it receives SIGKILL when this process dies.
@@ -76,7 +75,10 @@ impl Tied {
     /// accounts it at exit (`ru_maxrss`, KiB) and the highest `VmHWM` seen while polling
     /// `/proc/<pid>/status` (KiB).
     pub fn wait_measured(&mut self, started: Instant, limit: Duration) -> Result<Exited> {
-        let child = self.child.take().ok_or_else(|| anyhow!("the child was already reaped"))?;
+        let child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("the child was already reaped"))?;
         let pid = child.id() as libc::pid_t;
         let status_path = PathBuf::from(format!("/proc/{pid}/status"));
         let deadline = Instant::now() + limit;
@@ -165,7 +167,12 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<(String, Exited
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     if exited.code != 0 {
         let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-        bail!("exit code {}: {}{}", exited.code, stdout.trim(), stderr.trim());
+        bail!(
+            "exit code {}: {}{}",
+            exited.code,
+            stdout.trim(),
+            stderr.trim()
+        );
     }
     Ok((stdout, exited))
 }
@@ -182,7 +189,9 @@ impl RedisServer {
     pub fn start() -> Result<RedisServer> {
         let mut last_error = anyhow!("no attempt made");
         for _ in 0..5 {
-            let dir = tempfile::Builder::new().prefix("keel-bench-redis-").tempdir()?;
+            let dir = tempfile::Builder::new()
+                .prefix("keel-bench-redis-")
+                .tempdir()?;
             let port = free_port()?;
             let mut cmd = Command::new("redis-server");
             cmd.arg("--port")
@@ -231,7 +240,10 @@ impl RedisServer {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("redis-server on port {} did not answer PING within {limit:?}", self.port);
+                bail!(
+                    "redis-server on port {} did not answer PING within {limit:?}",
+                    self.port
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }

@@ -339,6 +339,11 @@ pub async fn wait_until<T>(
     }
 }
 
+/// `123 ms`, for the figures.
+pub fn ms(d: Duration) -> String {
+    format!("{} ms", d.as_millis())
+}
+
 /// Sleeps until the wall clock reads `t` (returns at once when it is past).
 pub async fn sleep_until_wall(t: DateTime<Utc>) {
     if let Ok(d) = (t - Utc::now()).to_std() {
@@ -661,17 +666,6 @@ impl Replica {
                 self.name,
                 journal.tail(30)
             ),
-        }
-    }
-
-    /// SIGKILL, reaped.
-    pub fn kill(&mut self) {
-        if self.is_running() {
-            self.signal(libc::SIGKILL);
-            if self.faked {
-                let _ = self.child.kill();
-            }
-            let _ = self.wait_exit(Duration::from_secs(10));
         }
     }
 

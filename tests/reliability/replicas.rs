@@ -9,16 +9,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use keel_scraper::sim::Behavior;
-use keel_scraper::store::StoreKind;
 use serde_json::Value;
 
 use crate::bounded;
 use crate::figures::Scenario;
 use crate::harness::{
-    sleep_until_wall, slot_at_or_after, wait_until, Journal, Replica, Spec, DAPR_TOKEN,
+    ms, sleep_until_wall, slot_at_or_after, wait_until, Journal, Replica, Spec, DAPR_TOKEN,
     REDIS_PASSWORD,
 };
-use crate::support::redis_server::RedisServer;
 use crate::support::sidecar::{SidecarConfig, SidecarDouble};
 use crate::world::{
     escaping_ids, ids, route_json, Flapper, World, LOCK_REDIS_KEY,
@@ -84,10 +82,6 @@ fn index_of(replicas: &[Replica], name: &str) -> usize {
         .iter()
         .position(|r| r.name == name)
         .unwrap_or_else(|| panic!("no replica named {name}"))
-}
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
 }
 
 /// Stops every replica with SIGTERM and checks each exits 0 and printed only JSON events.
@@ -368,17 +362,24 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         assert!(stray.is_empty(), "routes neither old nor new after the crash: {stray:?}");
         sc.figure("routes written by the killed tick before it died", format!("{written}/{}", plugins.len()));
 
-        // The lease expires by its TTL; the first tick after that is another replica's.
-        let (expired, expired_at) = wait_until(
-            Duration::from_secs(6),
-            "the killed holder's lease to expire",
-            &w.journal,
-            || {
-                (!crate::support::binary::exists(&w.redis, LOCK_REDIS_KEY))
-                    .then(|| (Utc::now(), Instant::now()))
-            },
-        )
-        .await;
+        // The victim's lease ends by its TTL: read how long it has left.
+        let (record, left): (Option<Vec<u8>>, i64) = tokio::task::block_in_place(|| {
+            let mut conn = w.redis.conn();
+            redis::pipe()
+                .cmd("HGET")
+                .arg(LOCK_REDIS_KEY)
+                .arg("data")
+                .cmd("PTTL")
+                .arg(LOCK_REDIS_KEY)
+                .query(&mut conn)
+                .unwrap_or_else(|e| panic!("read the lock: {e}"))
+        });
+        let record: Value = serde_json::from_slice(&record.unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the lock record is not JSON: {e}"));
+        assert_eq!(record["holder"], victim_name.as_str(), "the lock after the kill: {record}");
+        assert!(left > 0, "the victim's lease has no TTL ({left})");
+        let expired = Utc::now() + chrono::TimeDelta::milliseconds(left);
+        let expired_at = Instant::now() + Duration::from_millis(left.unsigned_abs());
         let takeover = wait_until(
             Duration::from_secs(10),
             "another replica to complete a tick",
@@ -398,6 +399,14 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
             .find(|e| e.replica != victim_name && e.tick() > killed_tick)
             .unwrap_or_else(|| panic!("no lock_acquired for the take-over"));
         let first_after_expiry = slot_at_or_after(expired, 2);
+        let taken_at = acquired
+            .timestamp()
+            .unwrap_or_else(|| panic!("lock_acquired without timestamp"));
+        assert!(
+            taken_at >= expired - chrono::TimeDelta::milliseconds(20),
+            "{} took the lease at {taken_at} while the victim's ran to {expired}",
+            acquired.replica
+        );
         let done = w.journal.completions();
         let mut missed = 0;
         let mut slot = killed_tick;
@@ -407,7 +416,7 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         }
         sc.figure("killed tick", killed_tick.format("%H:%M:%S"));
         sc.figure(
-            "lease expiry seen after the kill",
+            "victim's lease ran out after the kill",
             format!("{} (lease 2000 ms)", ms(expired_at.duration_since(killed_at))),
         );
         sc.figure(
