@@ -130,6 +130,11 @@ impl Meter for TickCompleted {
 impl Meter for TickSkipped {
     fn meter(&self, m: &Metrics) {
         m.tick_outcome("skipped");
+        // Skipped because another replica holds the lease or scraped the tick: this one
+        // does not hold it (a tick still running here keeps its lease).
+        if self.reason != "previous_tick_running" {
+            m.lock_held(false);
+        }
     }
 }
 impl Meter for TickFailed {

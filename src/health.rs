@@ -25,8 +25,9 @@ use crate::metrics::metrics;
 pub struct Health {
     epoch: Instant,
     interval: Duration,
-    /// Milliseconds since `epoch` of the last loop attempt, plus one; 0 = still starting.
-    last_attempt: AtomicU64,
+    /// Milliseconds since `epoch` until which the loop counts as live (the next fire it
+    /// owes plus two intervals), plus one; 0 = still starting.
+    live_until: AtomicU64,
     /// Milliseconds since `epoch` of the last store answer, plus one; 0 = never.
     last_store_ok: AtomicU64,
 }
@@ -36,7 +37,7 @@ impl Health {
         Arc::new(Health {
             epoch: Instant::now(),
             interval,
-            last_attempt: AtomicU64::new(0),
+            live_until: AtomicU64::new(0),
             last_store_ok: AtomicU64::new(0),
         })
     }
@@ -45,9 +46,21 @@ impl Health {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// The scheduler loop attempted a tick (or has just started looping).
+    /// The scheduler loop attempted a tick (or has just started looping), on a regular
+    /// schedule: the next fire is due within one interval.
     pub fn loop_attempted(&self) {
-        self.last_attempt.store(self.now_mark(), Ordering::Relaxed);
+        self.loop_attempted_next_in(self.interval);
+    }
+
+    /// The scheduler loop attempted a tick and owes the next one in `next_fire_in`. It
+    /// stays live until then plus two intervals, so the long gaps of an irregular schedule
+    /// (`0,1 * * * * *`) never look like a stall.
+    pub fn loop_attempted_next_in(&self, next_fire_in: Duration) {
+        let grace = next_fire_in + self.interval * 2;
+        let until = self
+            .now_mark()
+            .saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX / 2));
+        self.live_until.store(until, Ordering::Relaxed);
     }
 
     /// The store or sidecar answered.
@@ -60,9 +73,9 @@ impl Health {
     }
 
     pub fn live(&self) -> bool {
-        match self.age(self.last_attempt.load(Ordering::Relaxed)) {
-            None => true,
-            Some(age) => age <= self.interval * 3,
+        match self.live_until.load(Ordering::Relaxed) {
+            0 => true,
+            until => self.now_mark() <= until,
         }
     }
 
@@ -131,6 +144,17 @@ mod tests {
         assert!(!h.live(), "7 s without an attempt on a 2 s schedule");
         h.loop_attempted();
         assert!(h.live());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_gap_of_an_irregular_schedule_is_not_a_stall() {
+        // `0,1 * * * * *`: shortest gap 1 s, then 59 s of silence.
+        let h = Health::new(Duration::from_secs(1));
+        h.loop_attempted_next_in(Duration::from_secs(59));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(h.live());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!h.live(), "the owed fire is two intervals late");
     }
 
     #[tokio::test(start_paused = true)]

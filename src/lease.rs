@@ -134,6 +134,9 @@ pub struct Lease {
     lease: Duration,
     interval: Duration,
     watch: Mutex<Option<Watch>>,
+    /// The newest lease this process holds, set the moment it is taken, so a shutdown can
+    /// release it even when the tick that took it was cancelled.
+    held: std::sync::Mutex<Option<Guard>>,
 }
 
 impl Lease {
@@ -149,6 +152,7 @@ impl Lease {
             lease,
             interval,
             watch: Mutex::new(None),
+            held: std::sync::Mutex::new(None),
         }
     }
 
@@ -238,13 +242,17 @@ impl Lease {
         *self.watch.lock().await = None;
         // Dapr's SaveState returns no ETag: read it back; this also proves we hold it.
         match self.store.get(StoreKind::Private, LOCK_KEY).await? {
-            Some(e) if e.data == data => Ok(Acquire::Acquired(Guard {
-                kind,
-                etag: e.etag,
-                started,
-                recorded: new_recorded,
-                takeover,
-            })),
+            Some(e) if e.data == data => {
+                let guard = Guard {
+                    kind,
+                    etag: e.etag,
+                    started,
+                    recorded: new_recorded,
+                    takeover,
+                };
+                self.set_held(Some(guard.clone()));
+                Ok(Acquire::Acquired(guard))
+            }
             other => Ok(Acquire::Held {
                 holder: other.and_then(|e| match parse(&e.data) {
                     Parsed::Ours(r) => r.holder,
@@ -254,14 +262,32 @@ impl Lease {
         }
     }
 
+    fn set_held(&self, guard: Option<Guard>) {
+        // A poisoned lock only means another thread panicked while holding it; the
+        // Option inside is still a valid value to replace.
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        *held = guard;
+    }
+
+    /// The newest lease this process took and has not released or lost.
+    pub fn held(&self) -> Option<Guard> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Confirms the record still carries our ETag (nobody took the lease since).
     pub async fn confirm(&self, guard: &Guard) -> Result<(), LeaseError> {
-        match self.store.get(StoreKind::Private, LOCK_KEY).await? {
-            Some(e) if e.etag == guard.etag => match parse(&e.data) {
-                Parsed::Ours(r) if r.holder.as_deref() == Some(&self.holder) => Ok(()),
-                _ => Err(LeaseError::Lost),
-            },
-            _ => Err(LeaseError::Lost),
+        let ours = match self.store.get(StoreKind::Private, LOCK_KEY).await? {
+            Some(e) if e.etag == guard.etag => matches!(
+                parse(&e.data),
+                Parsed::Ours(r) if r.holder.as_deref() == Some(&self.holder)
+            ),
+            _ => false,
+        };
+        if ours {
+            Ok(())
+        } else {
+            self.set_held(None);
+            Err(LeaseError::Lost)
         }
     }
 
@@ -276,7 +302,12 @@ impl Lease {
         let data = serde_json::to_vec(&record).unwrap_or_default();
         let keep = self.interval * 2 + self.lease;
         let save = Save::cas(LOCK_KEY, &data, &guard.etag).with_ttl(Self::ttl_seconds(keep));
-        match self.store.save(StoreKind::Private, save).await {
+        let result = self.store.save(StoreKind::Private, save).await;
+        if !matches!(result, Err(StoreError::Failed { .. })) {
+            // Released, or found taken: either way this process no longer holds it.
+            self.set_held(None);
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(StoreError::Conflict { .. }) => Err(LeaseError::Lost),
             Err(e) => Err(e.into()),

@@ -69,19 +69,23 @@ fn main() -> ExitCode {
     ExitCode::from(exit as u8)
 }
 
-/// Resolves on SIGTERM or SIGINT with the signal's name.
-async fn signal() -> String {
+/// Installs the SIGTERM and SIGINT handlers at once (so a signal during start-up is
+/// caught too) and resolves with the signal's name when one arrives.
+fn signal() -> impl std::future::Future<Output = String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can still be killed; never resolve.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM".into(),
-        _ = int.recv() => "SIGINT".into(),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the process can still be killed; never resolve.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM".into(),
+            _ = int.recv() => "SIGINT".into(),
+        }
     }
 }
 

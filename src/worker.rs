@@ -408,14 +408,25 @@ where
         Ok(sc) => sc,
         Err(e) => return (Exit::Failed, Some(e)),
     };
-    health.loop_attempted();
-    let mut held: Option<Guard> = None;
+    // Live until the first fire is owed (plus two intervals).
+    let now = Utc::now();
+    let first_in = s
+        .schedule
+        .next_after(now)
+        .and_then(|next| (next - now).to_std().ok())
+        .unwrap_or(interval);
+    health.loop_attempted_next_in(first_in);
     let mut running: Option<JoinHandle<(TickOutcome, Option<Guard>)>> = None;
     let signal = loop {
         tokio::select! {
             signal = &mut shutdown => break signal,
             Some(fired) = fires.recv() => {
-                health.loop_attempted();
+                let next_in = s
+                    .schedule
+                    .next_after(fired)
+                    .and_then(|next| (next - fired).to_std().ok())
+                    .unwrap_or(interval);
+                health.loop_attempted_next_in(next_in);
                 let slot = s.schedule.slot_at(fired);
                 if running.as_ref().is_some_and(|h| !h.is_finished()) {
                     events::TickSkipped {
@@ -427,9 +438,8 @@ where
                     continue;
                 }
                 if let Some(h) = running.take() {
-                    if let Ok((_, g)) = h.await {
-                        held = g.or(held);
-                    }
+                    // Finished: collecting it cannot block.
+                    let _ = h.await;
                 }
                 let t = ticker.clone();
                 running = Some(tokio::spawn(async move { t.tick(TickKind::Scheduled(slot)).await }));
@@ -442,16 +452,19 @@ where
     let _ = scheduler.shutdown().await;
     let mut tick_cancelled = false;
     if let Some(mut h) = running.take() {
-        match tokio::time::timeout(s.shutdown_grace, &mut h).await {
-            Ok(Ok((_, g))) => held = g.or(held),
-            Ok(Err(_)) => {}
-            Err(_) => {
-                h.abort();
-                tick_cancelled = true;
-            }
+        if tokio::time::timeout(s.shutdown_grace, &mut h)
+            .await
+            .is_err()
+        {
+            h.abort();
+            // Wait for the abort to land, so no write of that tick follows the release.
+            let _ = h.await;
+            tick_cancelled = true;
         }
     }
-    if let Some(g) = held.take() {
+    // The lease is taken inside the tick; the lease keeps the newest guard, so even a
+    // cancelled tick's lease is released here.
+    if let Some(g) = ticker.lease.held() {
         // A lease that moved on since is not ours to release; say nothing more then.
         if let Ok(()) = ticker.lease.release(&g).await {
             events::LockReleased {

@@ -198,29 +198,25 @@ async fn sigint_behaves_like_sigterm() {
 
 /// Starts a replica whose first tick probes one plugin that answers after `delay`
 /// (reporting STOPPED, so the tick has a route to write), and signals it mid-probe.
+/// `grace` is given as `--shutdown-grace`, or through `SCRAPER_SHUTDOWN_GRACE` when
+/// `grace_from_env`.
 fn signal_mid_tick(
     redis: &RedisServer,
     sim: &PluginSim,
     delay: Duration,
     grace: &str,
+    grace_from_env: bool,
 ) -> (Worker, Instant) {
     sim.set("slow", Behavior::delay(delay, Behavior::v0("STOPPED")));
     seed(redis, &[("slow", "ACTIVE")]);
-    let w = Worker::spawn(
-        &run_args(
-            redis,
-            sim,
-            &[
-                "--lease",
-                "6s",
-                "--probe-timeout",
-                "5s",
-                "--shutdown-grace",
-                grace,
-            ],
-        ),
-        &[],
-    );
+    let mut extra = vec!["--lease", "6s", "--probe-timeout", "5s"];
+    let mut env = Vec::new();
+    if grace_from_env {
+        env.push(("SCRAPER_SHUTDOWN_GRACE", grace));
+    } else {
+        extra.extend(["--shutdown-grace", grace]);
+    }
+    let w = Worker::spawn(&run_args(redis, sim, &extra), &env);
     w.wait_event(Duration::from_secs(10), |e| is(e, "lock_acquired"));
     eventually(Duration::from_secs(5), "the probe in flight", || {
         sim.in_flight() > 0
@@ -233,7 +229,8 @@ fn signal_mid_tick(
 async fn sigterm_mid_tick_lets_the_tick_finish_its_writes_then_exits_0() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    let (mut w, signalled) = signal_mid_tick(&redis, &sim, Duration::from_millis(1500), "5s");
+    let (mut w, signalled) =
+        signal_mid_tick(&redis, &sim, Duration::from_millis(1500), "5s", false);
     let status = w.wait_exit(Duration::from_secs(8));
     let took = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "{}", w.dump());
@@ -269,7 +266,7 @@ async fn sigterm_mid_tick_lets_the_tick_finish_its_writes_then_exits_0() {
 async fn a_tick_slower_than_the_grace_is_cancelled_and_the_process_still_exits_0_promptly() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    let (mut w, signalled) = signal_mid_tick(&redis, &sim, Duration::from_secs(4), "200ms");
+    let (mut w, signalled) = signal_mid_tick(&redis, &sim, Duration::from_secs(4), "200ms", true);
     let status = w.wait_exit(Duration::from_secs(5));
     let took = signalled.elapsed();
     assert_eq!(status.code(), Some(0), "{}", w.dump());
@@ -300,7 +297,7 @@ async fn a_tick_slower_than_the_grace_is_cancelled_and_the_process_still_exits_0
 async fn a_cancelled_tick_still_releases_the_lease() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    let (mut w, _) = signal_mid_tick(&redis, &sim, Duration::from_secs(4), "200ms");
+    let (mut w, _) = signal_mid_tick(&redis, &sim, Duration::from_secs(4), "200ms", true);
     let status = w.wait_exit(Duration::from_secs(5));
     assert_eq!(status.code(), Some(0), "{}", w.dump());
     let (record, pttl) = lock_record(&redis);

@@ -1,0 +1,531 @@
+//! `keel-scraper config` and the logging options, proven against the real binary:
+//!
+//! - `config` prints every option (every flag of `--help`, plus the Dapr token and the log
+//!   filter) with its effective value and its source, `flag`, `env` or `default`, and
+//!   exits 0; secrets print as `[redacted]`.
+//! - Invalid configuration exits 2 and names the option, for `config` and `run` alike.
+//! - `--log-format pretty` is for people: not JSON, no colour codes when piped, the event
+//!   names readable; `SCRAPER_LOG` filters the events, `RUST_LOG` only when it is unset.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use harness::{run_to_end, Finished};
+
+/// Environment variables for one run.
+type Env<'a> = &'a [(&'a str, &'a str)];
+
+/// One row of `config`'s table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    option: String,
+    env: String,
+    value: String,
+    source: String,
+}
+
+/// Parses `config`'s table by the header's column offsets (values may contain spaces).
+fn parse_table(out: &Finished) -> Vec<Row> {
+    let mut lines = out.stdout.iter();
+    let header = lines
+        .next()
+        .unwrap_or_else(|| panic!("no output{}", out.dump()));
+    let col = |name: &str| {
+        header
+            .find(name)
+            .unwrap_or_else(|| panic!("no {name} column: {header}"))
+    };
+    let (env, value, source) = (col("ENV"), col("VALUE"), col("SOURCE"));
+    assert!(
+        header.starts_with("OPTION") && env < value && value < source,
+        "{header}"
+    );
+    lines
+        .map(|l| {
+            let cell = |a: usize, b: usize| {
+                l.get(a..b.min(l.len()))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            Row {
+                option: cell(0, env),
+                env: cell(env, value),
+                value: cell(value, source),
+                source: cell(source, l.len()),
+            }
+        })
+        .collect()
+}
+
+fn config(args: &[&str], env: &[(&str, &str)]) -> Vec<Row> {
+    let mut all = vec!["config"];
+    all.extend_from_slice(args);
+    let out = run_to_end(&all, env, Duration::from_secs(10));
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    parse_table(&out)
+}
+
+/// The long options `--help` lists, without `help` and `version`.
+fn options_in_help() -> BTreeSet<String> {
+    let out = run_to_end(&["--help"], &[], Duration::from_secs(10));
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    out.stdout
+        .iter()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let l = l
+                .split_once(", ")
+                .filter(|(short, _)| short.starts_with('-'))
+                .map_or(l, |(_, long)| long);
+            let name = l.strip_prefix("--")?;
+            Some(
+                name.split([' ', '=', '<'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .filter(|n| !n.is_empty() && n != "help" && n != "version")
+        .collect()
+}
+
+/// Every option: (name in `config`, flag value, its environment variable, the value
+/// `config` prints for it).
+const OPTIONS: &[(&str, &str, &str, &str)] = &[
+    ("backend", "memory", "SCRAPER_BACKEND", "memory"),
+    (
+        "redis-url",
+        "redis://127.0.0.1:6390/0",
+        "REDIS_URL",
+        "redis://127.0.0.1:6390/0",
+    ),
+    ("public-store", "pub-a", "KEEL_PUBLIC_STORE", "pub-a"),
+    ("private-store", "priv-a", "KEEL_PRIVATE_STORE", "priv-a"),
+    (
+        "private-key-prefix",
+        "plug",
+        "SCRAPER_PRIVATE_KEY_PREFIX",
+        "plug",
+    ),
+    (
+        "status-url",
+        "http://127.0.0.1:8080/{plugin_id}/v1/status",
+        "SCRAPER_STATUS_URL",
+        "http://127.0.0.1:8080/{plugin_id}/v1/status",
+    ),
+    (
+        "schedule",
+        "*/5 * * * * *",
+        "SCRAPER_SCHEDULE",
+        "*/5 * * * * *",
+    ),
+    ("probe-timeout", "3s", "SCRAPER_PROBE_TIMEOUT", "3s"),
+    ("retries", "4", "SCRAPER_RETRIES", "4"),
+    ("concurrency", "8", "SCRAPER_CONCURRENCY", "8"),
+    (
+        "unhealthy-threshold",
+        "3",
+        "SCRAPER_UNHEALTHY_THRESHOLD",
+        "3",
+    ),
+    ("healthy-threshold", "2", "SCRAPER_HEALTHY_THRESHOLD", "2"),
+    ("lease", "7s", "SCRAPER_LEASE", "7s"),
+    ("holder-id", "pod-x", "SCRAPER_HOLDER_ID", "pod-x"),
+    ("log-format", "pretty", "SCRAPER_LOG_FORMAT", "pretty"),
+    (
+        "dapr-grpc-endpoint",
+        "127.0.0.1:50011",
+        "DAPR_GRPC_ENDPOINT",
+        "http://127.0.0.1:50011",
+    ),
+    (
+        "dapr-http-endpoint",
+        "127.0.0.1:3511",
+        "DAPR_HTTP_ENDPOINT",
+        "http://127.0.0.1:3511",
+    ),
+    ("sidecar-wait", "30s", "SCRAPER_SIDECAR_WAIT", "30s"),
+    (
+        "listen",
+        "127.0.0.1:9191",
+        "SCRAPER_LISTEN",
+        "127.0.0.1:9191",
+    ),
+    ("shutdown-grace", "3s", "SCRAPER_SHUTDOWN_GRACE", "3s"),
+];
+
+fn row<'a>(rows: &'a [Row], option: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.option == option)
+        .unwrap_or_else(|| panic!("config does not print {option}: {rows:#?}"))
+}
+
+#[test]
+fn config_prints_every_option_with_its_value_and_source() {
+    // Every option of --help is in the table above, so the three runs cover them all.
+    let help = options_in_help();
+    let listed: BTreeSet<String> = OPTIONS.iter().map(|o| o.0.to_string()).collect();
+    assert_eq!(help, listed, "--help options vs the options this test sets");
+
+    // All from flags.
+    let mut args = Vec::new();
+    for (name, value, _, _) in OPTIONS {
+        args.push(format!("--{name}"));
+        args.push(value.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let rows = config(&args, &[]);
+    for (name, _, env, shown) in OPTIONS {
+        let r = row(&rows, name);
+        assert_eq!(
+            (r.env.as_str(), r.value.as_str(), r.source.as_str()),
+            (*env, *shown, "flag"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(row(&rows, "dapr-api-token").source, "default");
+    assert_eq!(row(&rows, "log-filter").source, "default");
+
+    // All from the environment, plus the two options that only exist there.
+    let mut env: Vec<(&str, &str)> = OPTIONS.iter().map(|(_, v, e, _)| (*e, *v)).collect();
+    env.extend([("DAPR_API_TOKEN", "t0ken-config"), ("SCRAPER_LOG", "debug")]);
+    let rows = config(&[], &env);
+    for (name, _, env, shown) in OPTIONS {
+        let r = row(&rows, name);
+        assert_eq!(
+            (r.env.as_str(), r.value.as_str(), r.source.as_str()),
+            (*env, *shown, "env"),
+            "{r:?}"
+        );
+    }
+    let token = row(&rows, "dapr-api-token");
+    assert_eq!(
+        (token.value.as_str(), token.source.as_str()),
+        ("[redacted]", "env")
+    );
+    let filter = row(&rows, "log-filter");
+    assert_eq!(
+        (filter.value.as_str(), filter.source.as_str()),
+        ("debug", "env")
+    );
+
+    // Nothing set: defaults, and a flag beats its environment variable.
+    let rows = config(&[], &[]);
+    for (name, _, _, _) in OPTIONS {
+        assert_eq!(row(&rows, name).source, "default", "{name}");
+    }
+    let expected_defaults = [
+        ("backend", "dapr"),
+        ("redis-url", "(unset)"),
+        ("schedule", "*/10 * * * * *"),
+        ("lease", "10s"),
+        ("probe-timeout", "2s"),
+        ("retries", "1"),
+        ("listen", "0.0.0.0:9090"),
+        ("shutdown-grace", "10s"),
+        (
+            "status-url",
+            "http://127.0.0.1:3500/v1.0/invoke/{plugin_id}/method/v1/status",
+        ),
+        ("dapr-api-token", "(unset)"),
+        ("log-filter", "info,tokio_cron_scheduler=warn"),
+    ];
+    for (name, value) in expected_defaults {
+        assert_eq!(row(&rows, name).value, value, "default of {name}");
+    }
+    let rows = config(
+        &["--retries", "4"],
+        &[("SCRAPER_RETRIES", "7"), ("DAPR_HTTP_PORT", "3601")],
+    );
+    let retries = row(&rows, "retries");
+    assert_eq!(
+        (retries.value.as_str(), retries.source.as_str()),
+        ("4", "flag")
+    );
+    // The sidecar port variable Dapr injects counts as the environment.
+    let http = row(&rows, "dapr-http-endpoint");
+    assert_eq!(
+        (http.value.as_str(), http.source.as_str()),
+        ("http://127.0.0.1:3601", "env")
+    );
+    // The status URL's default follows the sidecar endpoint.
+    assert_eq!(
+        row(&rows, "status-url").value,
+        "http://127.0.0.1:3601/v1.0/invoke/{plugin_id}/method/v1/status"
+    );
+}
+
+#[test]
+fn config_redacts_the_redis_password_and_the_dapr_token() {
+    let out = run_to_end(
+        &[
+            "config",
+            "--backend",
+            "redis",
+            "--redis-url",
+            "redis://:Hunter2pw@127.0.0.1:6390/0",
+        ],
+        &[("DAPR_API_TOKEN", "T0kenValue9")],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    let all = format!("{}{}", out.stdout.join("\n"), out.stderr.join("\n"));
+    assert!(
+        !all.contains("Hunter2pw") && !all.contains("T0kenValue9"),
+        "{all}"
+    );
+    let rows = parse_table(&out);
+    assert_eq!(
+        row(&rows, "redis-url").value,
+        "redis://:[redacted]@127.0.0.1:6390/0"
+    );
+    assert_eq!(row(&rows, "dapr-api-token").value, "[redacted]");
+}
+
+#[test]
+fn invalid_configuration_exits_2_and_names_the_option() {
+    let cases: &[(&[&str], Env, &str)] = &[
+        (&["config", "--schedule", "* * * * *"], &[], "--schedule"),
+        (
+            &["config", "--schedule", "every minute please"],
+            &[],
+            "--schedule",
+        ),
+        (
+            &["config"],
+            &[("SCRAPER_SCHEDULE", "61 * * * * *")],
+            "SCRAPER_SCHEDULE",
+        ),
+        (&["config", "--lease", "500ms"], &[], "--lease"),
+        (&["config", "--lease", "1500ms"], &[], "--lease"),
+        (
+            &["config", "--status-url", "http://127.0.0.1:8080/v1/status"],
+            &[],
+            "--status-url",
+        ),
+        (
+            &["config"],
+            &[("SCRAPER_STATUS_URL", "http://127.0.0.1:8080/status")],
+            "SCRAPER_STATUS_URL",
+        ),
+        (&["config"], &[("SCRAPER_BACKEND", "etcd")], "--backend"),
+        (&["config", "--backend", "redis"], &[], "--redis-url"),
+        (
+            &["config", "--probe-timeout", "soon"],
+            &[],
+            "--probe-timeout",
+        ),
+        (&["config", "--concurrency", "0"], &[], "--concurrency"),
+        (&["config", "--listen", "everywhere"], &[], "--listen"),
+        (&["config", "--log-format", "xml"], &[], "--log-format"),
+        (
+            &["run", "--lease", "500ms", "--listen", "127.0.0.1:0"],
+            &[],
+            "--lease",
+        ),
+        (
+            &["once", "--backend", "memory", "--schedule", "* * *"],
+            &[],
+            "--schedule",
+        ),
+    ];
+    for (args, env, option) in cases {
+        let out = run_to_end(args, env, Duration::from_secs(10));
+        assert_eq!(out.code, Some(2), "{args:?} {env:?}{}", out.dump());
+        let stderr = out.stderr.join("\n");
+        assert!(
+            stderr.contains(option),
+            "{args:?} {env:?}: stderr does not name {option}:\n{stderr}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} {env:?}: nothing is printed as configuration or events{}",
+            out.dump()
+        );
+    }
+}
+
+/// `once` on the embedded store: an empty registry (`registry_empty`, WARN), one tick
+/// (`tick_started` DEBUG, `tick_completed` INFO).
+fn once_memory(extra: &[&str], env: &[(&str, &str)]) -> Finished {
+    // Status calls would go through the sidecar by default, and start-up would wait for it.
+    let mut args = vec![
+        "once",
+        "--backend",
+        "memory",
+        "--status-url",
+        "http://127.0.0.1:9/{plugin_id}/v1/status",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_to_end(&args, env, Duration::from_secs(10));
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    out
+}
+
+fn json_events(out: &Finished) -> Vec<String> {
+    out.stdout
+        .iter()
+        .map(|l| {
+            let e: Value =
+                serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON line: {l}"));
+            e["event"].as_str().unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn pretty_logs_are_readable_text_with_the_event_names() {
+    for (args, env) in [
+        (&["--log-format", "pretty"][..], &[][..]),
+        (&[][..], &[("SCRAPER_LOG_FORMAT", "pretty")][..]),
+    ] {
+        let out = once_memory(args, env);
+        assert!(out.stdout.len() >= 2, "{}", out.dump());
+        for line in &out.stdout {
+            assert!(
+                serde_json::from_str::<Value>(line).is_err(),
+                "a JSON line in pretty output: {line}"
+            );
+            assert!(
+                !line.contains('\u{1b}'),
+                "colour codes in piped output: {line:?}"
+            );
+        }
+        let text = out.stdout.join("\n");
+        for needle in ["tick_completed", "registry_empty", "INFO", "WARN"] {
+            assert!(
+                text.contains(needle),
+                "pretty output lacks {needle}:\n{text}"
+            );
+        }
+    }
+    // The default is JSON, one event per line.
+    let out = once_memory(&[], &[]);
+    assert!(
+        json_events(&out).contains(&"tick_completed".to_string()),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn scraper_log_filters_events_and_rust_log_applies_only_when_it_is_unset() {
+    // (environment, tick_started (DEBUG), tick_completed (INFO), registry_empty (WARN))
+    let cases: &[(Env, bool, bool, bool)] = &[
+        (&[], false, true, true),
+        (&[("SCRAPER_LOG", "warn")], false, false, true),
+        (&[("RUST_LOG", "warn")], false, false, true),
+        (
+            &[("SCRAPER_LOG", "info"), ("RUST_LOG", "warn")],
+            false,
+            true,
+            true,
+        ),
+        (
+            &[("SCRAPER_LOG", "warn"), ("RUST_LOG", "debug")],
+            false,
+            false,
+            true,
+        ),
+        (&[("SCRAPER_LOG", "debug")], true, true, true),
+        (&[("RUST_LOG", "debug")], true, true, true),
+        (
+            &[("SCRAPER_LOG", ""), ("RUST_LOG", "warn")],
+            false,
+            false,
+            true,
+        ),
+        (&[("SCRAPER_LOG", "error")], false, false, false),
+    ];
+    for (env, debug, info, warn) in cases {
+        let out = once_memory(&[], env);
+        let events = json_events(&out);
+        let has = |name: &str| events.iter().any(|e| e == name);
+        assert_eq!(
+            (
+                has("tick_started"),
+                has("tick_completed"),
+                has("registry_empty")
+            ),
+            (*debug, *info, *warn),
+            "{env:?}{}",
+            out.dump()
+        );
+    }
+}
+
+/// Running the real binary to its end: a clean environment, output collected, bounded.
+mod harness {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    pub struct Finished {
+        pub code: Option<i32>,
+        pub stdout: Vec<String>,
+        pub stderr: Vec<String>,
+    }
+
+    impl Finished {
+        pub fn dump(&self) -> String {
+            format!(
+                "\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                self.stdout.join("\n"),
+                self.stderr.join("\n")
+            )
+        }
+    }
+
+    fn read_all(mut stream: impl Read + Send + 'static) -> JoinHandle<Vec<String>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = stream.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+    }
+
+    /// Runs `keel-scraper args` with only the environment given; killed after `timeout`.
+    pub fn run_to_end(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Finished {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel-scraper"))
+            .env_clear()
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start keel-scraper");
+        let out = read_all(child.stdout.take().expect("piped stdout"));
+        let err = read_all(child.stderr.take().expect("piped stderr"));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                break Some(s);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let finished = Finished {
+            code: status.and_then(|s| s.code()),
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        };
+        assert!(
+            status.is_some(),
+            "{args:?} did not exit within {timeout:?}{}",
+            finished.dump()
+        );
+        finished
+    }
+}
