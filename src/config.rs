@@ -303,12 +303,6 @@ impl Settings {
                 humantime::format_duration(lease)
             )));
         }
-        if lease.subsec_nanos() != 0 {
-            return Err(ConfigError(format!(
-                "--lease / SCRAPER_LEASE is {}; write whole seconds (store TTLs are whole seconds)",
-                humantime::format_duration(lease)
-            )));
-        }
         let redis_url = match (o.backend, &o.redis_url) {
             (Backend::Redis, None) => {
                 return Err(ConfigError(

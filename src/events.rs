@@ -101,7 +101,7 @@ events! {
     RouteWriteFailed = "route_write_failed", ERROR, alert: "never" { plugin_id: String, error: String }
     /// A registered plugin has no route (or it was deleted during the tick); it is skipped, never created.
     RouteMissing = "route_missing", WARN, alert: "never" { plugin_id: String }
-    /// A route's stored JSON is malformed; it is left as it is.
+    /// A route's stored value is malformed or unreadable; it is left as it is and the other plugins proceed.
     RouteInvalid = "route_invalid", WARN, alert: "never" { plugin_id: String, error: String }
     /// A route deleted during the tick was re-created by a write (Dapr cannot refuse that) and deleted again.
     RouteResurrectionUndone = "route_resurrection_undone", WARN, alert: "never" { plugin_id: String }

@@ -164,9 +164,11 @@ impl Lease {
         self.lease
     }
 
+    /// A store TTL covering `d`: whole seconds, rounded up (so the store never expires a
+    /// lease before its holder's own deadline), at least 1.
     fn ttl_seconds(d: Duration) -> i64 {
-        // Whole seconds, at least 1 (the configuration enforces a lease of >= 1 s).
-        i64::try_from(d.as_secs().max(1)).unwrap_or(i64::MAX)
+        let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
     }
 
     /// Whether a live record without TTL has been seen unchanged long enough to take over.

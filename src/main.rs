@@ -89,44 +89,61 @@ fn signal() -> impl std::future::Future<Output = String> {
     }
 }
 
+/// Writes command output to stdout. A closed pipe (`| head`) is not an error worth a
+/// panic: the reader has what it wanted.
+fn write_stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 fn print_routes(rows: &[worker::RouteRow], json: bool) {
+    use std::fmt::Write;
+    let mut out = String::new();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(rows).unwrap_or_else(|_| "[]".into())
-        );
-        return;
+        match serde_json::to_string(rows) {
+            Ok(text) => out = text + "\n",
+            // Serializing strings and options cannot fail; say so loudly if it ever does.
+            Err(e) => eprintln!("keel-scraper: cannot encode the route table: {e}"),
+        }
+    } else {
+        let width = rows
+            .iter()
+            .map(|r| r.plugin_id.len())
+            .max()
+            .unwrap_or(6)
+            .max(6);
+        let _ = writeln!(out, "{:<width$}  STATUS", "PLUGIN");
+        for r in rows {
+            let status = match (&r.status, &r.error) {
+                (Some(s), _) => s.clone(),
+                (None, Some(e)) => format!("(unreadable: {e})"),
+                (None, None) => "(no route)".into(),
+            };
+            let _ = writeln!(out, "{:<width$}  {status}", r.plugin_id);
+        }
     }
-    let width = rows
-        .iter()
-        .map(|r| r.plugin_id.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    println!("{:<width$}  STATUS", "PLUGIN");
-    for r in rows {
-        let status = match (&r.status, &r.error) {
-            (Some(s), _) => s.clone(),
-            (None, Some(e)) => format!("(unreadable: {e})"),
-            (None, None) => "(no route)".into(),
-        };
-        println!("{:<width$}  {status}", r.plugin_id);
-    }
+    write_stdout(&out);
 }
 
 fn print_config(settings: &Settings, matches: &clap::ArgMatches) {
+    use std::fmt::Write;
     let rows = settings.effective(matches, &ProcessEnv);
     let w1 = rows.iter().map(|r| r.option.len()).max().unwrap_or(0);
     let w2 = rows.iter().map(|r| r.env.len()).max().unwrap_or(0);
     let w3 = rows.iter().map(|r| r.value.len()).max().unwrap_or(0);
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<w1$}  {:<w2$}  {:<w3$}  SOURCE",
         "OPTION", "ENV", "VALUE"
     );
     for r in rows {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<w1$}  {:<w2$}  {:<w3$}  {}",
             r.option, r.env, r.value, r.source
         );
     }
+    write_stdout(&out);
 }

@@ -26,7 +26,7 @@ use crate::probe::{ProbeOutcome, Prober};
 use crate::registry::{invalid_id_reason, parse_ids, printable_id, REGISTRY_KEY};
 use crate::route::{read_status, rewrite_status, route_key};
 use crate::status::RouteStatus;
-use crate::store::{Save, Store, StoreError, StoreKind, ABSENT_ETAG};
+use crate::store::{read_each, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
 
 /// The consecutive counters' key in the private store: one JSON object, plugin id ->
 /// `{"f": failures, "p": passing reports}`, only non-zero entries.
@@ -253,13 +253,25 @@ impl Ticker {
 
         // Routes, in bulk, from the public store.
         let route_keys: Vec<String> = valid.iter().map(|id| route_key(id)).collect();
-        let routes = store
-            .bulk_get(StoreKind::Public, &route_keys)
+        let routes = read_each(store, StoreKind::Public, &route_keys, self.concurrency)
             .await
             .inspect_err(|e| emit_store_error(store, StoreKind::Public, "read_routes", e))?;
         let mut candidates = Vec::with_capacity(valid.len());
         let mut statuses: HashMap<String, i64> = HashMap::new();
         for (id, route) in valid.iter().zip(routes) {
+            let route = match route {
+                Ok(route) => route,
+                Err(e) => {
+                    // One unreadable key: that route is left alone, the others proceed.
+                    events::RouteInvalid {
+                        plugin_id: id.to_string(),
+                        error: e.to_string(),
+                    }
+                    .emit();
+                    *statuses.entry("invalid".into()).or_default() += 1;
+                    continue;
+                }
+            };
             let Some(entry) = route else {
                 events::RouteMissing {
                     plugin_id: id.to_string(),

@@ -25,7 +25,7 @@ use crate::secret::url_host_port;
 use crate::store::dapr::DaprStore;
 use crate::store::memory::MemoryStore;
 use crate::store::redis::RedisStore;
-use crate::store::{Store, StoreError, StoreKind};
+use crate::store::{read_each, Store, StoreError, StoreKind};
 use crate::tick::{TickOutcome, Ticker};
 
 /// Process exit codes (README: "Exit codes").
@@ -298,15 +298,16 @@ pub async fn route_table(store: &dyn Store) -> Result<Vec<RouteRow>, WorkerError
         None => Vec::new(),
     };
     let keys: Vec<String> = ids.iter().map(|id| route_key(id)).collect();
-    let routes = store.bulk_get(StoreKind::Public, &keys).await?;
+    let routes = read_each(store, StoreKind::Public, &keys, 16).await?;
     Ok(ids
         .into_iter()
         .zip(routes)
         .map(|(plugin_id, route)| {
             let (status, error) = match (invalid_id_reason(&plugin_id), route) {
                 (Some(reason), _) => (None, Some(format!("invalid plugin id: {reason}"))),
-                (None, None) => (None, None),
-                (None, Some(e)) => match read_status(&e.data) {
+                (None, Err(e)) => (None, Some(e.to_string())),
+                (None, Ok(None)) => (None, None),
+                (None, Ok(Some(e))) => match read_status(&e.data) {
                     Ok(st) => (Some(st), None),
                     Err(err) => (None, Some(err.to_string())),
                 },

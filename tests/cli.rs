@@ -88,7 +88,11 @@ async fn once_exits_0_and_prints_json_events_with_the_documented_fields() {
 
     assert_eq!(route_status(&server, "ok").as_deref(), Some("ACTIVE"));
     assert_eq!(route_status(&server, "broken").as_deref(), Some("ACTIVE"));
-    assert!(out.stderr_events().0.is_empty(), "once logs to stdout\n{}", out.describe());
+    assert!(
+        out.stderr_events().0.is_empty(),
+        "once logs to stdout\n{}",
+        out.describe()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +239,9 @@ async fn malformed_registry_fails_once_with_exit_1_and_writes_no_route_or_counte
 #[test]
 fn invalid_configuration_exits_2_naming_the_option() {
     let redis = ["--backend", "redis", "--redis-url", "redis://127.0.0.1:1/"];
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (arguments, environment, the option the message must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["once", "--backend", "etcd"], vec![], "--backend"),
         (vec!["once"], vec![("SCRAPER_BACKEND", "etcd")], "--backend"),
         (
@@ -455,9 +461,19 @@ async fn options_are_read_before_and_after_the_command_and_from_the_environment(
 
 /// Stdout must be exactly one line holding one JSON array.
 fn one_json_array(out: &support::binary::Output) -> Value {
-    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "stdout must be one JSON array\n{}", out.describe());
-    let rows: Value = serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}\n{}", out.describe()));
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout must be one JSON array\n{}",
+        out.describe()
+    );
+    let rows: Value =
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}\n{}", out.describe()));
     assert!(rows.is_array(), "{}", out.describe());
     rows
 }
@@ -466,12 +482,25 @@ fn one_json_array(out: &support::binary::Output) -> Value {
 async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
     let server = RedisServer::start();
     let store = redis_store(&server).await;
-    seed(&*store, StoreKind::Private, "all_registered_plugin", r#"{"a":"true","missing":"true","c":"true"}"#).await;
+    seed(
+        &*store,
+        StoreKind::Private,
+        "all_registered_plugin",
+        r#"{"a":"true","missing":"true","c":"true"}"#,
+    )
+    .await;
     seed_route(&*store, "a", "ACTIVE").await;
     seed_route(&*store, "c", "FAILED").await;
 
     let out = keel()
-        .args(["routes", "--json", "--backend", "redis", "--redis-url", &server.url()])
+        .args([
+            "routes",
+            "--json",
+            "--backend",
+            "redis",
+            "--redis-url",
+            &server.url(),
+        ])
         .run_async()
         .await;
     out.assert_code(0);
@@ -489,7 +518,14 @@ async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
 
     // The same options after the command and `--json` before it.
     let out = keel()
-        .args(["--backend", "redis", "--redis-url", &server.url(), "routes", "--json"])
+        .args([
+            "--backend",
+            "redis",
+            "--redis-url",
+            &server.url(),
+            "routes",
+            "--json",
+        ])
         .run_async()
         .await;
     out.assert_code(0);

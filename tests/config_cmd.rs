@@ -300,7 +300,7 @@ fn invalid_configuration_exits_2_and_names_the_option() {
             "SCRAPER_SCHEDULE",
         ),
         (&["config", "--lease", "500ms"], &[], "--lease"),
-        (&["config", "--lease", "1500ms"], &[], "--lease"),
+        (&["config", "--lease", "0s"], &[], "--lease"),
         (
             &["config", "--status-url", "http://127.0.0.1:8080/v1/status"],
             &[],

@@ -130,7 +130,10 @@ async fn racing_replicas_scrape_each_scheduled_tick_exactly_once() {
     let mut reasons = Vec::new();
     for round in 0..ROUNDS {
         // Each round the plugin flips its status, so the round's winner writes once.
-        w.sim.set("p", slow(if round % 2 == 0 { "STOPPING" } else { "ACTIVE" }));
+        w.sim.set(
+            "p",
+            slow(if round % 2 == 0 { "STOPPING" } else { "ACTIVE" }),
+        );
         let version_before = raw_version(&w.server, "plugin_route_p").unwrap();
         let requests_before = w.sim.requests("p");
         let this_slot = base + chrono::Duration::seconds(10 * round);
@@ -145,7 +148,8 @@ async fn racing_replicas_scrape_each_scheduled_tick_exactly_once() {
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(fire_at)).await;
                     let capture = Capture::new();
-                    let (outcome, guard) = capture.run(t.tick(TickKind::Scheduled(this_slot))).await;
+                    let (outcome, guard) =
+                        capture.run(t.tick(TickKind::Scheduled(this_slot))).await;
                     // The winner lets its lease go (as it would expire before the next slot).
                     if let Some(g) = guard {
                         t.lease.release(&g).await.expect("release");
@@ -159,18 +163,31 @@ async fn racing_replicas_scrape_each_scheduled_tick_exactly_once() {
             outcomes.push(task.await.expect("a replica task panicked"));
         }
         let winners = outcomes.iter().filter(|(o, _)| completed(o)).count();
-        let all: String = outcomes.iter().map(|(o, e)| format!("{o:?}\n{e}")).collect();
-        assert_eq!(winners, 1, "round {round}: exactly one replica scrapes the tick\n{all}");
+        let all: String = outcomes
+            .iter()
+            .map(|(o, e)| format!("{o:?}\n{e}"))
+            .collect();
+        assert_eq!(
+            winners, 1,
+            "round {round}: exactly one replica scrapes the tick\n{all}"
+        );
         for (o, events) in &outcomes {
             if completed(o) {
                 continue;
             }
-            assert!(held(o) || already_scraped(o), "round {round}: {o:?}\n{events}");
+            assert!(
+                held(o) || already_scraped(o),
+                "round {round}: {o:?}\n{events}"
+            );
             let skipped = events.one("tick_skipped");
             assert_eq!(skipped["tick"], tick_id(this_slot));
             reasons.push(skipped["reason"].as_str().unwrap_or_default().to_owned());
         }
-        assert_eq!(w.sim.requests("p") - requests_before, 1, "round {round}: probes");
+        assert_eq!(
+            w.sim.requests("p") - requests_before,
+            1,
+            "round {round}: probes"
+        );
         assert_eq!(
             raw_version(&w.server, "plugin_route_p").unwrap(),
             version_before + 1,
@@ -183,7 +200,10 @@ async fn racing_replicas_scrape_each_scheduled_tick_exactly_once() {
     }
     // Both ways of losing happened: the lease was live, and the tick was already done.
     assert!(reasons.iter().any(|r| r == "lock_held"), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r == "already_scraped"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "already_scraped"),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,6 +406,7 @@ async fn takeover_of_a_record_without_ttl(data: &str) {
         held(&tick(&b, TickKind::Scheduled(slot(3))).await.0),
         "a record whose ETag changed was taken over on the old observation"
     );
+    assert!(held(&tick(&c, TickKind::Manual(Utc::now())).await.0));
 
     // Manual ticks never take it over, however long it has been seen unchanged.
     tokio::time::sleep_until((reset + Duration::from_millis(2300)).into()).await;
@@ -565,7 +586,7 @@ async fn concurrent_once_processes_exit_0_or_3_never_1() {
     // A slow plugin keeps the winner's lease live while the others start.
     w.sim.set(
         "p",
-        Behavior::delay(Duration::from_millis(800), Behavior::v0("ACTIVE")),
+        Behavior::delay(Duration::from_millis(1500), Behavior::v0("ACTIVE")),
     );
     let runs: Vec<_> = (0..5)
         .map(|i| {

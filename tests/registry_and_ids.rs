@@ -212,12 +212,18 @@ async fn default_holder_id_is_pod_name_pid_and_four_hex_digits() {
     for _ in 0..3 {
         let out = once().run_async().await;
         out.assert_code(0);
-        let holder = out.events().one("tick_completed")["holder"].as_str().unwrap().to_owned();
+        let holder = out.events().one("tick_completed")["holder"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert_holder_format(&holder, "keel-scraper-7d9f8-x2k4q", out.pid);
         suffixes.push(holder[holder.len() - 4..].to_owned());
     }
     // Random: three equal suffixes by chance happen once in 2^32 runs.
-    assert!(suffixes.iter().any(|s| *s != suffixes[0]), "the 4 hex digits are not random: {suffixes:?}");
+    assert!(
+        suffixes.iter().any(|s| *s != suffixes[0]),
+        "the 4 hex digits are not random: {suffixes:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

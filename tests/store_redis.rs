@@ -261,23 +261,30 @@ async fn keys_that_are_not_dapr_hashes() {
     let _: () = server.query(redis::cmd("SET").arg("plain").arg("string"));
     let _: () = server.query(redis::cmd("HSET").arg("no_version").arg("data").arg("x"));
 
-    // Reads fail naming the key, in single and in bulk reads.
+    // Reads fail naming the key, in single and in bulk reads, as that key's fault
+    // (Unreadable), not as a store outage.
     for key in ["plain", "no_version"] {
         match store.get(StoreKind::Public, key).await {
-            Err(StoreError::Failed {
+            Err(StoreError::Unreadable {
                 key: k, message, ..
             }) => {
                 assert_eq!(k, key);
                 assert!(message.contains("not a Dapr state hash"), "{message}");
             }
-            other => panic!("get {key}: expected Failed, got {other:?}"),
+            other => panic!("get {key}: expected Unreadable, got {other:?}"),
         }
     }
     let keys = vec!["a".to_owned(), "plain".to_owned()];
     match store.bulk_get(StoreKind::Public, &keys).await {
-        Err(StoreError::Failed { key, .. }) => assert_eq!(key, "plain"),
-        other => panic!("bulk get: expected Failed naming the key, got {other:?}"),
+        Err(StoreError::Unreadable { key, .. }) => assert_eq!(key, "plain"),
+        other => panic!("bulk get: expected Unreadable naming the key, got {other:?}"),
     }
+    // Read one by one, only the odd key fails.
+    let each = keel_scraper::store::read_each(&store, StoreKind::Public, &keys, 4)
+        .await
+        .expect("the store itself answers");
+    assert!(matches!(each[0], Ok(None)), "{:?}", each[0]);
+    assert!(matches!(each[1], Err(StoreError::Unreadable { .. })), "{:?}", each[1]);
 
     // A save treats a non-hash key as absent and replaces it (Dapr's rule).
     store

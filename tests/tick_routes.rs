@@ -355,29 +355,102 @@ async fn malformed_route_is_logged_and_left_byte_identical_while_others_proceed(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_key_that_is_not_a_dapr_state_hash_is_skipped_while_other_plugins_proceed() {
+    let w = world().await;
+    let s = &*w.store;
+    seed_registry(s, &["dead", "string-key", "hash-without-version"]).await;
+    seed_route(s, "dead", "ACTIVE").await;
+    // Written around Dapr: a plain string, and a hash lacking `version`. Dapr's bulk get
+    // reports such keys one by one; they must not blind the tick to every other route.
+    w.server.query::<()>(
+        redis::cmd("SET")
+            .arg("plugin_route_string-key")
+            .arg(r#"{"status":"ACTIVE"}"#),
+    );
+    w.server.query::<()>(
+        redis::cmd("HSET")
+            .arg("plugin_route_hash-without-version")
+            .arg("data")
+            .arg(r#"{"status":"ACTIVE"}"#),
+    );
+    w.sim.set("dead", Behavior::raw(503, "{}"));
+    let t = w
+        .ticker(&ReplicaOptions::new("replica-a").thresholds(1, 1))
+        .await;
+
+    let capture = Capture::new();
+    let (outcome, guard) = capture.run(t.tick(TickKind::Manual(Utc::now()))).await;
+    if let Some(g) = guard {
+        t.lease.release(&g).await.expect("release");
+    }
+    let events = capture.events();
+    assert!(
+        matches!(outcome, TickOutcome::Completed(_)),
+        "one odd route key failed the whole tick: {outcome:?}\n{events}"
+    );
+    // The dead plugin's route stops passing traffic, as it would without the odd keys.
+    assert_eq!(w.status("dead").as_deref(), Some("FAILED"), "{events}");
+    for id in ["string-key", "hash-without-version"] {
+        assert_eq!(
+            events.for_plugin("route_invalid", id).len(),
+            1,
+            "{id}\n{events}"
+        );
+    }
+    assert_eq!(
+        w.server
+            .query::<String>(redis::cmd("GET").arg("plugin_route_string-key")),
+        r#"{"status":"ACTIVE"}"#
+    );
+    assert_eq!(
+        w.server.hgetall("plugin_route_hash-without-version"),
+        vec![("data".to_owned(), br#"{"status":"ACTIVE"}"#.to_vec())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cas_conflict_rereads_the_route_and_reapplies_the_decision_on_the_fresh_value() {
     let w = world().await;
     let s = &*w.store;
-    seed_registry(s, &["edited", "agreed"]).await;
-    seed_route(s, "edited", "ACTIVE").await;
-    seed_route(s, "agreed", "ACTIVE").await;
-    let slow = |status: &str| Behavior::delay(Duration::from_millis(1500), Behavior::v0(status));
-    w.sim.set("edited", slow("STOPPED"));
-    w.sim.set("agreed", slow("STOPPED"));
-    let t = w
-        .ticker(&ReplicaOptions::new("replica-a").probe_timeout(Duration::from_secs(5)))
-        .await;
+    let ids = ["edited", "agreed", "stopped-meanwhile", "corrupted"];
+    seed_registry(s, &ids).await;
+    for id in ids {
+        seed_route(s, id, "ACTIVE").await;
+    }
+    let slow = |then: Behavior| Behavior::delay(Duration::from_millis(1500), then);
+    w.sim.set("edited", slow(Behavior::v0("STOPPED")));
+    w.sim.set("agreed", slow(Behavior::v0("STOPPED")));
+    w.sim.set("corrupted", slow(Behavior::v0("STOPPED")));
+    // One failed probe reaches the threshold of 1: the tick decides FAILED for it.
+    w.sim
+        .set("stopped-meanwhile", slow(Behavior::raw(503, "{}")));
+    let o = ReplicaOptions::new("replica-a")
+        .probe_timeout(Duration::from_secs(5))
+        .thresholds(1, 1);
+    let t = w.ticker(&o).await;
 
-    // The Plugins plugin, on its own connection, edits both routes after the tick read
-    // them and while it waits for the probes.
+    // The Plugins plugin, on its own connection, rewrites every route after the tick
+    // read them and while it waits for the probes.
     let other = redis_store(&w.server).await;
-    let theirs_edited = r#"{"status":"ACTIVE","tkeel_version":"v0.5.0","register_addons":{"added":"x/v1/y"},"owner":"plugins"}"#;
-    let theirs_agreed =
-        r#"{"status":"STOPPED","tkeel_version":"v0.5.0","note":"stopped by an operator"}"#;
+    let theirs = [
+        (
+            "edited",
+            r#"{"status":"ACTIVE","tkeel_version":"v0.5.0","register_addons":{"added":"x/v1/y"},"owner":"plugins"}"#,
+        ),
+        (
+            "agreed",
+            r#"{"status":"STOPPED","tkeel_version":"v0.5.0","note":"stopped by an operator"}"#,
+        ),
+        (
+            "stopped-meanwhile",
+            r#"{"status":"STOPPED","tkeel_version":"v0.5.0"}"#,
+        ),
+        ("corrupted", r#"{"status":"ACTIVE","tkeel_version":"#),
+    ];
     let capture = Capture::new();
     let meddle = async {
-        wait_for_requests(&w.sim, &["edited", "agreed"]).await;
-        for (id, data) in [("edited", theirs_edited), ("agreed", theirs_agreed)] {
+        wait_for_requests(&w.sim, &ids).await;
+        for (id, data) in theirs {
             let key = format!("plugin_route_{id}");
             let current = other
                 .get(StoreKind::Public, &key)
@@ -403,6 +476,10 @@ async fn cas_conflict_rereads_the_route_and_reapplies_the_decision_on_the_fresh_
         .release(&guard.expect("a completed tick holds the lease"))
         .await
         .expect("release");
+    let stored = |id: &str| {
+        String::from_utf8_lossy(&raw_data(&w.server, &format!("plugin_route_{id}")).unwrap())
+            .into_owned()
+    };
 
     assert!(
         !events
@@ -412,20 +489,30 @@ async fn cas_conflict_rereads_the_route_and_reapplies_the_decision_on_the_fresh_
     );
     // Their fields, our decided status, in one more version.
     assert_eq!(
-        String::from_utf8_lossy(&raw_data(&w.server, "plugin_route_edited").unwrap()),
-        theirs_edited.replace(r#""status":"ACTIVE""#, r#""status":"STOPPED""#)
+        stored("edited"),
+        theirs[0]
+            .1
+            .replace(r#""status":"ACTIVE""#, r#""status":"STOPPED""#)
     );
     assert_eq!(w.version("edited"), Some(3));
     // The fresh value already says what the probe said: nothing left to write.
-    assert_eq!(
-        String::from_utf8_lossy(&raw_data(&w.server, "plugin_route_agreed").unwrap()),
-        theirs_agreed
-    );
+    assert_eq!(stored("agreed"), theirs[1].1);
     assert_eq!(
         w.version("agreed"),
         Some(2),
         "a route needing no change was written"
     );
+    // Failed probes never override a blocking status someone else set meanwhile.
+    assert_eq!(stored("stopped-meanwhile"), theirs[2].1);
+    assert_eq!(w.version("stopped-meanwhile"), Some(2));
+    // A route that became malformed is left as it is.
+    assert_eq!(stored("corrupted"), theirs[3].1);
+    assert_eq!(w.version("corrupted"), Some(2));
+    assert!(
+        !events.for_plugin("route_invalid", "corrupted").is_empty(),
+        "{events}"
+    );
+
     assert_eq!(report.routes_changed, 1, "{events}");
     assert_eq!(events.named("plugin_status_changed").len(), 1, "{events}");
     assert_eq!(

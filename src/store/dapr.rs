@@ -260,9 +260,10 @@ impl DaprStore {
         let mut by_key = HashMap::with_capacity(response.items.len());
         for item in response.items {
             if !item.error.is_empty() {
-                return Err(StoreError::Failed {
+                // A per-key error in an answered bulk read is that key's fault (e.g. a
+                // value that is not a state hash); the caller re-reads keys one by one.
+                return Err(StoreError::Unreadable {
                     store: store.to_string(),
-                    operation: "bulk get",
                     key: item.key.clone(),
                     message: format!(
                         "the Dapr sidecar at {} reported a state store error for this key: {}",

@@ -107,6 +107,14 @@ pub enum StoreError {
         key: String,
         etag: String,
     },
+    /// The key holds something that is not a state value (e.g. not a Dapr state hash):
+    /// a fault of that one key, not of the store.
+    #[error("{key:?} in store {store:?} is not a readable state value: {message}")]
+    Unreadable {
+        store: String,
+        key: String,
+        message: String,
+    },
     #[error("store {store:?} failed to {operation} {key:?}: {message}")]
     Failed {
         store: String,
@@ -138,7 +146,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, kind: StoreKind, key: &str) -> Result<Option<Entry>, StoreError>;
 
     /// Reads many keys in one round trip where the backend can; the result has one item
-    /// per key, in order.
+    /// per key, in order. A key holding something that is not a state value fails the
+    /// call with [`StoreError::Unreadable`] naming it; see [`read_each`].
     async fn bulk_get(
         &self,
         kind: StoreKind,
@@ -173,4 +182,42 @@ pub trait Store: Send + Sync + 'static {
 
     /// A cheap round trip proving the store (or sidecar) answers; for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Reads `keys` with one bulk read, and when one key's value is unreadable, again one key
+/// at a time, so a single odd key costs only itself. Each item is that key's own result.
+/// Fails as a whole only when the store itself fails (every key failing counts as that).
+pub async fn read_each(
+    store: &dyn Store,
+    kind: StoreKind,
+    keys: &[String],
+    concurrency: usize,
+) -> Result<Vec<Result<Option<Entry>, StoreError>>, StoreError> {
+    use futures::stream::{self, StreamExt};
+    match store.bulk_get(kind, keys).await {
+        Ok(entries) => return Ok(entries.into_iter().map(Ok).collect()),
+        Err(StoreError::Unreadable { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    // Indices, not borrowed keys, keep the future spawnable (no higher-ranked closure).
+    let items: Vec<Result<Option<Entry>, StoreError>> = stream::iter(0..keys.len())
+        .map(|i| async move {
+            match keys.get(i) {
+                Some(key) => store.get(kind, key).await,
+                None => Ok(None),
+            }
+        })
+        .buffered(concurrency.max(1))
+        .collect()
+        .await;
+    let any_ok = items.iter().any(Result::is_ok);
+    if !any_ok {
+        if let Some(Err(e)) = items
+            .iter()
+            .find(|r| !matches!(r, Err(StoreError::Unreadable { .. })))
+        {
+            return Err(e.clone());
+        }
+    }
+    Ok(items)
 }

@@ -438,6 +438,15 @@ impl RedisStore {
         }
     }
 
+    /// One key holds something that is not a Dapr state value.
+    fn unreadable(&self, kind: StoreKind, key: &str, why: &str) -> StoreError {
+        StoreError::Unreadable {
+            store: self.name(kind).to_owned(),
+            key: key.to_owned(),
+            message: why.to_owned(),
+        }
+    }
+
     fn failed(
         &self,
         kind: StoreKind,
@@ -609,8 +618,7 @@ impl Store for RedisStore {
             .await
             .map_err(|e| self.eval_failed(kind, "get", key, e))?;
         let mut out = Vec::with_capacity(1);
-        Self::parse_read(reply, 1, &mut out)
-            .map_err(|(_, why)| self.failed(kind, "get", key, why.to_owned()))?;
+        Self::parse_read(reply, 1, &mut out).map_err(|(_, why)| self.unreadable(kind, key, why))?;
         Ok(out.pop().flatten())
     }
 
@@ -662,7 +670,7 @@ impl Store for RedisStore {
             }
             Self::parse_read(reply, chunk.len(), &mut out).map_err(|(index, why)| {
                 let key = chunk.get(index).map_or(first_key, String::as_str);
-                self.failed(kind, "bulk get", key, why.to_owned())
+                self.unreadable(kind, key, why)
             })?;
         }
         if out.len() != keys.len() {

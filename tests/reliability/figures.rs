@@ -18,12 +18,14 @@ pub const SCENARIOS: &[&str] = &[
     "1-three-replicas-redis",
     "1d-three-replicas-dapr",
     "2-sigkill-holder",
+    "2p-sigstop-holder",
     "3-sigterm-holder",
     "4-redis-outage",
     "5-concurrent-editor",
     "6-unregister-while-ticking",
     "7-hostile-plugins",
     "8-clock-skew",
+    "8b-clock-skew-short-lease",
     "s-secrets-in-one-shot-commands",
 ];
 
@@ -82,7 +84,10 @@ impl Drop for Scenario {
         } else {
             "FAIL"
         };
-        self.figure("duration", format!("{:.1} s", self.started.elapsed().as_secs_f64()));
+        self.figure(
+            "duration",
+            format!("{:.1} s", self.started.elapsed().as_secs_f64()),
+        );
         self.figure("result", verdict);
         let mut text = String::new();
         for (figure, value) in &self.rows {

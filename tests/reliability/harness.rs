@@ -251,7 +251,8 @@ impl Journal {
     /// Audits the ticks `from, from + step, ...` up to `to` (inclusive).
     pub fn audit(&self, from: DateTime<Utc>, to: DateTime<Utc>, step: Duration) -> TickAudit {
         let done = self.completions();
-        let step = chrono::Duration::from_std(step).unwrap_or_else(|_| chrono::Duration::seconds(1));
+        let step =
+            chrono::Duration::from_std(step).unwrap_or_else(|_| chrono::Duration::seconds(1));
         let mut audit = TickAudit::default();
         let mut slot = from;
         while slot <= to {
@@ -380,9 +381,17 @@ impl Spec {
     pub fn run(name: &str) -> Spec {
         Spec {
             name: name.to_owned(),
-            args: ["run", "--listen", "127.0.0.1:0", "--log-format", "json", "--holder-id", name]
-                .map(String::from)
-                .to_vec(),
+            args: [
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--holder-id",
+                name,
+            ]
+            .map(String::from)
+            .to_vec(),
             envs: vec![("DAPR_API_TOKEN".into(), DAPR_TOKEN.into())],
             faketime: None,
         }
@@ -771,8 +780,18 @@ pub fn run_once(
             bytes
         })
     };
-    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         match child.try_wait() {

@@ -18,9 +18,7 @@ use crate::harness::{
     REDIS_PASSWORD,
 };
 use crate::support::sidecar::{SidecarConfig, SidecarDouble};
-use crate::world::{
-    escaping_ids, ids, route_json, Flapper, World, LOCK_REDIS_KEY,
-};
+use crate::world::{escaping_ids, ids, route_json, Flapper, World, LOCK_REDIS_KEY};
 
 const SECOND: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 
@@ -52,10 +50,15 @@ pub async fn wait_ticking(journal: &Journal, replicas: &[Replica]) {
 pub async fn settle_after(journal: &Journal, last: DateTime<Utc>) {
     sleep_until_wall(last).await;
     let give_up = last + chrono::TimeDelta::seconds(4);
-    wait_until(Duration::from_secs(15), "the last tick to settle", journal, || {
-        (journal.completions().range(last..).next().is_some() || Utc::now() > give_up)
-            .then_some(())
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "the last tick to settle",
+        journal,
+        || {
+            (journal.completions().range(last..).next().is_some() || Utc::now() > give_up)
+                .then_some(())
+        },
+    )
     .await;
 }
 
@@ -63,7 +66,11 @@ pub async fn settle_after(journal: &Journal, last: DateTime<Utc>) {
 fn steady_holder(journal: &Journal, step: chrono::TimeDelta) -> Option<(String, DateTime<Utc>)> {
     let done = journal.completions();
     done.iter().rev().find_map(|(t, by)| match by.as_slice() {
-        [one] if done.get(&(*t - step)).is_some_and(|prev| prev.as_slice() == [one.clone()]) => {
+        [one]
+            if done
+                .get(&(*t - step))
+                .is_some_and(|prev| prev.as_slice() == [one.clone()]) =>
+        {
             Some((one.clone(), *t))
         }
         _ => None,
@@ -89,7 +96,13 @@ fn stop_all(replicas: &mut [Replica], journal: &Journal) {
     for r in replicas.iter_mut() {
         if r.is_running() {
             let code = r.terminate(journal);
-            assert_eq!(code, Some(0), "replica {} exit code\n{}", r.name, journal.tail(20));
+            assert_eq!(
+                code,
+                Some(0),
+                "replica {} exit code\n{}",
+                r.name,
+                journal.tail(20)
+            );
         }
     }
     assert!(
@@ -144,6 +157,21 @@ async fn three_replicas_complete_every_tick_exactly_once() {
         sc.figure("ticks by replica", audit.holders());
         sc.figure("lock_lost events", w.journal.count("lock_lost"));
         sc.figure("tick_failed events", w.journal.count("tick_failed"));
+        // How late after its slot each tick took the lock (the scheduler's firing delay).
+        let mut late: Vec<i64> = w
+            .journal
+            .named("lock_acquired")
+            .iter()
+            .filter(|e| e.tick() >= first && e.tick() <= last)
+            .filter_map(|e| e.timestamp().map(|t| (t - e.tick()).num_milliseconds()))
+            .collect();
+        late.sort_unstable();
+        if let (Some(min), Some(max)) = (late.first(), late.last()) {
+            sc.figure(
+                "lock taken after the slot (min/median/max)",
+                format!("{min}/{}/{max} ms", late[late.len() / 2]),
+            );
+        }
         audit.assert_exactly_once(&w.journal);
         assert_eq!(audit.slots, 30);
 
@@ -158,9 +186,14 @@ async fn three_replicas_complete_every_tick_exactly_once() {
             .collect();
         sc.figure("status requests", recorded.len());
         sc.figure("escaping ids requested", escaped.len());
-        assert!(escaped.is_empty(), "requests outside the registered ids: {escaped:?}");
         assert!(
-            recorded.iter().all(|r| r.header("dapr-api-token").is_none()),
+            escaped.is_empty(),
+            "requests outside the registered ids: {escaped:?}"
+        );
+        assert!(
+            recorded
+                .iter()
+                .all(|r| r.header("dapr-api-token").is_none()),
             "the Dapr API token was sent to a plugin"
         );
         let logged: HashSet<String> = w
@@ -175,7 +208,10 @@ async fn three_replicas_complete_every_tick_exactly_once() {
             "each escaping id is logged as invalid_plugin_id: {logged:?}"
         );
         for id in &escaping {
-            let route = w.route(id).await.unwrap_or_else(|| panic!("route {id:?} is gone"));
+            let route = w
+                .route(id)
+                .await
+                .unwrap_or_else(|| panic!("route {id:?} is gone"));
             assert_eq!(
                 (route.etag.as_str(), route.data.as_slice()),
                 ("1", route_json(id, "ACTIVE").as_bytes()),
@@ -191,7 +227,11 @@ async fn three_replicas_complete_every_tick_exactly_once() {
         settle_after(&w.journal, settled).await;
         let statuses = w.statuses(&valid).await;
         for id in &valid {
-            let want = if flapping.contains(id) { "STOPPED" } else { "ACTIVE" };
+            let want = if flapping.contains(id) {
+                "STOPPED"
+            } else {
+                "ACTIVE"
+            };
             assert_eq!(statuses[id], want, "route of {id}");
         }
         stop_all(&mut replicas, &w.journal);
@@ -266,15 +306,38 @@ async fn three_dapr_replicas_complete_every_tick_exactly_once() {
         let outside: Vec<&String> = invoked.iter().filter(|id| !valid.contains(id)).collect();
         sc.figure("invocations", invoked.len());
         sc.figure("escaping ids invoked", outside.len());
-        sc.figure("sidecar requests outside /v1.0/invoke", sidecar.calls("not_found"));
-        sc.figure("sidecar requests refused for the token", sidecar.calls("unauthorized"));
-        assert!(outside.is_empty(), "app ids invoked outside the registry: {outside:?}");
-        assert_eq!(sidecar.calls("not_found"), 0, "a status URL escaped /v1.0/invoke/<id>");
-        assert_eq!(sidecar.calls("unauthorized"), 0, "a call went without the token");
+        sc.figure(
+            "sidecar requests outside /v1.0/invoke",
+            sidecar.calls("not_found"),
+        );
+        sc.figure(
+            "sidecar requests refused for the token",
+            sidecar.calls("unauthorized"),
+        );
+        assert!(
+            outside.is_empty(),
+            "app ids invoked outside the registry: {outside:?}"
+        );
+        assert_eq!(
+            sidecar.calls("not_found"),
+            0,
+            "a status URL escaped /v1.0/invoke/<id>"
+        );
+        assert_eq!(
+            sidecar.calls("unauthorized"),
+            0,
+            "a call went without the token"
+        );
         assert!(sidecar.saw_token());
         for id in &escaping {
-            let route = w.route(id).await.unwrap_or_else(|| panic!("route {id:?} is gone"));
-            assert_eq!(route.etag, "1", "the route of the invalid id {id:?} was written");
+            let route = w
+                .route(id)
+                .await
+                .unwrap_or_else(|| panic!("route {id:?} is gone"));
+            assert_eq!(
+                route.etag, "1",
+                "the route of the invalid id {id:?} was written"
+            );
         }
         let statuses = w.statuses(&valid).await;
         assert_eq!(statuses[&valid[0]], "STOPPED");
@@ -342,7 +405,8 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         )
         .await;
         let victim_name = replicas[victim].name.clone();
-        let exited = tokio::task::block_in_place(|| replicas[victim].wait_exit(Duration::from_secs(5)));
+        let exited =
+            tokio::task::block_in_place(|| replicas[victim].wait_exit(Duration::from_secs(5)));
         assert!(exited.is_some(), "the killed replica did not die");
         let killed_tick = w
             .journal
@@ -359,8 +423,14 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
             .iter()
             .filter(|(_, s)| *s != "STOPPED" && *s != "ACTIVE")
             .collect();
-        assert!(stray.is_empty(), "routes neither old nor new after the crash: {stray:?}");
-        sc.figure("routes written by the killed tick before it died", format!("{written}/{}", plugins.len()));
+        assert!(
+            stray.is_empty(),
+            "routes neither old nor new after the crash: {stray:?}"
+        );
+        sc.figure(
+            "routes written by the killed tick before it died",
+            format!("{written}/{}", plugins.len()),
+        );
 
         // The victim's lease ends by its TTL: read how long it has left.
         let (record, left): (Option<Vec<u8>>, i64) = tokio::task::block_in_place(|| {
@@ -376,7 +446,11 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         });
         let record: Value = serde_json::from_slice(&record.unwrap_or_default())
             .unwrap_or_else(|e| panic!("the lock record is not JSON: {e}"));
-        assert_eq!(record["holder"], victim_name.as_str(), "the lock after the kill: {record}");
+        assert_eq!(
+            record["holder"],
+            victim_name.as_str(),
+            "the lock after the kill: {record}"
+        );
         assert!(left > 0, "the victim's lease has no TTL ({left})");
         let expired = Utc::now() + chrono::TimeDelta::milliseconds(left);
         let expired_at = Instant::now() + Duration::from_millis(left.unsigned_abs());
@@ -417,7 +491,10 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         sc.figure("killed tick", killed_tick.format("%H:%M:%S"));
         sc.figure(
             "victim's lease ran out after the kill",
-            format!("{} (lease 2000 ms)", ms(expired_at.duration_since(killed_at))),
+            format!(
+                "{} (lease 2000 ms)",
+                ms(expired_at.duration_since(killed_at))
+            ),
         );
         sc.figure(
             "take-over delay (kill to another replica's lock_acquired)",
@@ -437,14 +514,180 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         settle_after(&w.journal, settled).await;
         let after = w.statuses(&plugins).await;
         let active: Vec<_> = after.iter().filter(|(_, s)| *s != "STOPPED").collect();
-        assert!(active.is_empty(), "routes not rewritten after the take-over: {active:?}");
+        assert!(
+            active.is_empty(),
+            "routes not rewritten after the take-over: {active:?}"
+        );
         let done = w.journal.completions();
         let duplicates: Vec<_> = done.iter().filter(|(_, by)| by.len() > 1).collect();
         sc.figure("duplicates", duplicates.len());
-        assert!(duplicates.is_empty(), "ticks completed twice: {duplicates:?}");
+        assert!(
+            duplicates.is_empty(),
+            "ticks completed twice: {duplicates:?}"
+        );
         assert!(
             !done.contains_key(&killed_tick) || done[&killed_tick] == [victim_name.clone()],
             "the killed tick was scraped again"
+        );
+
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    })
+    .await;
+    sc.pass();
+}
+
+// ---------------------------------------------------------------------------------------
+// 2p. SIGSTOP the lock holder in the middle of its writes, past its lease
+// ---------------------------------------------------------------------------------------
+
+/// A holder paused past its lease (a stalled VM, CPU starvation, SIGSTOP) must not write
+/// anything decided from its stale tick once it resumes: by then another replica holds the
+/// lease and has observed newer answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
+    let mut sc = Scenario::start("2p-sigstop-holder");
+    bounded(Duration::from_secs(120), async {
+        let w = World::start(false).await;
+        let plugins = ids("z", 120);
+        w.seed(&plugins, "ACTIVE").await;
+        let delay = Duration::from_millis(300);
+        let failing = || Behavior::delay(delay, Behavior::raw(500, r#"{"ret":-1,"msg":"down"}"#));
+        w.sim
+            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
+        let step = chrono::TimeDelta::seconds(2);
+        let mut replicas: Vec<Replica> = ["r1", "r2"]
+            .iter()
+            .map(|n| w.spec(n).schedule("*/2 * * * * *").spawn(&w.journal))
+            .collect();
+        wait_ticking(&w.journal, &replicas).await;
+        wait_until(
+            Duration::from_secs(30),
+            "a steady holder",
+            &w.journal,
+            || steady_holder(&w.journal, step),
+        )
+        .await;
+
+        // Every plugin fails until every route is FAILED.
+        w.sim.set_default(failing());
+        wait_until(
+            Duration::from_secs(20),
+            "every route FAILED",
+            &w.journal,
+            || {
+                let failed = w
+                    .journal
+                    .named("plugin_status_changed")
+                    .iter()
+                    .filter(|e| e.str("to") == "FAILED")
+                    .count();
+                (failed >= plugins.len()).then_some(())
+            },
+        )
+        .await;
+
+        // They all answer ACTIVE: the next tick writes 120 routes back to ACTIVE. Its holder
+        // is frozen right after its first write; the plugins fail again at once.
+        let once = Arc::new(AtomicBool::new(false));
+        let armed = w.journal.events().len();
+        w.sim
+            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
+        let fired: Vec<_> = replicas
+            .iter()
+            .map(|r| r.signal_on(libc::SIGSTOP, first_of(&once, "plugin_status_changed")))
+            .collect();
+        let (victim, stopped_at) = wait_until(
+            Duration::from_secs(10),
+            "the holder's first write back to ACTIVE",
+            &w.journal,
+            || {
+                fired
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, f)| f.get().map(|(at, _)| (i, at)))
+            },
+        )
+        .await;
+        w.sim.set_default(failing());
+        let victim_name = replicas[victim].name.clone();
+        let written_before = w.journal.events()[armed..]
+            .iter()
+            .filter(|e| e.replica == victim_name && e.name() == "plugin_status_changed")
+            .count();
+
+        // The other replica takes over after the lease and sees two failing ticks: every
+        // route is FAILED again.
+        let other = replicas
+            .iter()
+            .find(|r| r.name != victim_name)
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+        let seen = w.journal.of(&other, "tick_completed").len();
+        wait_until(
+            Duration::from_secs(15),
+            "two ticks by the other replica",
+            &w.journal,
+            || (w.journal.of(&other, "tick_completed").len() >= seen + 2).then_some(()),
+        )
+        .await;
+        let before_resume = w.statuses(&plugins).await;
+        let active: Vec<_> = before_resume
+            .iter()
+            .filter(|(_, s)| *s != "FAILED")
+            .collect();
+        assert!(
+            active.is_empty(),
+            "the new holder left routes passing: {active:?}"
+        );
+
+        // Thaw the old holder. Nothing it decided before the pause may land now.
+        let resumed_at = Instant::now();
+        let seq_at_resume = w.journal.events().len();
+        replicas[victim].signal(libc::SIGCONT);
+        let mut stale: BTreeMap<String, String> = BTreeMap::new();
+        while resumed_at.elapsed() < Duration::from_millis(1500) {
+            for (id, status) in w.statuses(&plugins).await {
+                if status != "FAILED" {
+                    stale.entry(id).or_insert(status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after: Vec<String> = w.journal.events()[seq_at_resume..]
+            .iter()
+            .filter(|e| e.replica == victim_name)
+            .map(|e| e.name().to_owned())
+            .collect();
+        sc.figure("paused for", ms(resumed_at.duration_since(stopped_at)));
+        sc.figure(
+            "routes the holder wrote before the pause",
+            format!("{written_before}/{}", plugins.len()),
+        );
+        sc.figure("stale routes after it resumed", stale.len());
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for name in after {
+            *counts.entry(name).or_default() += 1;
+        }
+        sc.figure(
+            "its events after resuming",
+            counts
+                .iter()
+                .map(|(n, c)| format!("{n}:{c}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        assert!(
+            stale.is_empty(),
+            "after resuming, the paused holder wrote routes decided before its pause, against \
+             {} newer failing ticks: {} routes turned passing again, e.g. {:?}\n{}",
+            2,
+            stale.len(),
+            stale.iter().take(5).collect::<Vec<_>>(),
+            w.journal.tail(20)
         );
 
         stop_all(&mut replicas, &w.journal);
@@ -477,7 +720,9 @@ async fn sigterm_holder_between_ticks(
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The scheduler may fire the next tick as little as 0.5 s after this one (it polls
+    // twice a second): stop the holder right away, well inside the interval.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let i = index_of(replicas, &last.replica);
     let sent = Instant::now();
     replicas[i].signal(libc::SIGTERM);
@@ -503,7 +748,12 @@ async fn completed(journal: &Journal, slot: DateTime<Utc>) -> (String, Instant) 
         Duration::from_secs(10),
         &format!("tick {slot} to be completed"),
         journal,
-        || journal.completions().get(&slot).and_then(|by| by.first().cloned()),
+        || {
+            journal
+                .completions()
+                .get(&slot)
+                .and_then(|by| by.first().cloned())
+        },
     )
     .await;
     let acquired = journal
@@ -525,8 +775,10 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
         let w = World::start(false).await;
         let plugins = ids("t", 10);
         w.seed(&plugins, "ACTIVE").await;
-        w.sim
-            .set_default(Behavior::delay(Duration::from_millis(300), Behavior::v0("ACTIVE")));
+        w.sim.set_default(Behavior::delay(
+            Duration::from_millis(300),
+            Behavior::v0("ACTIVE"),
+        ));
         let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
             .iter()
             .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
@@ -541,10 +793,14 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
         .await;
 
         // Between ticks: the holder releases; the next tick is another replica's.
-        let (first, last, sent) = sigterm_holder_between_ticks(&mut replicas, &w.journal, start).await;
+        let (first, last, sent) =
+            sigterm_holder_between_ticks(&mut replicas, &w.journal, start).await;
         let (by, at) = completed(&w.journal, last + SECOND).await;
         assert_ne!(by, first, "the stopped replica scraped after SIGTERM");
-        sc.figure("hand-over 1 (SIGTERM between ticks to next lock_acquired)", ms(at.duration_since(sent)));
+        sc.figure(
+            "hand-over 1 (SIGTERM between ticks to next lock_acquired)",
+            ms(at.duration_since(sent)),
+        );
 
         // In the middle of a tick: the holder finishes it, releases, and the next tick is
         // another replica's.
@@ -557,14 +813,25 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
             Duration::from_secs(10),
             "the next lock_acquired",
             &w.journal,
-            || fired.iter().enumerate().find_map(|(i, f)| f.get().map(|g| (i, g))),
+            || {
+                fired
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, f)| f.get().map(|g| (i, g)))
+            },
         )
         .await;
         let second = replicas[i].name.clone();
         let its_tick = crate::harness::parse_time(event["tick"].as_str().unwrap_or_default())
             .unwrap_or_else(|| panic!("lock_acquired without tick: {event}"));
-        let status = tokio::task::block_in_place(|| replicas[i].wait_exit(crate::harness::EXIT_BOUND));
-        assert_eq!(status.and_then(|s| s.code()), Some(0), "{second} exit\n{}", w.journal.tail(20));
+        let status =
+            tokio::task::block_in_place(|| replicas[i].wait_exit(crate::harness::EXIT_BOUND));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{second} exit\n{}",
+            w.journal.tail(20)
+        );
         assert!(
             w.journal
                 .of(&second, "tick_completed")
@@ -579,8 +846,14 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
         );
         assert!(!w.journal.of(&second, "lock_released").is_empty());
         let (by, at) = completed(&w.journal, its_tick + SECOND).await;
-        assert!(by != first && by != second, "tick after the second stop scraped by {by}");
-        sc.figure("hand-over 2 (SIGTERM mid-tick to next lock_acquired)", ms(at.duration_since(sent)));
+        assert!(
+            by != first && by != second,
+            "tick after the second stop scraped by {by}"
+        );
+        sc.figure(
+            "hand-over 2 (SIGTERM mid-tick to next lock_acquired)",
+            ms(at.duration_since(sent)),
+        );
 
         let end = its_tick + SECOND * 4;
         settle_after(&w.journal, end).await;
@@ -629,8 +902,10 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
         let w = World::start(false).await;
         let plugins = ids("c", 10);
         w.seed(&plugins, "ACTIVE").await;
-        w.sim
-            .set_default(Behavior::delay(Duration::from_millis(100), Behavior::v0("ACTIVE")));
+        w.sim.set_default(Behavior::delay(
+            Duration::from_millis(100),
+            Behavior::v0("ACTIVE"),
+        ));
         // Clocks 0, +0.3 s and +0.6 s: a third of the 2 s interval apart at most.
         let skews: [(&str, &str, i64); 3] =
             [("c0", "+0.0", 0), ("c3", "+0.3", 300), ("c6", "+0.6", 600)];
@@ -648,9 +923,11 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
         let step = chrono::TimeDelta::seconds(2);
         let start = slot_at_or_after(Utc::now() + step, 2);
         settle_after(&w.journal, start + step * 4).await;
-        let (_, last, _) = sigterm_holder_between_ticks(&mut replicas, &w.journal, start + step * 3).await;
+        let (_, last, _) =
+            sigterm_holder_between_ticks(&mut replicas, &w.journal, start + step * 3).await;
         settle_after(&w.journal, last + step * 5).await;
-        let (_, last, _) = sigterm_holder_between_ticks(&mut replicas, &w.journal, last + step * 4).await;
+        let (_, last, _) =
+            sigterm_holder_between_ticks(&mut replicas, &w.journal, last + step * 4).await;
         let end = last + step * 4;
         settle_after(&w.journal, end).await;
 
@@ -684,9 +961,65 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
         sc.figure("duplicates", audit.duplicates.len());
         sc.figure("missed", audit.missed.len());
         sc.figure("ticks by replica", audit.holders());
-        sc.figure("already_scraped skips", w.journal.named("tick_skipped").iter().filter(|e| e.str("reason") == "already_scraped").count());
+        sc.figure(
+            "already_scraped skips",
+            w.journal
+                .named("tick_skipped")
+                .iter()
+                .filter(|e| e.str("reason") == "already_scraped")
+                .count(),
+        );
         audit.assert_exactly_once(&w.journal);
-        assert!(audit.by_replica.len() >= 3, "the ticks did not move between all three clocks: {}", audit.holders());
+        assert!(
+            audit.by_replica.len() >= 3,
+            "the ticks did not move between all three clocks: {}",
+            audit.holders()
+        );
+
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    })
+    .await;
+    sc.pass();
+}
+
+/// The same promise with a `--lease` shorter than the interval (the option allows any
+/// lease of at least 1 s): a replica whose clock is a quarter of the interval behind must
+/// still find the tick it fires for already scraped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lease_still_scrapes_each_tick_once_under_skew() {
+    let mut sc = Scenario::start("8b-clock-skew-short-lease");
+    require_faketime();
+    bounded(Duration::from_secs(90), async {
+        let w = World::start(false).await;
+        let plugins = ids("b", 4);
+        w.seed(&plugins, "ACTIVE").await;
+        // A 6 s schedule, a 1 s lease; b15's clock is 1.5 s behind (a quarter of 6 s).
+        let mut replicas: Vec<Replica> = [("b0", "+0.0"), ("b15", "-1.5")]
+            .iter()
+            .map(|(n, offset)| {
+                w.spec(n)
+                    .schedule("*/6 * * * * *")
+                    .args(&["--lease", "1s"])
+                    .faketime(offset)
+                    .spawn(&w.journal)
+            })
+            .collect();
+        wait_ticking(&w.journal, &replicas).await;
+        let step = chrono::TimeDelta::seconds(6);
+        let start = slot_at_or_after(Utc::now() + chrono::TimeDelta::seconds(1), 6);
+        let end = start + step * 2;
+        settle_after(&w.journal, end + chrono::TimeDelta::seconds(2)).await;
+
+        let audit = w.journal.audit(start, end, Duration::from_secs(6));
+        sc.figure("ticks", audit.slots);
+        sc.figure("duplicates", audit.duplicates.len());
+        sc.figure("missed", audit.missed.len());
+        sc.figure("ticks by replica", audit.holders());
+        audit.assert_exactly_once(&w.journal);
 
         stop_all(&mut replicas, &w.journal);
         sc.figure(

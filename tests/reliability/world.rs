@@ -66,7 +66,10 @@ pub fn seeded_addons(id: &str) -> String {
 
 /// A route as the Plugins plugin writes it.
 pub fn route_json(id: &str, status: &str) -> String {
-    let mut out = format!(r#"{{"status":"{status}","register_addons":{}"#, seeded_addons(id));
+    let mut out = format!(
+        r#"{{"status":"{status}","register_addons":{}"#,
+        seeded_addons(id)
+    );
     for (k, v) in KEPT {
         out.push_str(&format!(r#","{k}":{v}"#));
     }
@@ -79,8 +82,8 @@ pub fn route_json(id: &str, status: &str) -> String {
 /// route vocabulary. Returns the status.
 pub fn check_route(data: &[u8], addons: &str) -> Result<String, String> {
     let text = String::from_utf8_lossy(data);
-    let members: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(data)
-        .map_err(|e| format!("not a JSON object ({e}): {text}"))?;
+    let members: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(data).map_err(|e| format!("not a JSON object ({e}): {text}"))?;
     let mut want: Vec<&str> = KEPT.iter().map(|(k, _)| *k).collect();
     want.extend(["status", "register_addons"]);
     want.sort_unstable();
@@ -90,7 +93,10 @@ pub fn check_route(data: &[u8], addons: &str) -> Result<String, String> {
     }
     for (k, v) in KEPT {
         if members[*k].get() != *v {
-            return Err(format!("member {k} changed to {}: {text}", members[*k].get()));
+            return Err(format!(
+                "member {k} changed to {}: {text}",
+                members[*k].get()
+            ));
         }
     }
     if members["register_addons"].get() != addons {
@@ -102,7 +108,9 @@ pub fn check_route(data: &[u8], addons: &str) -> Result<String, String> {
     let status: String = serde_json::from_str(members["status"].get())
         .map_err(|_| format!("status is not a string: {text}"))?;
     if !["STARTING", "ACTIVE", "STOPPING", "STOPPED", "FAILED"].contains(&status.as_str()) {
-        return Err(format!("status {status:?} is outside the route vocabulary: {text}"));
+        return Err(format!(
+            "status {status:?} is outside the route vocabulary: {text}"
+        ));
     }
     Ok(status)
 }
@@ -152,7 +160,10 @@ impl World {
             .unwrap_or_else(|e| panic!("read the registry: {e}"))
             .map_or(ABSENT_ETAG.to_owned(), |e| e.etag);
         self.store
-            .save(StoreKind::Private, Save::cas(REGISTRY_KEY, data.as_bytes(), &etag))
+            .save(
+                StoreKind::Private,
+                Save::cas(REGISTRY_KEY, data.as_bytes(), &etag),
+            )
             .await
             .unwrap_or_else(|e| panic!("write the registry: {e}"));
     }

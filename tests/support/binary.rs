@@ -441,7 +441,8 @@ pub async fn seed(store: &dyn Store, kind: StoreKind, key: &str, data: &str) {
         .unwrap_or_else(|e| panic!("seed {key}: {e}"));
 }
 
-/// Seeds the registry with `ids` (values `"true"`, as Plugins writes them).
+/// Seeds the registry with `ids` (values `"true"`, as Plugins writes them; the stored
+/// object lists the ids in sorted order).
 pub async fn seed_registry(store: &dyn Store, ids: &[&str]) {
     let map: serde_json::Map<String, Value> = ids
         .iter()
