@@ -215,13 +215,15 @@ impl Ticker {
 
         // Registry and counters, from the private store.
         let keys = [REGISTRY_KEY.to_string(), COUNTERS_KEY.to_string()];
-        let mut private = store
-            .bulk_get(StoreKind::Private, &keys)
+        let mut private = read_each(store, StoreKind::Private, &keys, 2)
             .await
             .inspect_err(|e| emit_store_error(store, StoreKind::Private, "read_registry", e))?
             .into_iter();
-        let registry = private.next().flatten();
-        let counters_entry = private.next().flatten();
+        let registry = match private.next() {
+            Some(Ok(entry)) => entry,
+            Some(Err(e)) => return Err(TickError::Registry(e.to_string())),
+            None => None,
+        };
         let ids = match &registry {
             Some(e) => parse_ids(&e.data).map_err(|e| TickError::Registry(e.to_string()))?,
             None => Vec::new(),
@@ -234,10 +236,30 @@ impl Ticker {
             }
             .emit();
         }
-        let stored_counters: HashMap<String, Counters> = counters_entry
-            .as_ref()
-            .and_then(|e| serde_json::from_slice(&e.data).ok())
-            .unwrap_or_default();
+        // The counters are this worker's own; an unreadable value is reported and the
+        // counts start again (the next save replaces it).
+        let counters_entry = match private.next() {
+            Some(Ok(entry)) => entry,
+            Some(Err(e)) => {
+                emit_store_error(store, StoreKind::Private, "read_counters", &e);
+                None
+            }
+            None => None,
+        };
+        let stored_counters: HashMap<String, Counters> = match &counters_entry {
+            None => HashMap::new(),
+            Some(e) => serde_json::from_slice(&e.data).unwrap_or_else(|err| {
+                events::StoreError {
+                    store: store.store_name(StoreKind::Private).to_string(),
+                    operation: "read_counters".into(),
+                    error: format!(
+                        "{COUNTERS_KEY} is not a counters object ({err}); the counts start again"
+                    ),
+                }
+                .emit();
+                HashMap::new()
+            }),
+        };
 
         let mut valid = Vec::with_capacity(ids.len());
         for id in &ids {
