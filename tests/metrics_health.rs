@@ -12,18 +12,16 @@
 //! - `plugin_status_changed` carries `"alert": true` exactly when a route leaves a
 //!   gate-passing status for a blocking one; `tick_failed` and `lock_lost` always do.
 
-#[path = "support/redis_server.rs"]
-#[allow(dead_code)]
-mod redis_server;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use chrono::Timelike;
 use keel_scraper::sim::{Behavior, PluginSim};
-use redis_server::{free_port, RedisServer};
 use serde_json::Value;
-
-use harness::{http_get, is, Worker};
+use support::binary::{keel, Events};
+use support::live::{http_get, is, Worker};
+use support::redis_server::{free_port, RedisServer};
 
 /// Common `run` arguments against `redis` and the simulator, ticking every second.
 fn run_args(redis: &RedisServer, sim: &PluginSim) -> Vec<String> {
@@ -594,8 +592,8 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
     let ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
     let routes: Vec<(&str, &str)> = cases.iter().map(|c| (c.0, c.1)).collect();
     seed(&redis, &ids, &routes);
-    let out = harness::run_to_end(
-        &[
+    let out = keel()
+        .args([
             "once",
             "--backend",
             "redis",
@@ -607,22 +605,21 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
             "0",
             "--unhealthy-threshold",
             "1",
-        ],
-        &[],
-        Duration::from_secs(20),
-    );
-    assert_eq!(out.code, Some(0), "{}", out.dump());
-    let changes: Vec<Value> = out
-        .events()
+        ])
+        .timeout(Duration::from_secs(20))
+        .run();
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let changes: Vec<Value> = Events::lenient(out.stdout.lines())
+        .0
         .into_iter()
         .filter(|e| is(e, "plugin_status_changed"))
         .collect();
-    assert_eq!(changes.len(), cases.len(), "{}", out.dump());
+    assert_eq!(changes.len(), cases.len(), "{}", out.describe());
     for (id, from, _, to, alert) in cases {
         let e = changes
             .iter()
             .find(|e| e["plugin_id"] == *id)
-            .unwrap_or_else(|| panic!("no change for {id}: {}", out.dump()));
+            .unwrap_or_else(|| panic!("no change for {id}: {}", out.describe()));
         assert_eq!(
             (e["from"].as_str(), e["to"].as_str()),
             (Some(*from), Some(*to)),
@@ -642,8 +639,8 @@ async fn tick_failed_carries_alert_when_the_registry_is_malformed() {
         "plugins||all_registered_plugin",
         "[\"not\", \"an object\"]",
     );
-    let out = harness::run_to_end(
-        &[
+    let out = keel()
+        .args([
             "once",
             "--backend",
             "redis",
@@ -651,16 +648,15 @@ async fn tick_failed_carries_alert_when_the_registry_is_malformed() {
             &redis.url(),
             "--status-url",
             &sim.url_template(),
-        ],
-        &[],
-        Duration::from_secs(20),
-    );
-    assert_eq!(out.code, Some(1), "{}", out.dump());
-    let failed = out
-        .events()
+        ])
+        .timeout(Duration::from_secs(20))
+        .run();
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    let failed = Events::lenient(out.stdout.lines())
+        .0
         .into_iter()
         .find(|e| is(e, "tick_failed"))
-        .unwrap_or_else(|| panic!("no tick_failed: {}", out.dump()));
+        .unwrap_or_else(|| panic!("no tick_failed: {}", out.describe()));
     assert_eq!(failed["alert"], true, "{failed}");
     assert_eq!(failed["level"], "ERROR", "{failed}");
     assert!(
@@ -742,223 +738,4 @@ async fn lock_lost_carries_alert_and_the_tick_writes_nothing() {
         "ACTIVE",
         "nothing written after the lease was lost"
     );
-}
-
-/// Running the real binary: a clean environment, output collected line by line, killed
-/// on drop.
-mod harness {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{SocketAddr, TcpStream};
-    use std::process::{Child, Command, ExitStatus, Stdio};
-    use std::sync::{Arc, Mutex};
-    use std::thread::JoinHandle;
-    use std::time::{Duration, Instant};
-
-    use serde_json::Value;
-
-    pub fn is(e: &Value, name: &str) -> bool {
-        e["event"] == name
-    }
-
-    type Lines = Arc<Mutex<Vec<String>>>;
-
-    fn collect(stream: impl Read + Send + 'static) -> (Lines, JoinHandle<()>) {
-        let lines: Lines = Arc::default();
-        let sink = lines.clone();
-        let handle = std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut buf = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                buf.clear();
-            }
-        });
-        (lines, handle)
-    }
-
-    fn snapshot(lines: &Lines) -> Vec<String> {
-        lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn parse_events(lines: &[String]) -> Vec<Value> {
-        lines
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// A running `keel-scraper`.
-    pub struct Worker {
-        child: Child,
-        stdout: Lines,
-        stderr: Lines,
-        readers: Vec<JoinHandle<()>>,
-        exited: Option<ExitStatus>,
-    }
-
-    impl Worker {
-        /// Starts the binary with `args` and only the environment given (nothing from the
-        /// shell that runs the tests leaks in).
-        pub fn spawn<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Worker {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel-scraper"));
-            cmd.env_clear()
-                .args(args.iter().map(|a| a.as_ref()))
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().expect("start keel-scraper");
-            let (stdout, out_reader) = collect(child.stdout.take().expect("piped stdout"));
-            let (stderr, err_reader) = collect(child.stderr.take().expect("piped stderr"));
-            Worker {
-                child,
-                stdout,
-                stderr,
-                readers: vec![out_reader, err_reader],
-                exited: None,
-            }
-        }
-
-        pub fn stdout_lines(&self) -> Vec<String> {
-            snapshot(&self.stdout)
-        }
-
-        pub fn events(&self) -> Vec<Value> {
-            parse_events(&self.stdout_lines())
-        }
-
-        pub fn dump(&self) -> String {
-            format!(
-                "\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                snapshot(&self.stdout).join("\n"),
-                snapshot(&self.stderr).join("\n")
-            )
-        }
-
-        /// Polls the events until `f` returns `Some`; panics with the output after `timeout`.
-        pub fn wait_until<T>(
-            &self,
-            timeout: Duration,
-            what: &str,
-            f: impl Fn(&[Value]) -> Option<T>,
-        ) -> T {
-            let deadline = Instant::now() + timeout;
-            loop {
-                if let Some(v) = f(&self.events()) {
-                    return v;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out after {timeout:?} waiting for {what}{}",
-                    self.dump()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-
-        /// The first event matching `pred`.
-        pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-            self.wait_until(timeout, "an event", |evs| {
-                evs.iter().find(|e| pred(e)).cloned()
-            })
-        }
-
-        /// The metrics and health server's address, from the `listening` event.
-        pub fn listening_address(&self) -> String {
-            let e = self.wait_event(Duration::from_secs(10), |e| is(e, "listening"));
-            e["address"]
-                .as_str()
-                .expect("listening names its address")
-                .to_string()
-        }
-
-        /// Waits for the process to exit, then for its output to be read to the end.
-        pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-            let deadline = Instant::now() + timeout;
-            let status = loop {
-                if let Some(s) = self.exited {
-                    break s;
-                }
-                if let Ok(Some(s)) = self.child.try_wait() {
-                    self.exited = Some(s);
-                    break s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the process did not exit within {timeout:?}{}",
-                    self.dump()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            for r in self.readers.drain(..) {
-                let _ = r.join();
-            }
-            status
-        }
-    }
-
-    impl Drop for Worker {
-        fn drop(&mut self) {
-            if self.exited.is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
-
-    /// A finished one-shot command.
-    pub struct Finished {
-        pub code: Option<i32>,
-        pub stdout: Vec<String>,
-        pub stderr: Vec<String>,
-    }
-
-    impl Finished {
-        pub fn events(&self) -> Vec<Value> {
-            parse_events(&self.stdout)
-        }
-
-        pub fn dump(&self) -> String {
-            format!(
-                "\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                self.stdout.join("\n"),
-                self.stderr.join("\n")
-            )
-        }
-    }
-
-    /// Runs a command to its end (bounded by `timeout`).
-    pub fn run_to_end(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Finished {
-        let mut w = Worker::spawn(args, env);
-        let status = w.wait_exit(timeout);
-        Finished {
-            code: status.code(),
-            stdout: snapshot(&w.stdout),
-            stderr: snapshot(&w.stderr),
-        }
-    }
-
-    /// `GET path` over HTTP/1.0 (the server closes the connection after answering): the
-    /// status code and the body. Bounded by connect and read timeouts.
-    pub fn http_get(address: &str, path: &str) -> (u16, String) {
-        let addr: SocketAddr = address.parse().expect("a socket address");
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("read timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .unwrap_or_else(|e| panic!("read the answer to GET {path}: {e}"));
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP answer: {response}"));
-        (code, body.to_string())
-    }
 }

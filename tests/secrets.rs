@@ -8,21 +8,16 @@
 //! simulated plugin saw the token, Redis required the password), so an empty search cannot
 //! pass by accident.
 
-#[path = "support/redis_server.rs"]
-#[allow(dead_code)]
-mod redis_server;
-#[path = "support/sidecar.rs"]
-#[allow(dead_code)]
-mod sidecar;
+mod support;
 
 use std::time::Duration;
 
 use keel_scraper::sim::{Behavior, PluginSim};
-use redis_server::{free_port, RedisServer};
 use serde_json::Value;
-use sidecar::{SidecarConfig, SidecarDouble};
-
-use harness::{http_get, is, run_to_end, Worker};
+use support::binary::keel;
+use support::live::{http_get, is, Worker};
+use support::redis_server::{free_port, RedisServer};
+use support::sidecar::{SidecarConfig, SidecarDouble};
 
 /// A secret no log line could contain by chance.
 fn secret(prefix: &str) -> String {
@@ -120,8 +115,22 @@ fn label(args: &[&str]) -> String {
 
 /// Runs a one-shot command, records its output and returns its exit code.
 fn one_shot(printed: &mut Printed, args: &[&str], env: &[(&str, &str)]) -> Option<i32> {
-    let out = run_to_end(args, env, Duration::from_secs(20));
-    printed.add(&label(args), out.all_output());
+    let out = keel()
+        .args(args)
+        .envs(env)
+        .timeout(Duration::from_secs(20))
+        .run();
+    assert!(!out.timed_out, "{} overstayed", label(args));
+    // Not `describe()`: the command line may carry a password.
+    let lines = |text: &str| text.lines().collect::<Vec<_>>().join("\n");
+    printed.add(
+        &label(args),
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            lines(&out.stdout),
+            lines(&out.stderr)
+        ),
+    );
     out.code
 }
 
@@ -140,7 +149,7 @@ fn run_briefly(
     w.signal(libc::SIGTERM);
     let status = w.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{}", w.dump());
-    printed.add(&label(args), format!("{}\n{metrics}", w.all_output()));
+    printed.add(&label(args), format!("{}\n{metrics}", w.dump()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,238 +440,4 @@ async fn no_secret_is_printed_when_the_store_or_the_sidecar_refuses_or_is_unreac
     );
 
     printed.assert_free_of(&[&password, &wrong_password, &token, &wrong_token]);
-}
-
-/// Running the real binary: a clean environment, output collected line by line, killed
-/// on drop.
-mod harness {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{SocketAddr, TcpStream};
-    use std::process::{Child, Command, ExitStatus, Stdio};
-    use std::sync::{Arc, Mutex};
-    use std::thread::JoinHandle;
-    use std::time::{Duration, Instant};
-
-    use serde_json::Value;
-
-    pub fn is(e: &Value, name: &str) -> bool {
-        e["event"] == name
-    }
-
-    type Lines = Arc<Mutex<Vec<String>>>;
-
-    fn collect(stream: impl Read + Send + 'static) -> (Lines, JoinHandle<()>) {
-        let lines: Lines = Arc::default();
-        let sink = lines.clone();
-        let handle = std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut buf = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                buf.clear();
-            }
-        });
-        (lines, handle)
-    }
-
-    fn snapshot(lines: &Lines) -> Vec<String> {
-        lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn parse_events(lines: &[String]) -> Vec<Value> {
-        lines
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// A running `keel-scraper`.
-    pub struct Worker {
-        child: Child,
-        stdout: Lines,
-        stderr: Lines,
-        readers: Vec<JoinHandle<()>>,
-        exited: Option<ExitStatus>,
-    }
-
-    impl Worker {
-        /// Starts the binary with `args` and only the environment given (nothing from the
-        /// shell that runs the tests leaks in).
-        pub fn spawn<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Worker {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel-scraper"));
-            cmd.env_clear()
-                .args(args.iter().map(|a| a.as_ref()))
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().expect("start keel-scraper");
-            let (stdout, out_reader) = collect(child.stdout.take().expect("piped stdout"));
-            let (stderr, err_reader) = collect(child.stderr.take().expect("piped stderr"));
-            Worker {
-                child,
-                stdout,
-                stderr,
-                readers: vec![out_reader, err_reader],
-                exited: None,
-            }
-        }
-
-        pub fn stdout_lines(&self) -> Vec<String> {
-            snapshot(&self.stdout)
-        }
-
-        pub fn events(&self) -> Vec<Value> {
-            parse_events(&self.stdout_lines())
-        }
-
-        pub fn dump(&self) -> String {
-            format!(
-                "\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                snapshot(&self.stdout).join("\n"),
-                snapshot(&self.stderr).join("\n")
-            )
-        }
-
-        /// Everything printed so far, stdout then stderr.
-        pub fn all_output(&self) -> String {
-            self.dump()
-        }
-
-        /// Polls the events until `f` returns `Some`; panics with the output after `timeout`.
-        pub fn wait_until<T>(
-            &self,
-            timeout: Duration,
-            what: &str,
-            f: impl Fn(&[Value]) -> Option<T>,
-        ) -> T {
-            let deadline = Instant::now() + timeout;
-            loop {
-                if let Some(v) = f(&self.events()) {
-                    return v;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out after {timeout:?} waiting for {what}{}",
-                    self.dump()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-
-        /// The first event matching `pred`.
-        pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-            self.wait_until(timeout, "an event", |evs| {
-                evs.iter().find(|e| pred(e)).cloned()
-            })
-        }
-
-        /// The metrics and health server's address, from the `listening` event.
-        pub fn listening_address(&self) -> String {
-            let e = self.wait_event(Duration::from_secs(10), |e| is(e, "listening"));
-            e["address"]
-                .as_str()
-                .expect("listening names its address")
-                .to_string()
-        }
-
-        /// Sends `signal` to the process, which must not have been reaped yet (so its pid
-        /// cannot belong to another process).
-        pub fn signal(&self, signal: libc::c_int) {
-            assert!(
-                self.exited.is_none(),
-                "the process already exited{}",
-                self.dump()
-            );
-            // SAFETY: kill(2) on our own child's pid; the child has not been reaped.
-            let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-            assert_eq!(rc, 0, "kill({signal}) failed");
-        }
-
-        /// Waits for the process to exit, then for its output to be read to the end.
-        pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-            let deadline = Instant::now() + timeout;
-            let status = loop {
-                if let Some(s) = self.exited {
-                    break s;
-                }
-                if let Ok(Some(s)) = self.child.try_wait() {
-                    self.exited = Some(s);
-                    break s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the process did not exit within {timeout:?}{}",
-                    self.dump()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            for r in self.readers.drain(..) {
-                let _ = r.join();
-            }
-            status
-        }
-    }
-
-    impl Drop for Worker {
-        fn drop(&mut self) {
-            if self.exited.is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
-
-    /// A finished one-shot command.
-    pub struct Finished {
-        pub code: Option<i32>,
-        pub stdout: Vec<String>,
-        pub stderr: Vec<String>,
-    }
-
-    impl Finished {
-        /// Everything printed, stdout then stderr.
-        pub fn all_output(&self) -> String {
-            format!(
-                "--- stdout ---\n{}\n--- stderr ---\n{}",
-                self.stdout.join("\n"),
-                self.stderr.join("\n")
-            )
-        }
-    }
-
-    /// Runs a command to its end (bounded by `timeout`).
-    pub fn run_to_end(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Finished {
-        let mut w = Worker::spawn(args, env);
-        let status = w.wait_exit(timeout);
-        Finished {
-            code: status.code(),
-            stdout: snapshot(&w.stdout),
-            stderr: snapshot(&w.stderr),
-        }
-    }
-
-    /// `GET path` over HTTP/1.0 (the server closes the connection after answering): the
-    /// status code and the body. Bounded by connect and read timeouts.
-    pub fn http_get(address: &str, path: &str) -> (u16, String) {
-        let addr: SocketAddr = address.parse().expect("a socket address");
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("read timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("send the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .unwrap_or_else(|e| panic!("read the answer to GET {path}: {e}"));
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP answer: {response}"));
-        (code, body.to_string())
-    }
 }

@@ -10,17 +10,14 @@
 //! - Another replica takes the very next tick: no tick is missed, none is scraped twice.
 //! - A signal during start-up (the store unreachable) also ends cleanly.
 
-#[path = "support/redis_server.rs"]
-#[allow(dead_code)]
-mod redis_server;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use keel_scraper::sim::{Behavior, PluginSim};
-use redis_server::{free_port, RedisServer};
 use serde_json::Value;
-
-use harness::{is, Worker};
+use support::live::{is, Worker};
+use support::redis_server::{free_port, RedisServer};
 
 /// `run` against `redis` and the simulator, ticking every second; `extra` appended.
 fn run_args(redis: &RedisServer, sim: &PluginSim, extra: &[&str]) -> Vec<String> {
@@ -410,171 +407,4 @@ async fn sigterm_during_start_up_exits_0() {
         events[index_of(&w, &events, "shutdown_completed")]["tick_cancelled"],
         false
     );
-}
-
-/// Running the real binary: a clean environment, output collected line by line, killed
-/// on drop.
-mod harness {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::{Child, Command, ExitStatus, Stdio};
-    use std::sync::{Arc, Mutex};
-    use std::thread::JoinHandle;
-    use std::time::{Duration, Instant};
-
-    use serde_json::Value;
-
-    pub fn is(e: &Value, name: &str) -> bool {
-        e["event"] == name
-    }
-
-    type Lines = Arc<Mutex<Vec<String>>>;
-
-    fn collect(stream: impl Read + Send + 'static) -> (Lines, JoinHandle<()>) {
-        let lines: Lines = Arc::default();
-        let sink = lines.clone();
-        let handle = std::thread::spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut buf = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                buf.clear();
-            }
-        });
-        (lines, handle)
-    }
-
-    fn snapshot(lines: &Lines) -> Vec<String> {
-        lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn parse_events(lines: &[String]) -> Vec<Value> {
-        lines
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// A running `keel-scraper`.
-    pub struct Worker {
-        child: Child,
-        stdout: Lines,
-        stderr: Lines,
-        readers: Vec<JoinHandle<()>>,
-        exited: Option<ExitStatus>,
-    }
-
-    impl Worker {
-        /// Starts the binary with `args` and only the environment given (nothing from the
-        /// shell that runs the tests leaks in).
-        pub fn spawn<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Worker {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_keel-scraper"));
-            cmd.env_clear()
-                .args(args.iter().map(|a| a.as_ref()))
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().expect("start keel-scraper");
-            let (stdout, out_reader) = collect(child.stdout.take().expect("piped stdout"));
-            let (stderr, err_reader) = collect(child.stderr.take().expect("piped stderr"));
-            Worker {
-                child,
-                stdout,
-                stderr,
-                readers: vec![out_reader, err_reader],
-                exited: None,
-            }
-        }
-
-        pub fn stdout_lines(&self) -> Vec<String> {
-            snapshot(&self.stdout)
-        }
-
-        pub fn events(&self) -> Vec<Value> {
-            parse_events(&self.stdout_lines())
-        }
-
-        pub fn dump(&self) -> String {
-            format!(
-                "\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                snapshot(&self.stdout).join("\n"),
-                snapshot(&self.stderr).join("\n")
-            )
-        }
-
-        /// Polls the events until `f` returns `Some`; panics with the output after `timeout`.
-        pub fn wait_until<T>(
-            &self,
-            timeout: Duration,
-            what: &str,
-            f: impl Fn(&[Value]) -> Option<T>,
-        ) -> T {
-            let deadline = Instant::now() + timeout;
-            loop {
-                if let Some(v) = f(&self.events()) {
-                    return v;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "timed out after {timeout:?} waiting for {what}{}",
-                    self.dump()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-
-        /// The first event matching `pred`.
-        pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-            self.wait_until(timeout, "an event", |evs| {
-                evs.iter().find(|e| pred(e)).cloned()
-            })
-        }
-
-        /// Sends `signal` to the process, which must not have been reaped yet (so its pid
-        /// cannot belong to another process).
-        pub fn signal(&self, signal: libc::c_int) {
-            assert!(
-                self.exited.is_none(),
-                "the process already exited{}",
-                self.dump()
-            );
-            // SAFETY: kill(2) on our own child's pid; the child has not been reaped.
-            let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-            assert_eq!(rc, 0, "kill({signal}) failed");
-        }
-
-        /// Waits for the process to exit, then for its output to be read to the end.
-        pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-            let deadline = Instant::now() + timeout;
-            let status = loop {
-                if let Some(s) = self.exited {
-                    break s;
-                }
-                if let Ok(Some(s)) = self.child.try_wait() {
-                    self.exited = Some(s);
-                    break s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "the process did not exit within {timeout:?}{}",
-                    self.dump()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            for r in self.readers.drain(..) {
-                let _ = r.join();
-            }
-            status
-        }
-    }
-
-    impl Drop for Worker {
-        fn drop(&mut self) {
-            if self.exited.is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
 }

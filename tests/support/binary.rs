@@ -72,6 +72,12 @@ impl Keel {
         self
     }
 
+    /// [`Keel::env`] for each `(name, value)`, in order.
+    pub fn envs(self, envs: &[(&str, &str)]) -> Self {
+        envs.iter()
+            .fold(self, |keel, (name, value)| keel.env(name, value))
+    }
+
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -248,6 +254,19 @@ impl Events {
             out.push(value);
         }
         Ok(Events(out))
+    }
+
+    /// Keeps every line that is JSON, in order, and skips the others (plain text, an empty
+    /// line, a line cut short when the process was killed). Unlike [`Events::parse`] it
+    /// does not require `event` members: a live process's stdout with
+    /// `SCRAPER_LOG=trace` also carries the libraries' own lines, which have none.
+    pub fn lenient<'a>(lines: impl IntoIterator<Item = &'a str>) -> Events {
+        Events(
+            lines
+                .into_iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+        )
     }
 
     /// The events named `name`, in order.

@@ -4,5 +4,6 @@
 
 pub mod binary;
 pub mod conformance;
+pub mod live;
 pub mod redis_server;
 pub mod sidecar;
