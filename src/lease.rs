@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::schedule::tick_id;
-use crate::store::{Entry, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
+use crate::store::{Entry, Fence, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
 
 /// The lock's key in the private store.
 pub const LOCK_KEY: &str = "scrape_state";
@@ -93,9 +93,23 @@ pub struct Guard {
     pub etag: String,
     /// When the acquiring step began (before the lock was read): deadlines count from here.
     pub started: Instant,
+    /// The record bytes we wrote: with the ETag, what fences every route write.
+    record: Vec<u8>,
     /// The tick recorded in the record we wrote (kept on release).
     recorded: Option<String>,
     pub takeover: bool,
+}
+
+impl Guard {
+    /// The fence for writes made under this lease: they land only while the lock record
+    /// is still exactly the one this holder wrote.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            key: LOCK_KEY.to_string(),
+            etag: self.etag.clone(),
+            data: self.record.clone(),
+        }
+    }
 }
 
 /// Outcome of trying to take the lock.
@@ -249,6 +263,7 @@ impl Lease {
                     kind,
                     etag: e.etag,
                     started,
+                    record: e.data,
                     recorded: new_recorded,
                     takeover,
                 };
@@ -269,6 +284,11 @@ impl Lease {
         // Option inside is still a valid value to replace.
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         *held = guard;
+    }
+
+    /// Forgets the held lease (it was found lost).
+    pub fn forget(&self) {
+        self.set_held(None);
     }
 
     /// The newest lease this process took and has not released or lost.

@@ -3,8 +3,8 @@
 //! Invariants kept here:
 //! - Nothing is written unless this replica holds the lease, and the lease is confirmed
 //!   (ETag unchanged) right before the write phase.
-//! - A route is rewritten only through [`Store::update_existing`] with the ETag it was read
-//!   with, keeping every other field; on conflict it is re-read and only the status
+//! - A route is rewritten only through [`Store::update_fenced`] with the ETag it was read
+//!   with and the lease as its fence, keeping every other field; on conflict it is re-read and only the status
 //!   decision is re-applied, from this tick's observation.
 //! - A route that is missing is never created; one that is malformed is never written.
 //! - Probes still running at the probe deadline are not observations: no counter moves and
@@ -26,7 +26,7 @@ use crate::probe::{ProbeOutcome, Prober};
 use crate::registry::{invalid_id_reason, parse_ids, printable_id, REGISTRY_KEY};
 use crate::route::{read_status, rewrite_status, route_key};
 use crate::status::RouteStatus;
-use crate::store::{read_each, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
+use crate::store::{read_each, Fence, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
 
 /// The consecutive counters' key in the private store: one JSON object, plugin id ->
 /// `{"f": failures, "p": passing reports}`, only non-zero entries.
@@ -403,15 +403,26 @@ impl Ticker {
             }
         }
 
+        let fence = guard.fence();
+        let fence = &fence;
         let results: Vec<(String, WriteResult)> = stream::iter(pending)
             .map(|p| async move {
                 let id = p.cand.id.clone();
-                (id, self.write_route(p, write_deadline).await)
+                (id, self.write_route(p, fence, write_deadline).await)
             })
             .buffer_unordered(self.concurrency.max(1))
             .collect()
             .await;
 
+        if results
+            .iter()
+            .any(|(_, r)| matches!(r, WriteResult::Fenced))
+        {
+            // The lease ended under us: what landed before did so under our lease;
+            // nothing more is written, counters included.
+            self.lease.forget();
+            return Err(TickError::LockLost);
+        }
         let mut written = Vec::new();
         for (id, result) in results {
             match result {
@@ -429,7 +440,7 @@ impl Ticker {
                         new_counters.insert(id, counters);
                     }
                 }
-                WriteResult::Gone => {}
+                WriteResult::Gone | WriteResult::Fenced => {}
                 WriteResult::Failed { before } => {
                     report.write_failed += 1;
                     if !before.is_zero() {
@@ -459,7 +470,7 @@ impl Ticker {
     }
 
     /// Writes one decided route, re-reading and re-deciding on conflict.
-    async fn write_route(&self, p: PendingWrite, deadline: Instant) -> WriteResult {
+    async fn write_route(&self, p: PendingWrite, fence: &Fence, deadline: Instant) -> WriteResult {
         let store = &*self.store;
         let PendingWrite {
             cand,
@@ -501,9 +512,10 @@ impl Ticker {
                 }
             };
             match store
-                .update_existing(StoreKind::Public, &key, &new_data, &etag)
+                .update_fenced(StoreKind::Public, &key, &new_data, &etag, fence)
                 .await
             {
+                Err(StoreError::Fenced { .. }) => return WriteResult::Fenced,
                 Ok(()) => {
                     events::PluginStatusChanged {
                         plugin_id: cand.id.clone(),
@@ -665,6 +677,8 @@ enum WriteResult {
         counters: Counters,
     },
     Gone,
+    /// Refused because the lease is no longer held.
+    Fenced,
     Failed {
         before: Counters,
     },

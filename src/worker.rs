@@ -443,7 +443,15 @@ where
                     let _ = h.await;
                 }
                 let t = ticker.clone();
-                running = Some(tokio::spawn(async move { t.tick(TickKind::Scheduled(slot)).await }));
+                running = Some(tokio::spawn(async move {
+                    let (outcome, guard) = t.tick(TickKind::Scheduled(slot)).await;
+                    // Release at once: the record keeps this tick readable for late
+                    // replicas, and any replica may take the next one.
+                    if let Some(g) = &guard {
+                        release(&t, g).await;
+                    }
+                    (outcome, guard)
+                }));
             }
         }
     };

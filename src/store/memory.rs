@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Concurrency, Entry, Save, Store, StoreError, StoreKind};
+use super::{Concurrency, Entry, Fence, Save, Store, StoreError, StoreKind};
 
 /// Writes between two sweeps of expired entries. A sweep is O(keys), so amortised over
 /// this many writes it stays a small constant per write while bounding how long an
@@ -168,6 +168,34 @@ impl MemoryStore {
             StoreKind::Public => &self.public_name,
             StoreKind::Private => &self.private_name,
         }
+    }
+
+    /// Rewrites a live `key` at version `wanted` in an already locked space.
+    fn update_in(
+        &self,
+        space: &mut Space,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        wanted: Option<i64>,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        let Some(item) = space.live(key, now) else {
+            return Err(StoreError::Missing {
+                store: self.name(kind).to_owned(),
+                key: key.to_owned(),
+            });
+        };
+        if wanted != Some(item.version) {
+            return Err(self.conflict(kind, key));
+        }
+        let next = self.next_version(kind, "update", key, item.version)?;
+        item.data.clear();
+        item.data.extend_from_slice(data);
+        item.version = next;
+        item.first_write = true;
+        space.note_write(now);
+        Ok(())
     }
 
     fn conflict(&self, kind: StoreKind, key: &str) -> StoreError {
@@ -322,22 +350,45 @@ impl Store for MemoryStore {
         };
         let now = Instant::now();
         let mut space = self.space(kind);
-        let Some(item) = space.live(key, now) else {
-            return Err(StoreError::Missing {
+        self.update_in(&mut space, kind, key, data, wanted, now)
+    }
+
+    async fn update_fenced(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        etag: &str,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let wanted = match parse_etag(Some(etag)).map_err(|e| self.invalid(kind, key, e))? {
+            Etag::Version(v) => Some(v),
+            Etag::None => None,
+        };
+        let now = Instant::now();
+        // The private space stays locked through the write, so the fence check and the
+        // write are one step (always private before public: no lock-order inversion).
+        let mut private = self.space(StoreKind::Private);
+        let holds = private
+            .live(&fence.key, now)
+            .is_some_and(|item| item.version.to_string() == fence.etag && item.data == fence.data);
+        if !holds {
+            return Err(StoreError::Fenced {
                 store: self.name(kind).to_owned(),
                 key: key.to_owned(),
             });
-        };
-        if wanted != Some(item.version) {
-            return Err(self.conflict(kind, key));
         }
-        let next = self.next_version(kind, "update", key, item.version)?;
-        item.data.clear();
-        item.data.extend_from_slice(data);
-        item.version = next;
-        item.first_write = true;
-        space.note_write(now);
-        Ok(())
+        match kind {
+            StoreKind::Private => self.update_in(&mut private, kind, key, data, wanted, now),
+            StoreKind::Public => {
+                let mut public = self.space(StoreKind::Public);
+                self.update_in(&mut public, kind, key, data, wanted, now)
+            }
+        }
+    }
+
+    fn fences_writes(&self) -> bool {
+        true
     }
 
     async fn delete(

@@ -94,6 +94,17 @@ impl<'a> Save<'a> {
 /// the key is absent, and is refused as a conflict (not as an outage) when it exists.
 pub const ABSENT_ETAG: &str = "-1";
 
+/// The lease a route write depends on: the write lands only while the private-store
+/// record `key` still holds exactly `etag` and `data` (the holder's own lock record).
+/// Checking the bytes too matters: a record that expired and was re-created restarts at
+/// version 1, so a version alone could match someone else's lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub etag: String,
+    pub data: Vec<u8>,
+}
+
 /// Store failures, each naming the store and key involved. Never carries a secret.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
@@ -101,6 +112,10 @@ pub enum StoreError {
     Conflict { store: String, key: String },
     #[error("{key:?} in store {store:?} no longer exists")]
     Missing { store: String, key: String },
+    #[error(
+        "write of {key:?} in store {store:?} refused: the lease it depended on is no longer held"
+    )]
+    Fenced { store: String, key: String },
     #[error("invalid ETag {etag:?} for {key:?} in store {store:?}: ETags are integers")]
     InvalidEtag {
         store: String,
@@ -168,6 +183,28 @@ pub trait Store: Send + Sync + 'static {
         data: &[u8],
         etag: &str,
     ) -> Result<(), StoreError>;
+
+    /// [`Store::update_existing`] that lands only while `fence` holds. Where
+    /// [`Store::fences_writes`] is true the check and the write are one atomic step, so a
+    /// holder paused past its lease cannot land a write after another replica took over.
+    /// Elsewhere (Dapr: no multi-key atomic write) the default runs the plain update and
+    /// the caller's lease confirmation before the write phase is the only fence.
+    async fn update_fenced(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        etag: &str,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let _ = fence;
+        self.update_existing(kind, key, data, etag).await
+    }
+
+    /// Whether [`Store::update_fenced`] checks the fence atomically with the write.
+    fn fences_writes(&self) -> bool {
+        false
+    }
 
     /// Deletes `key` if absent, if `etag` matches, or unconditionally when `etag` is None.
     async fn delete(

@@ -38,7 +38,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, RedisWrite, Script, ServerErrorKind, Value};
 
-use super::{Concurrency, Entry, Save, Store, StoreError, StoreKind};
+use super::{Concurrency, Entry, Fence, Save, Store, StoreError, StoreKind};
 
 /// Keys read by one script call in [`Store::bulk_get`]. Large enough that 50 000 keys are
 /// 50 calls in one pipeline, small enough that a single call blocks Redis only briefly.
@@ -107,6 +107,12 @@ return version
 /// differs, -1 when the key is gone.
 const UPDATE_LUA: &str = r"
 local key = KEYS[1]
+if KEYS[2] then
+  local fence = redis.pcall('HMGET', KEYS[2], 'version', 'data')
+  if type(fence) ~= 'table' or fence.err or fence[1] ~= ARGV[3] or fence[2] ~= ARGV[4] then
+    return -2
+  end
+end
 local current = redis.pcall('HGET', key, 'version')
 if type(current) == 'table' or not current or current == '' then
   return -1
@@ -526,6 +532,59 @@ impl RedisStore {
     }
 
     /// Builds one read-script call for `keys`.
+    /// The update script, fenced by the lock record when `fence` is given (one script:
+    /// the fence check and the write are atomic). Fencing needs both keys on one Redis
+    /// node, as on a single server or a primary with replicas.
+    async fn update(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        etag: &str,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
+        // An empty ETag is sent as is: no stored version equals it, so it is a conflict.
+        if !etag.is_empty() && etag.parse::<i64>().is_err() {
+            return Err(self.invalid(kind, key, etag));
+        }
+        let mut cmd = evalsha(&self.update, if fence.is_some() { 2 } else { 1 });
+        write_key(&mut cmd, self.prefix(kind), key);
+        if let Some(f) = fence {
+            write_key(&mut cmd, self.prefix(StoreKind::Private), &f.key);
+        }
+        match etag.parse::<i64>() {
+            Ok(version) => cmd.arg(version),
+            Err(_) => cmd.arg(""),
+        };
+        cmd.write_arg(data);
+        if let Some(f) = fence {
+            cmd.arg(&f.etag);
+            cmd.write_arg(&f.data);
+        }
+        let reply = self
+            .eval(&self.update, &cmd)
+            .await
+            .map_err(|e| self.eval_failed(kind, "update", key, e))?;
+        match reply {
+            Value::Int(version) if version > 0 => Ok(()),
+            Value::Int(0) => Err(self.conflict(kind, key)),
+            Value::Int(-2) => Err(StoreError::Fenced {
+                store: self.name(kind).to_owned(),
+                key: key.to_owned(),
+            }),
+            Value::Int(-1) => Err(StoreError::Missing {
+                store: self.name(kind).to_owned(),
+                key: key.to_owned(),
+            }),
+            _ => Err(self.failed(
+                kind,
+                "update",
+                key,
+                "unexpected reply to the update script".to_owned(),
+            )),
+        }
+    }
+
     fn read_cmd(&self, kind: StoreKind, keys: &[String]) -> Cmd {
         let mut cmd = evalsha(&self.read, keys.len());
         let prefix = self.prefix(kind);
@@ -737,35 +796,22 @@ impl Store for RedisStore {
         data: &[u8],
         etag: &str,
     ) -> Result<(), StoreError> {
-        // An empty ETag is sent as is: no stored version equals it, so it is a conflict.
-        if !etag.is_empty() && etag.parse::<i64>().is_err() {
-            return Err(self.invalid(kind, key, etag));
-        }
-        let mut cmd = evalsha(&self.update, 1);
-        write_key(&mut cmd, self.prefix(kind), key);
-        match etag.parse::<i64>() {
-            Ok(version) => cmd.arg(version),
-            Err(_) => cmd.arg(""),
-        };
-        cmd.write_arg(data);
-        let reply = self
-            .eval(&self.update, &cmd)
-            .await
-            .map_err(|e| self.eval_failed(kind, "update", key, e))?;
-        match reply {
-            Value::Int(version) if version > 0 => Ok(()),
-            Value::Int(0) => Err(self.conflict(kind, key)),
-            Value::Int(-1) => Err(StoreError::Missing {
-                store: self.name(kind).to_owned(),
-                key: key.to_owned(),
-            }),
-            _ => Err(self.failed(
-                kind,
-                "update",
-                key,
-                "unexpected reply to the update script".to_owned(),
-            )),
-        }
+        self.update(kind, key, data, etag, None).await
+    }
+
+    async fn update_fenced(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        etag: &str,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.update(kind, key, data, etag, Some(fence)).await
+    }
+
+    fn fences_writes(&self) -> bool {
+        true
     }
 
     async fn delete(
