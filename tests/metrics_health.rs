@@ -146,7 +146,7 @@ fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
+async fn metrics_move_after_real_ticks() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
     sim.set("good", Behavior::v0("ACTIVE"));
@@ -161,17 +161,11 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
             ("stopper", "ACTIVE"),
         ],
     );
-    // A lease longer than the interval: the holder renews it, the standby stays a standby.
     let mut args = run_args(&redis, &sim);
     args.extend(["--lease".into(), "3s".into()]);
     let holder = Worker::spawn(&args, &[("SCRAPER_HOLDER_ID", "holder")]);
     let address = holder.listening_address();
     holder.wait_event(Duration::from_secs(10), |e| is(e, "tick_completed"));
-    let standby = Worker::spawn(&args, &[("SCRAPER_HOLDER_ID", "standby")]);
-    let standby_address = standby.listening_address();
-    standby.wait_event(Duration::from_secs(10), |e| {
-        is(e, "tick_skipped") && e["reason"] == "lock_held"
-    });
     // "down" needs two failed probes to become FAILED (the default unhealthy threshold).
     holder.wait_event(Duration::from_secs(10), |e| {
         is(e, "plugin_status_changed") && e["plugin_id"] == "down"
@@ -250,7 +244,8 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
         2.0,
         "stopper and down, once each"
     );
-    assert_eq!(get("keel_scraper_lock_held", &[]), 1.0);
+    // Every tick releases its lease when it ends.
+    assert_eq!(get("keel_scraper_lock_held", &[]), 0.0);
     let last = get("keel_scraper_last_tick_completed_timestamp_seconds", &[]);
     let age = now_unix() - last;
     assert!(
@@ -260,28 +255,6 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
     assert_eq!(route_status(&redis, "stopper"), "STOPPED");
     assert_eq!(route_status(&redis, "down"), "FAILED");
 
-    // The standby skipped every tick: it holds nothing and completed nothing.
-    assert_eq!(
-        http_get(&standby_address, "/healthz").0,
-        200,
-        "skipped ticks are attempts"
-    );
-    let text = scrape(&standby_address);
-    let get = |name: &str, labels: &[(&str, &str)]| {
-        metric(&text, name, labels)
-            .unwrap_or_else(|| panic!("{name}{labels:?} missing from:\n{text}"))
-    };
-    assert_eq!(get("keel_scraper_lock_held", &[]), 0.0);
-    assert!(get("keel_scraper_ticks_total", &[("outcome", "skipped")]) >= 1.0);
-    assert_eq!(
-        get("keel_scraper_ticks_total", &[("outcome", "completed")]),
-        0.0
-    );
-    assert_eq!(get("keel_scraper_tick_duration_seconds_count", &[]), 0.0);
-    assert_eq!(
-        get("keel_scraper_last_tick_completed_timestamp_seconds", &[]),
-        0.0
-    );
     // Every metric is prefixed; every stdout line is one JSON event.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         assert!(
@@ -289,7 +262,7 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
             "unprefixed series: {line}"
         );
     }
-    for w in [&holder, &standby] {
+    for w in [&holder] {
         for line in w.stdout_lines() {
             let e: Value =
                 serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
@@ -301,84 +274,47 @@ async fn metrics_move_after_real_ticks_and_only_the_holder_reports_the_lock() {
     }
 }
 
-/// A replica whose lease was taken over (it stalled past its lease, another replica took
-/// `scrape_state`) skips with `lock_held`: it no longer holds the lock, and its gauge must
-/// say so, or two replicas report `lock_held 1` at once.
+/// `keel_scraper_lock_held` is 1 exactly while this replica holds the lease: during a
+/// tick, from taking the lock to releasing it, and 0 after (or while another holds it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_held_drops_to_0_when_another_holder_has_taken_the_lease() {
+async fn lock_held_is_1_during_a_tick_and_0_once_it_is_released() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
+    // A slow plugin keeps the tick open long enough to scrape it mid-tick; a 3 s schedule
+    // leaves time to scrape between ticks.
+    sim.set(
+        "a",
+        Behavior::delay(Duration::from_millis(1500), Behavior::v0("ACTIVE")),
+    );
     seed(&redis, &["a"], &[("a", "ACTIVE")]);
     let mut args = run_args(&redis, &sim);
-    args.extend(["--lease".into(), "2s".into()]);
+    let set = |args: &mut Vec<String>, flag: &str, value: &str| {
+        let at = args.iter().position(|a| a == flag).expect("flag present");
+        args[at + 1] = value.to_string();
+    };
+    set(&mut args, "--schedule", "*/3 * * * * *");
+    set(&mut args, "--probe-timeout", "2500ms");
     let w = Worker::spawn(&args, &[("SCRAPER_HOLDER_ID", "first")]);
     let address = w.listening_address();
-    w.wait_event(Duration::from_secs(10), |e| is(e, "tick_completed"));
     assert_eq!(
         metric(&scrape(&address), "keel_scraper_lock_held", &[]),
-        Some(1.0)
+        Some(0.0),
+        "before any tick"
     );
-    // Another replica's live lease, as it would write it after taking over.
-    redis.query::<()>(
-        redis::cmd("HSET")
-            .arg("plugins||scrape_state")
-            .arg("data")
-            .arg(r#"{"holder":"second","lease_ms":30000}"#),
+    w.wait_event(Duration::from_secs(10), |e| is(e, "lock_acquired"));
+    assert_eq!(
+        metric(&scrape(&address), "keel_scraper_lock_held", &[]),
+        Some(1.0),
+        "mid-tick{}",
+        w.dump()
     );
-    redis.query::<i64>(
-        redis::cmd("HINCRBY")
-            .arg("plugins||scrape_state")
-            .arg("version")
-            .arg(1),
-    );
-    redis.query::<i64>(redis::cmd("EXPIRE").arg("plugins||scrape_state").arg(30));
-    w.wait_event(Duration::from_secs(10), |e| {
-        is(e, "tick_skipped") && e["reason"] == "lock_held" && e["holder"] == "second"
-    });
+    w.wait_event(Duration::from_secs(10), |e| is(e, "lock_released"));
     let text = scrape(&address);
     assert_eq!(
         metric(&text, "keel_scraper_lock_held", &[]),
         Some(0.0),
-        "the lease belongs to another replica:\n{text}"
+        "after the release:\n{text}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_answers_200_while_start_up_waits_for_the_sidecar() {
-    // Nothing listens on these ports: start-up waits for the sidecar for a minute.
-    let (http, grpc) = (free_port(), free_port());
-    let w = Worker::spawn(
-        &[
-            "run",
-            "--backend",
-            "dapr",
-            "--dapr-http-endpoint",
-            &format!("127.0.0.1:{http}"),
-            "--dapr-grpc-endpoint",
-            &format!("127.0.0.1:{grpc}"),
-            "--sidecar-wait",
-            "60s",
-            "--schedule",
-            "* * * * * *",
-        ],
-        // The listen address from the environment this time.
-        &[("SCRAPER_LISTEN", "127.0.0.1:0")],
-    );
-    let address = w.listening_address();
-    w.wait_event(Duration::from_secs(10), |e| {
-        is(e, "sidecar_waiting") && e["attempt"].as_u64() >= Some(2)
-    });
-    let (code, body) = http_get(&address, "/healthz");
-    assert_eq!(code, 200, "liveness while waiting for the sidecar: {body}");
-    let (code, _) = http_get(&address, "/readyz");
-    assert_eq!(code, 503, "not ready before the sidecar ever answered");
-    let (code, body) = http_get(&address, "/metrics");
-    assert_eq!(code, 200);
-    assert!(body.contains("keel_scraper_ticks_total"), "{body}");
-    assert!(w
-        .events()
-        .iter()
-        .all(|e| !is(e, "tick_started") && !is(e, "lock_acquired")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
