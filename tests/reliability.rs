@@ -9,7 +9,9 @@
 //! 1. three replicas on a 1 s schedule complete every tick exactly once (and the Dapr
 //!    backend does the same through the sidecar double);
 //! 2. a lock holder killed with SIGKILL in the middle of a tick is taken over by another
-//!    replica at the first tick after its lease expires, with no route left inconsistent;
+//!    replica at the first tick after its lease expires, with no route left inconsistent
+//!    (and a holder frozen with SIGSTOP, 2p, or cut off from Redis, 2n, past its lease
+//!    lands nothing stale when it comes back);
 //! 3. a lock holder stopped with SIGTERM hands the next tick to another replica;
 //! 4. a Redis outage of 5 s ends no replica, is logged, and scraping resumes;
 //! 5. a concurrent editor of `register_addons` loses no edit to the worker's rewrites;
@@ -17,7 +19,8 @@
 //! 7. hostile plugins each fail with their `error_kind`, ticks keep their deadline and
 //!    memory stays bounded;
 //! 8. replicas whose wall clocks differ by a third of the interval (skewed from outside
-//!    with `faketime`) still scrape each tick exactly once.
+//!    with `faketime`) still scrape each tick exactly once, also (8b) with a `--lease`
+//!    shorter than the interval.
 //!
 //! Security runs through all of them: registry ids built to escape the status URL are
 //! never requested, and nothing any process printed contains the Redis password or the

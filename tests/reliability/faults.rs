@@ -38,6 +38,7 @@ async fn a_redis_outage_ends_no_replica_and_scraping_resumes() {
             .iter()
             .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
             .collect();
+        let mut spare = w.spec("r4").schedule("* * * * * *").spawn(&w.journal);
         wait_ticking(&w.journal, &replicas).await;
         wait_until(
             Duration::from_secs(10),
@@ -65,6 +66,18 @@ async fn a_redis_outage_ends_no_replica_and_scraping_resumes() {
             down_wall + SECOND * 5 + chrono::TimeDelta::milliseconds(400),
             1,
         );
+        // A fourth replica stopped with SIGTERM while Redis is down still exits promptly
+        // and cleanly: releasing its lease fails, within bounds.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let stop_sent = Instant::now();
+        let code = tokio::task::block_in_place(|| spare.terminate(&w.journal));
+        assert_eq!(
+            code,
+            Some(0),
+            "a replica stopped during the outage\n{}",
+            w.journal.tail(20)
+        );
+        sc.figure("SIGTERM to exit during the outage", ms(stop_sent.elapsed()));
         crate::harness::sleep_until_wall(first_back - chrono::TimeDelta::milliseconds(350)).await;
         tokio::task::block_in_place(|| w.redis.restart());
         let (back_at, back_wall) = (Instant::now(), Utc::now());

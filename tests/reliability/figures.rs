@@ -19,6 +19,7 @@ pub const SCENARIOS: &[&str] = &[
     "1d-three-replicas-dapr",
     "2-sigkill-holder",
     "2p-sigstop-holder",
+    "2n-network-stall-holder",
     "3-sigterm-holder",
     "4-redis-outage",
     "5-concurrent-editor",

@@ -501,9 +501,13 @@ impl Spec {
 }
 
 /// Signal a replica sends itself when an event matches.
+/// Something a replica's reader thread does the moment an event matches, given the
+/// worker's pid.
+type Action = Box<dyn FnOnce(u32) + Send>;
+
 struct Trigger {
     matches: Box<dyn Fn(&Value) -> bool + Send>,
-    signal: libc::c_int,
+    action: Action,
     fired: Fired,
 }
 
@@ -551,14 +555,7 @@ fn reader<R: Read + Send + 'static>(
                 let mut triggers = lock(&triggers);
                 if let Some(i) = triggers.iter().position(|t| (t.matches)(&event)) {
                     let t = triggers.remove(i);
-                    let target = pid.load(Ordering::SeqCst);
-                    if target != 0 {
-                        // SAFETY: kill(2) on the worker's pid; the process is ours and, as
-                        // its pipe is still open, not yet reaped.
-                        unsafe {
-                            libc::kill(target as libc::pid_t, t.signal);
-                        }
-                    }
+                    (t.action)(pid.load(Ordering::SeqCst));
                     *lock(&t.fired.0) = Some((Instant::now(), event));
                 }
             }
@@ -629,10 +626,28 @@ impl Replica {
         signal: libc::c_int,
         matches: impl Fn(&Value) -> bool + Send + 'static,
     ) -> Fired {
+        self.on_event(matches, move |pid| {
+            if pid != 0 {
+                // SAFETY: kill(2) on the worker's pid; the process is ours and, as its
+                // pipe is still open (the event was just read from it), not yet reaped.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, signal);
+                }
+            }
+        })
+    }
+
+    /// Runs `action` (given the worker's pid) from the reader thread the moment an event
+    /// matching `matches` is read.
+    pub fn on_event(
+        &self,
+        matches: impl Fn(&Value) -> bool + Send + 'static,
+        action: impl FnOnce(u32) + Send + 'static,
+    ) -> Fired {
         let fired = Fired::default();
         lock(&self.triggers).push(Trigger {
             matches: Box::new(matches),
-            signal,
+            action: Box::new(action),
             fired: fired.clone(),
         });
         fired

@@ -700,6 +700,141 @@ async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
     sc.pass();
 }
 
+/// The same through the network: the holder's connection to Redis stalls in the middle of
+/// its writes (a partition that heals later), its lease runs out, another replica takes
+/// over and sees newer answers; when the connection comes back, the writes it had sent
+/// must not land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_from_redis_mid_write_lands_nothing_stale() {
+    let mut sc = Scenario::start("2n-network-stall-holder");
+    bounded(Duration::from_secs(120), async {
+        let w = World::start(false).await;
+        let plugins = ids("n", 120);
+        w.seed(&plugins, "ACTIVE").await;
+        let delay = Duration::from_millis(300);
+        let failing = || Behavior::delay(delay, Behavior::raw(500, r#"{"ret":-1,"msg":"down"}"#));
+        w.sim
+            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
+        let step = chrono::TimeDelta::seconds(2);
+        let mut proxies = Vec::new();
+        let mut replicas = Vec::new();
+        for name in ["r1", "r2"] {
+            let proxy = crate::world::StallProxy::start(w.redis.port()).await;
+            replicas.push(
+                Spec::run(name)
+                    .redis(&proxy.url(), &w.sim.url_template())
+                    .schedule("*/2 * * * * *")
+                    .spawn(&w.journal),
+            );
+            proxies.push(proxy);
+        }
+        wait_ticking(&w.journal, &replicas).await;
+        wait_until(
+            Duration::from_secs(30),
+            "a steady holder",
+            &w.journal,
+            || steady_holder(&w.journal, step),
+        )
+        .await;
+        w.sim.set_default(failing());
+        wait_until(
+            Duration::from_secs(20),
+            "every route FAILED",
+            &w.journal,
+            || {
+                let failed = w
+                    .journal
+                    .named("plugin_status_changed")
+                    .iter()
+                    .filter(|e| e.str("to") == "FAILED")
+                    .count();
+                (failed >= plugins.len()).then_some(())
+            },
+        )
+        .await;
+
+        // Back to ACTIVE: the next tick rewrites 120 routes. At its first write, the
+        // holder's connection stalls; the plugins fail again at once.
+        let once = Arc::new(AtomicBool::new(false));
+        w.sim
+            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
+        let fired: Vec<_> = replicas
+            .iter()
+            .zip(&proxies)
+            .map(|(r, p)| {
+                let switch = p.switch();
+                r.on_event(first_of(&once, "plugin_status_changed"), move |_| {
+                    let _ = switch.send(true);
+                })
+            })
+            .collect();
+        let (victim, stalled_at) = wait_until(
+            Duration::from_secs(10),
+            "the holder's first write back to ACTIVE",
+            &w.journal,
+            || {
+                fired
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, f)| f.get().map(|(at, _)| (i, at)))
+            },
+        )
+        .await;
+        w.sim.set_default(failing());
+        let victim_name = replicas[victim].name.clone();
+        let other = replicas[1 - victim].name.clone();
+        let seen = w.journal.of(&other, "tick_completed").len();
+        wait_until(
+            Duration::from_secs(15),
+            "two ticks by the other replica",
+            &w.journal,
+            || (w.journal.of(&other, "tick_completed").len() >= seen + 2).then_some(()),
+        )
+        .await;
+        let before = w.statuses(&plugins).await;
+        let passing: Vec<_> = before.iter().filter(|(_, s)| *s != "FAILED").collect();
+        assert!(
+            passing.is_empty(),
+            "the new holder left routes passing: {passing:?}"
+        );
+
+        // The network heals.
+        let healed_at = Instant::now();
+        let _ = proxies[victim].switch().send(false);
+        let mut stale: BTreeMap<String, String> = BTreeMap::new();
+        while healed_at.elapsed() < Duration::from_millis(1500) {
+            for (id, status) in w.statuses(&plugins).await {
+                if status != "FAILED" {
+                    stale.entry(id).or_insert(status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sc.figure("stalled for", ms(healed_at.duration_since(stalled_at)));
+        sc.figure("stale routes after the network healed", stale.len());
+        sc.figure(
+            "its store errors while cut off",
+            w.journal.of(&victim_name, "store_error").len(),
+        );
+        assert!(
+            stale.is_empty(),
+            "writes the cut-off holder had sent before its lease ran out landed afterwards, \
+             over {} failing ticks of the new holder: {} routes passing again, e.g. {:?}",
+            2,
+            stale.len(),
+            stale.iter().take(5).collect::<Vec<_>>()
+        );
+
+        stop_all(&mut replicas, &w.journal);
+        sc.figure(
+            "bytes scanned for secrets",
+            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    })
+    .await;
+    sc.pass();
+}
+
 /// Waits for the next tick completed after `after`, lets the holder idle a moment (the
 /// middle of the interval), then stops it with SIGTERM. Checks it exits 0 having released
 /// the lease. Returns the holder's name, its last tick and when the signal was sent.

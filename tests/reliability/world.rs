@@ -265,3 +265,78 @@ impl Flapper {
         rounds
     }
 }
+
+/// A TCP relay in front of Redis for one replica, whose client-to-Redis direction can be
+/// held: bytes the replica sends while it is held wait in the relay and reach Redis, in
+/// order, only when it is let go. A network stall (or a partition that heals) between one
+/// replica and the store, with the store and every other replica unaffected.
+pub struct StallProxy {
+    port: u16,
+    held: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl StallProxy {
+    pub async fn start(redis_port: u16) -> StallProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind the relay: {e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("relay address: {e}"))
+            .port();
+        let (held, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                connections.spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await
+                    else {
+                        return;
+                    };
+                    let (mut client_rx, mut client_tx) = client.into_split();
+                    let (mut server_rx, mut server_tx) = server.into_split();
+                    let forward = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_rx.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if watch.wait_for(|held| !held).await.is_err()
+                                || server_tx.write_all(&buf[..n]).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    };
+                    let backward = tokio::io::copy(&mut server_rx, &mut client_tx);
+                    tokio::select! {
+                        _ = forward => {}
+                        _ = backward => {}
+                    }
+                });
+            }
+        });
+        StallProxy { port, held, task }
+    }
+
+    /// The Redis URL through the relay, with the suite's password.
+    pub fn url(&self) -> String {
+        format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}/", self.port)
+    }
+
+    /// A handle that holds or releases the relay from any thread.
+    pub fn switch(&self) -> tokio::sync::watch::Sender<bool> {
+        self.held.clone()
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
