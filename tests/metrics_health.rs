@@ -318,6 +318,44 @@ async fn lock_held_is_1_during_a_tick_and_0_once_it_is_released() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_200_while_start_up_waits_for_the_sidecar() {
+    // Nothing listens on these ports: start-up waits for the sidecar for a minute.
+    let (http, grpc) = (free_port(), free_port());
+    let w = Worker::spawn(
+        &[
+            "run",
+            "--backend",
+            "dapr",
+            "--dapr-http-endpoint",
+            &format!("127.0.0.1:{http}"),
+            "--dapr-grpc-endpoint",
+            &format!("127.0.0.1:{grpc}"),
+            "--sidecar-wait",
+            "60s",
+            "--schedule",
+            "* * * * * *",
+        ],
+        // The listen address from the environment this time.
+        &[("SCRAPER_LISTEN", "127.0.0.1:0")],
+    );
+    let address = w.listening_address();
+    w.wait_event(Duration::from_secs(10), |e| {
+        is(e, "sidecar_waiting") && e["attempt"].as_u64() >= Some(2)
+    });
+    let (code, body) = http_get(&address, "/healthz");
+    assert_eq!(code, 200, "liveness while waiting for the sidecar: {body}");
+    let (code, _) = http_get(&address, "/readyz");
+    assert_eq!(code, 503, "not ready before the sidecar ever answered");
+    let (code, body) = http_get(&address, "/metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("keel_scraper_ticks_total"), "{body}");
+    assert!(w
+        .events()
+        .iter()
+        .all(|e| !is(e, "tick_started") && !is(e, "lock_acquired")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_store_and_healthz_stays_ok_through_an_outage() {
     let mut redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
