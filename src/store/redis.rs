@@ -40,6 +40,9 @@ use redis::{Cmd, ErrorKind, RedisError, RedisWrite, Script, ServerErrorKind, Val
 
 use super::{Concurrency, Entry, Fence, Save, Store, StoreError, StoreKind};
 
+/// Pause before asking once more after a refused connection (see `eval`).
+const RECONNECT_PAUSE: Duration = Duration::from_millis(150);
+
 /// Keys read by one script call in [`Store::bulk_get`]. Large enough that 50 000 keys are
 /// 50 calls in one pipeline, small enough that a single call blocks Redis only briefly.
 pub const BULK_CHUNK: usize = 1000;
@@ -498,7 +501,16 @@ impl RedisStore {
     async fn eval(&self, script: &Script, cmd: &Cmd) -> Result<Value, EvalError> {
         let run = async {
             let mut conn = self.conn.clone();
-            match cmd.query_async::<Value>(&mut conn).await {
+            let first = match cmd.query_async::<Value>(&mut conn).await {
+                // Nothing was sent: after an outage the connection manager answers the
+                // first command with the old failure while it reconnects; ask once more.
+                Err(e) if e.is_connection_refusal() => {
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    cmd.query_async::<Value>(&mut conn).await
+                }
+                other => other,
+            };
+            match first {
                 Err(e) if is_noscript(&e) => {
                     script.load_async(&mut conn).await?;
                     cmd.query_async::<Value>(&mut conn).await
@@ -531,7 +543,6 @@ impl RedisStore {
         }
     }
 
-    /// Builds one read-script call for `keys`.
     /// The update script, fenced by the lock record when `fence` is given (one script:
     /// the fence check and the write are atomic). Fencing needs both keys on one Redis
     /// node, as on a single server or a primary with replicas.
@@ -585,6 +596,7 @@ impl RedisStore {
         }
     }
 
+    /// Builds one read-script call for `keys`.
     fn read_cmd(&self, kind: StoreKind, keys: &[String]) -> Cmd {
         let mut cmd = evalsha(&self.read, keys.len());
         let prefix = self.prefix(kind);
@@ -697,7 +709,14 @@ impl Store for RedisStore {
         pipe.ignore_errors();
         let run = async {
             let mut conn = self.conn.clone();
-            let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+            let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
+                // As in `eval`: a refused connection sent nothing; ask once more.
+                Err(e) if e.is_connection_refusal() => {
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    pipe.query_async(&mut conn).await?
+                }
+                other => other?,
+            };
             let lost_script = replies.iter().any(|reply| {
                 matches!(reply, Value::ServerError(e)
                     if e.kind() == Some(ServerErrorKind::NoScript))
