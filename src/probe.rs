@@ -18,16 +18,24 @@
 //! - The Dapr API token goes only to the sidecar's origin (same scheme, host and port) and
 //!   never into a detail, error or `Debug` output.
 //! - Nothing in here panics.
+//!
+//! The HTTP exchange itself is [`client`]: a lean HTTP/1.1 client, because a
+//! general-purpose one spent most of a tick's CPU on per-request machinery (see its docs).
+
+mod client;
 
 use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use bytes::Bytes;
 use futures::StreamExt;
-use reqwest::header::{HeaderName, HeaderValue};
-use reqwest::{Method, Url};
-use tokio::time::Instant;
+use reqwest::header::HeaderValue;
+use reqwest::Url;
+use tokio::time::{Instant, Sleep};
+
+use client::{Client, ClientError, Conn, Endpoint, Head};
 
 use crate::secret::Secret;
 pub use crate::status::ErrorKind;
@@ -46,7 +54,14 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(25);
 pub const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The header Dapr reads its API token from.
-const DAPR_TOKEN_HEADER: HeaderName = HeaderName::from_static("dapr-api-token");
+const DAPR_TOKEN_HEADER: &[u8] = b"dapr-api-token";
+
+/// Sent with every status call.
+const USER_AGENT: &str = concat!("keel-scraper/", env!("CARGO_PKG_VERSION"));
+
+/// Stands for the plugin id while the fixed part of the request is built (see
+/// [`Targets::Fixed`]): made only of characters the URL parser copies verbatim.
+const ID_MARKER: &str = "keelpluginidmarker7q";
 
 /// Error bodies at most this long (by `Content-Length`) are drained so the connection
 /// can go back to the pool; longer or unsized ones are dropped with their connection.
@@ -112,8 +127,6 @@ pub enum ProbeSetupError {
     ZeroTimeout,
     #[error("the probe concurrency must be at least 1")]
     ZeroConcurrency,
-    #[error("could not build the HTTP client: {0}")]
-    Client(reqwest::Error),
 }
 
 /// Why one probe failed, after all its attempts.
@@ -155,11 +168,29 @@ pub enum ProbeOutcome {
     CutOff,
 }
 
+/// How the request for a plugin id is made.
+#[derive(Clone)]
+enum Targets {
+    /// The id lands in the path or query only: the endpoint and the request bytes before
+    /// and after the id are the same for every plugin, and were built once from the
+    /// template. Used for ids made only of ASCII letters, digits, `-` and `_` (every valid
+    /// plugin id), which the URL parser would copy verbatim: the bytes are the same as a
+    /// parse of the whole URL would give.
+    Fixed {
+        endpoint: Arc<Endpoint>,
+        before: Arc<[u8]>,
+        after: Arc<[u8]>,
+    },
+    /// Every id's URL is parsed and its request built on its own.
+    PerId,
+}
+
 /// The status prober. Cheap to share by reference; clones share the connection pool.
 #[derive(Clone)]
 pub struct Prober {
-    client: reqwest::Client,
-    template: Box<str>,
+    client: Arc<Client>,
+    targets: Targets,
+    template: Arc<str>,
     timeout: Duration,
     retries: u32,
     concurrency: usize,
@@ -260,31 +291,21 @@ impl Prober {
             // Without a known sidecar origin there is nowhere the token may go.
             _ => None,
         };
-        // Idle connections kept per host. Twice the concurrency: hyper returns a
-        // connection to the pool from a separate task, so a new request can race it and
-        // open one more; with room for those extras the pool settles instead of churning.
-        // When the plugin id is part of the host, every plugin is its own host and an idle
-        // connection per plugin would hold one socket per plugin between ticks (tens of
-        // thousands at scale), so none is kept.
+        // Idle connections kept per host: one per probe slot, since a connection goes back
+        // to the pool as soon as its answer is read. When the plugin id is part of the
+        // host, every plugin is its own host and an idle connection per plugin would hold
+        // one socket per plugin between ticks (tens of thousands at scale), so none is kept.
         let idle_per_host = if placeholder_in_authority(&settings.url_template) {
             0
         } else {
-            settings.concurrency.saturating_mul(2)
+            settings.concurrency
         };
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .retry(reqwest::retry::never())
-            .no_proxy()
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(idle_per_host)
-            .user_agent(concat!("keel-scraper/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(ProbeSetupError::Client)?;
+        let targets = fixed_targets(&settings.url_template, token.as_ref(), sidecar.as_ref());
         let retries = settings.retries;
         Ok(Prober {
-            client,
-            template: settings.url_template.into_boxed_str(),
+            client: Arc::new(Client::new(idle_per_host)),
+            targets,
+            template: settings.url_template.into(),
             timeout: settings.timeout,
             retries,
             concurrency: settings.concurrency,
@@ -352,39 +373,61 @@ impl Prober {
         self.concurrency
     }
 
-    /// Runs the probes on the calling task (the connections themselves are driven by the
-    /// client's own tasks), bounded by `buffer_unordered`, and hands each result to `put`.
+    /// Runs the probes in one task of their own, bounded by `buffer_unordered`, and hands
+    /// each result to `put`.
+    ///
+    /// The task matters for speed, not correctness: every probe's future owns its socket,
+    /// so the task running them is woken for every answer. On a runtime worker that wake-up
+    /// is local; on a caller blocked in `Runtime::block_on` (as `once` is) it would come
+    /// from another thread, a futex round trip per answer (measured: a context switch per
+    /// two probes and a sixth more CPU). Dropping this future aborts the task, so
+    /// cancelling a tick still stops its probes; a probe task that panicked leaves its
+    /// probes [`ProbeOutcome::CutOff`].
     async fn drive<S, F>(&self, ids: &[S], deadline: Instant, mut put: F)
     where
         S: AsRef<str> + Sync,
         F: FnMut(usize, ProbeOutcome, Duration),
     {
-        // Indices, not `(usize, &S)` pairs: a closure taking a borrowed argument makes the
-        // future's type higher-ranked, and it could then not be spawned as a task.
-        let mut results = futures::stream::iter(0..ids.len())
-            .map(|i| async move {
-                let started = Instant::now();
-                let id = ids.get(i).map_or("", |s| s.as_ref());
-                let outcome = self.probe(id, Some(deadline)).await;
-                (i, outcome, started.elapsed())
-            })
-            .buffer_unordered(self.concurrency);
-        while let Some((i, outcome, took)) = results.next().await {
+        // The task owns what it works on: the ids are copied (a few bytes each) and the
+        // prober cloned (reference counts).
+        let ids: Vec<Box<str>> = ids.iter().map(|s| s.as_ref().into()).collect();
+        let prober = self.clone();
+        let work = async move {
+            let prober = &prober;
+            let ids = &ids;
+            // Indices, not `(usize, &S)` pairs: a closure taking a borrowed argument makes
+            // the future's type higher-ranked, and it could then not be spawned.
+            let mut results = futures::stream::iter(0..ids.len())
+                .map(|i| async move {
+                    let started = Instant::now();
+                    let id = ids.get(i).map_or("", |s| &**s);
+                    let outcome = prober.probe(id, Some(deadline)).await;
+                    (i, outcome, started.elapsed())
+                })
+                .buffer_unordered(prober.concurrency);
+            let mut out = Vec::with_capacity(ids.len());
+            while let Some(result) = results.next().await {
+                out.push(result);
+            }
+            out
+        };
+        let results = match tokio::runtime::Handle::try_current() {
+            // A probe task that panicked leaves its probes without an observation.
+            Ok(runtime) => AbortOnDrop(runtime.spawn(work)).join().await.ok(),
+            // Not on a Tokio runtime (spawning would panic): run here.
+            Err(_) => Some(work.await),
+        };
+        for (i, outcome, took) in results.into_iter().flatten() {
             put(i, outcome, took);
         }
     }
 
     /// One probe: attempts with backoff between them, within the deadline.
     async fn probe(&self, plugin_id: &str, deadline: Option<Instant>) -> ProbeOutcome {
-        let url = match self.url_for(plugin_id) {
-            Ok(url) => url,
+        let request = match self.request_for(plugin_id) {
+            Ok(request) => request,
             Err(failure) => return ProbeOutcome::Failed(failure.finish(0)),
         };
-        let send_token = self.token.is_some()
-            && self
-                .sidecar
-                .as_ref()
-                .is_some_and(|origin| origin.matches(&url));
         let mut attempts: u32 = 0;
         let mut backoff = None;
         loop {
@@ -401,7 +444,7 @@ impl Prober {
                 (None, d) => (d, d.is_some()),
             };
             attempts = attempts.saturating_add(1);
-            let failure = match self.attempt(&url, send_token, until).await {
+            let failure = match self.attempt(&request, until).await {
                 Attempt::Answered(status) => return ProbeOutcome::Reported(status),
                 Attempt::Elapsed if cut_by_deadline => return ProbeOutcome::CutOff,
                 Attempt::Elapsed => Failure::new(
@@ -428,6 +471,39 @@ impl Prober {
         }
     }
 
+    /// Where the probe of `plugin_id` goes and the request it sends.
+    fn request_for<'a>(&'a self, plugin_id: &'a str) -> Result<Request<'a>, Failure> {
+        if let Targets::Fixed {
+            endpoint,
+            before,
+            after,
+        } = &self.targets
+        {
+            if copied_verbatim(plugin_id) {
+                return Ok(Request {
+                    endpoint: Arc::clone(endpoint),
+                    head: RequestHead::Around(before, plugin_id.as_bytes(), after),
+                });
+            }
+        }
+        let url = self.url_for(plugin_id)?;
+        let endpoint = endpoint_of(&url).ok_or_else(|| {
+            Failure::new(
+                ErrorKind::Connect,
+                "the status URL for this plugin id has no host".to_owned(),
+            )
+        })?;
+        let send_token = self
+            .sidecar
+            .as_ref()
+            .is_some_and(|origin| origin.matches(&url));
+        let token = self.token.as_ref().filter(|_| send_token);
+        Ok(Request {
+            endpoint: Arc::new(endpoint),
+            head: RequestHead::Whole(request_head(&url, token)),
+        })
+    }
+
     fn url_for(&self, plugin_id: &str) -> Result<Url, Failure> {
         let text = self.template.replace(PLUGIN_ID_PLACEHOLDER, plugin_id);
         let url = Url::parse(&text).map_err(|e| {
@@ -445,32 +521,26 @@ impl Prober {
         Ok(url)
     }
 
-    /// One request, bounded by `until` as a whole (connect, headers, body).
-    async fn attempt(&self, url: &Url, send_token: bool, until: Option<Instant>) -> Attempt {
-        let mut request = reqwest::Request::new(Method::GET, url.clone());
-        if send_token {
-            if let Some(token) = &self.token {
-                request
-                    .headers_mut()
-                    .insert(DAPR_TOKEN_HEADER, token.clone());
-            }
-        }
-        let mut response = match within(until, self.client.execute(request)).await {
+    /// One request, bounded by `until` as a whole (connect, head, body): one timer for
+    /// all of it.
+    async fn attempt(&self, request: &Request<'_>, until: Option<Instant>) -> Attempt {
+        let timer = until.map(tokio::time::sleep_until);
+        tokio::pin!(timer);
+        let sent = self.client.send(&request.endpoint, request.head.parts());
+        let (conn, head) = match bounded(timer.as_mut(), sent).await {
             None => return Attempt::Elapsed,
-            Some(Err(e)) => return Attempt::Failed(transport_failure(&e)),
-            Some(Ok(response)) => response,
+            Some(Err(e)) => return Attempt::Failed(client_failure(e)),
+            Some(Ok(answer)) => answer,
         };
-        let status = response.status();
-        if !status.is_success() {
-            return Attempt::Failed(self.non_success(response, until).await);
+        if !(200..300).contains(&head.status) {
+            return Attempt::Failed(self.non_success(conn, &head, timer).await);
         }
-        match within(until, read_capped(&mut response)).await {
+        let body = self.client.read_body(conn, &head, BODY_LIMIT, parse_status);
+        match bounded(timer, body).await {
             None => Attempt::Elapsed,
-            Some(Err(failure)) => Attempt::Failed(failure),
-            Some(Ok(body)) => match parse_status(&body) {
-                Ok(status) => Attempt::Answered(status),
-                Err(e) => Attempt::Failed(Failure::new(e.kind, e.detail)),
-            },
+            Some(Err(e)) => Attempt::Failed(client_failure(e)),
+            Some(Ok(Ok(status))) => Attempt::Answered(status),
+            Some(Ok(Err(e))) => Attempt::Failed(Failure::new(e.kind, e.detail)),
         }
     }
 
@@ -479,33 +549,78 @@ impl Prober {
     /// in time does not change the kind.
     async fn non_success(
         &self,
-        mut response: reqwest::Response,
-        until: Option<Instant>,
+        conn: Conn,
+        head: &Head,
+        timer: Pin<&mut Option<Sleep>>,
     ) -> Failure {
-        let code = response.status();
+        let code = head.status;
+        let reason = reqwest::StatusCode::from_u16(code)
+            .ok()
+            .and_then(|c| c.canonical_reason());
         let mut failure = Failure::new(
             ErrorKind::HttpStatus,
-            match code.canonical_reason() {
-                Some(reason) => format!("HTTP {} {reason}", code.as_u16()),
-                None => format!("HTTP {}", code.as_u16()),
+            match reason {
+                Some(reason) => format!("HTTP {code} {reason}"),
+                None => format!("HTTP {code}"),
             },
         );
-        failure.http_status = Some(code.as_u16());
-        if self.dapr_invoke && code == reqwest::StatusCode::INTERNAL_SERVER_ERROR {
-            if let Some(Ok(body)) = within(until, read_capped(&mut response)).await {
-                if let Some(error_code) = dapr_error_code(&body) {
-                    failure.kind = ErrorKind::SidecarInvoke;
-                    failure.detail =
-                        format!("the Dapr sidecar could not invoke the plugin: {error_code}");
-                    failure.dapr_error_code = Some(error_code);
-                }
+        failure.http_status = Some(code);
+        if self.dapr_invoke && code == 500 {
+            let body = self
+                .client
+                .read_body(conn, head, BODY_LIMIT, dapr_error_code);
+            if let Some(Ok(Some(error_code))) = bounded(timer, body).await {
+                failure.kind = ErrorKind::SidecarInvoke;
+                failure.detail =
+                    format!("the Dapr sidecar could not invoke the plugin: {error_code}");
+                failure.dapr_error_code = Some(error_code);
             }
-        } else if response.content_length().is_some_and(|n| n <= DRAIN_LIMIT) {
-            // Small error bodies are drained so the keep-alive connection is reused; the
+        } else if head.content_length().is_some_and(|n| n <= DRAIN_LIMIT) {
+            // Small error bodies are read so the keep-alive connection is reused; the
             // content is not needed.
-            let _ = within(until, read_capped(&mut response)).await;
+            let drained = self
+                .client
+                .read_body(conn, head, DRAIN_LIMIT as usize, |_| ());
+            let _ = bounded(timer, drained).await;
         }
         failure
+    }
+}
+
+/// A spawned task that is aborted when this handle is dropped before it finished.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One probe's request: where it goes and its head.
+struct Request<'a> {
+    endpoint: Arc<Endpoint>,
+    head: RequestHead<'a>,
+}
+
+/// A request head, either around a plugin id or whole.
+enum RequestHead<'a> {
+    /// The template's fixed parts with the id between them.
+    Around(&'a [u8], &'a [u8], &'a [u8]),
+    Whole(Vec<u8>),
+}
+
+impl RequestHead<'_> {
+    fn parts(&self) -> [&[u8]; 3] {
+        match self {
+            RequestHead::Around(before, id, after) => [before, id, after],
+            RequestHead::Whole(head) => [head, &[], &[]],
+        }
     }
 }
 
@@ -562,96 +677,125 @@ impl Failure {
     }
 }
 
-/// Awaits `fut` until `until` (forever when `None`); `None` when time ran out.
-async fn within<F: std::future::Future>(until: Option<Instant>, fut: F) -> Option<F::Output> {
-    match until {
-        Some(at) => tokio::time::timeout_at(at, fut).await.ok(),
+/// Awaits `fut` until `timer` fires (forever when there is none); `None` when it fired
+/// first. The future is polled before the timer, as `tokio::time::timeout` does.
+async fn bounded<F: std::future::Future>(
+    timer: Pin<&mut Option<Sleep>>,
+    fut: F,
+) -> Option<F::Output> {
+    match timer.as_pin_mut() {
         None => Some(fut.await),
+        Some(timer) => tokio::select! {
+            biased;
+            out = fut => Some(out),
+            () = timer => None,
+        },
     }
 }
 
-/// Reads the body chunk by chunk, stopping as soon as it passes [`BODY_LIMIT`]. A body
-/// that arrives in one chunk (the usual case) is returned without copying.
-async fn read_capped(response: &mut reqwest::Response) -> Result<Bytes, Failure> {
-    let too_large = || {
-        Failure::new(
+/// Maps a client error: the connection could not be made (`connect`), or it was made and
+/// the exchange broke (`protocol`: not HTTP, reset, EOF in the head or body), or the body
+/// passed [`BODY_LIMIT`]. The client's texts never name the URL.
+fn client_failure(error: ClientError) -> Failure {
+    match error {
+        ClientError::Connect(why) => Failure::new(
+            ErrorKind::Connect,
+            format!("could not connect: {}", clip(&why)),
+        ),
+        ClientError::Protocol(why) => Failure::new(
+            ErrorKind::Protocol,
+            format!("the answer broke off or is not HTTP: {}", clip(&why)),
+        ),
+        ClientError::TooLarge => Failure::new(
             ErrorKind::TooLarge,
             format!("body larger than {BODY_LIMIT} bytes"),
-        )
-    };
-    if response
-        .content_length()
-        .is_some_and(|n| n > BODY_LIMIT as u64)
-    {
-        return Err(too_large());
+        ),
     }
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
-    let mut total: usize = 0;
-    loop {
-        let chunk = match response.chunk().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(e) => return Err(transport_failure(&e)),
-        };
-        total = total.saturating_add(chunk.len());
-        if total > BODY_LIMIT {
-            return Err(too_large());
-        }
-        match first.take() {
-            None if rest.is_empty() => first = Some(chunk),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    rest.reserve(earlier.len() + chunk.len());
-                    rest.extend_from_slice(&earlier);
-                }
-                rest.extend_from_slice(&chunk);
-            }
-        }
-    }
-    Ok(first.unwrap_or_else(|| Bytes::from(rest)))
 }
 
-/// Maps a transport error: the connection could not be made (`connect`), or it was made
-/// and the exchange broke (`protocol`: not HTTP, reset, EOF in headers or body). The
-/// detail is the innermost cause only: the outer layers print the URL.
-fn transport_failure(error: &reqwest::Error) -> Failure {
-    let kind = if error.is_timeout() {
-        ErrorKind::Timeout
-    } else if error.is_connect() || error.is_builder() {
-        ErrorKind::Connect
-    } else {
-        ErrorKind::Protocol
-    };
-    let prefix = match kind {
-        ErrorKind::Connect => "could not connect",
-        ErrorKind::Timeout => "timed out",
-        _ => "the answer broke off or is not HTTP",
-    };
-    Failure::new(kind, format!("{prefix}: {}", innermost(error)))
-}
-
-/// The innermost cause's message, cut to [`DETAIL_LIMIT`] characters.
-fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    // Bounded: error chains are short, but never trust a cycle.
-    for _ in 0..16 {
-        match cause.source() {
-            Some(next) => cause = next,
-            None => break,
-        }
-    }
-    let text = if std::ptr::addr_eq(cause, error) {
-        // No source at all: say only what kind it was, since the top-level message
-        // carries the URL.
-        "no further detail".to_owned()
-    } else {
-        cause.to_string()
-    };
+/// `text` cut to [`DETAIL_LIMIT`] characters, control characters blanked.
+fn clip(text: &str) -> String {
     text.chars()
         .take(DETAIL_LIMIT)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// Whether the URL parser copies `id` into a path or query unchanged: ASCII letters,
+/// digits, `-` and `_` only (no dot, so no `.`/`..` segment; nothing to percent-encode).
+fn copied_verbatim(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The host and port a URL connects to.
+fn endpoint_of(url: &Url) -> Option<Endpoint> {
+    Some(Endpoint::new(url.host_str()?, url.port_or_known_default()?))
+}
+
+/// The request head for `url`: `GET`, `Host` as the URL names it, the user agent, and the
+/// token when given.
+fn request_head(url: &Url, token: Option<&HeaderValue>) -> Vec<u8> {
+    let host = url.host_str().unwrap_or_default();
+    let mut head = Vec::with_capacity(128 + url.as_str().len());
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(url.path().as_bytes());
+    if let Some(query) = url.query() {
+        head.push(b'?');
+        head.extend_from_slice(query.as_bytes());
+    }
+    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    head.extend_from_slice(host.as_bytes());
+    if let Some(port) = url.port() {
+        head.extend_from_slice(format!(":{port}").as_bytes());
+    }
+    head.extend_from_slice(b"\r\nuser-agent: ");
+    head.extend_from_slice(USER_AGENT.as_bytes());
+    head.extend_from_slice(b"\r\naccept: */*\r\n");
+    if let Some(token) = token {
+        head.extend_from_slice(DAPR_TOKEN_HEADER);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(token.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// The fixed request parts of a template whose placeholder appears once, in the path or
+/// query; [`Targets::PerId`] for any other template.
+fn fixed_targets(template: &str, token: Option<&HeaderValue>, sidecar: Option<&Origin>) -> Targets {
+    if template.matches(PLUGIN_ID_PLACEHOLDER).count() != 1
+        || template.contains(ID_MARKER)
+        || placeholder_in_authority(template)
+    {
+        return Targets::PerId;
+    }
+    let Ok(url) = Url::parse(&template.replace(PLUGIN_ID_PLACEHOLDER, ID_MARKER)) else {
+        return Targets::PerId;
+    };
+    let Some(endpoint) = endpoint_of(&url) else {
+        return Targets::PerId;
+    };
+    let send_token = sidecar.is_some_and(|origin| origin.matches(&url));
+    let head = request_head(&url, token.filter(|_| send_token));
+    let marker = ID_MARKER.as_bytes();
+    let mut found = head
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, w)| *w == marker)
+        .map(|(i, _)| i);
+    // Exactly once, and in the request target (a fragment is never sent).
+    match (found.next(), found.next()) {
+        (Some(at), None) => Targets::Fixed {
+            endpoint: Arc::new(endpoint),
+            before: head[..at].into(),
+            after: head[at + marker.len()..].into(),
+        },
+        _ => Targets::PerId,
+    }
 }
 
 /// Whether the plugin id lands in the URL's authority (host or port) rather than its path.

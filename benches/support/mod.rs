@@ -42,8 +42,6 @@ pub enum Target {
     None,
     /// The row's ratio must be at most this.
     RatioAtMost(f64),
-    /// The row's ratio must be at least this.
-    RatioAtLeast(f64),
     /// The row's worst value must be at most this many seconds.
     MaxAtMost(f64),
     /// The row's median must be at most this many seconds.
@@ -58,6 +56,8 @@ pub enum Unit {
     Seconds,
     Mib,
     PerSecond,
+    /// A share of the time, printed as a percentage.
+    Fraction,
 }
 
 /// One measurement.
@@ -95,12 +95,6 @@ impl Row {
         row
     }
 
-    pub fn against(mut self, limit: f64) -> Row {
-        self.limit = Some(limit);
-        self.ratio = self.stats.map(|s| s.median / limit);
-        self
-    }
-
     pub fn target(mut self, target: Target) -> Row {
         self.target = target;
         self
@@ -112,7 +106,6 @@ impl Row {
         match self.target {
             Target::None => None,
             Target::RatioAtMost(t) => Some(self.ratio? <= t),
-            Target::RatioAtLeast(t) => Some(self.ratio? >= t),
             Target::MaxAtMost(t) | Target::MibAtMost(t) => Some(stats.max <= t),
             Target::MedianAtMost(t) => Some(stats.median <= t),
         }
@@ -122,7 +115,6 @@ impl Row {
         match self.target {
             Target::None => "-".into(),
             Target::RatioAtMost(t) => format!("ratio <= {t}"),
-            Target::RatioAtLeast(t) => format!("ratio >= {t}"),
             Target::MaxAtMost(t) => format!("max <= {}", fmt_value(t, Unit::Seconds)),
             Target::MedianAtMost(t) => format!("median < {}", fmt_value(t, Unit::Seconds)),
             Target::MibAtMost(t) => format!("<= {t} MiB"),
@@ -137,6 +129,7 @@ fn fmt_value(v: f64, unit: Unit) -> String {
         Unit::Seconds => format!("{v:.3} s"),
         Unit::Mib => format!("{v:.1} MiB"),
         Unit::PerSecond => format!("{v:.0}/s"),
+        Unit::Fraction => format!("{:.0}%", v * 100.0),
     }
 }
 
@@ -242,29 +235,50 @@ pub fn machine() -> String {
     )
 }
 
-/// CPU seconds used so far by this process's threads whose name starts with `prefix`,
-/// from `/proc/self/task/*/schedstat` (nanosecond run time, unlike the tick-granular
-/// `stat`).
-pub fn thread_cpu_seconds(prefix: &str) -> f64 {
+/// Scheduler time of a set of threads, in seconds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sched {
+    /// Time spent running on a CPU.
+    pub run: f64,
+    /// Time spent runnable, waiting for a CPU.
+    pub wait: f64,
+}
+
+impl Sched {
+    /// The time between `earlier` and this reading.
+    pub fn since(self, earlier: Sched) -> Sched {
+        Sched {
+            run: self.run - earlier.run,
+            wait: self.wait - earlier.wait,
+        }
+    }
+
+    /// Running or wanting to run: what a thread that is the bottleneck does all the time.
+    pub fn busy(self) -> f64 {
+        self.run + self.wait
+    }
+}
+
+/// Scheduler time so far of this process's threads whose name starts with `prefix`, from
+/// `/proc/self/task/*/schedstat` (nanoseconds on the CPU, then waiting on a run queue).
+pub fn thread_sched(prefix: &str) -> Sched {
+    let mut total = Sched::default();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
+        return total;
     };
-    let mut total_ns = 0u64;
     for task in tasks.flatten() {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if !comm.trim_end().starts_with(prefix) {
             continue;
         }
-        total_ns += std::fs::read_to_string(task.path().join("schedstat"))
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
+        let text = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let mut fields = text
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0) as f64 / 1e9);
+        total.run += fields.next().unwrap_or(0.0);
+        total.wait += fields.next().unwrap_or(0.0);
     }
-    total_ns as f64 / 1e9
+    total
 }
 
 /// The 1, 5 and 15 minute load averages: other work on the machine skews every figure.

@@ -8,7 +8,6 @@
 use std::io;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -57,13 +56,36 @@ pub fn spawn_tied(cmd: &mut Command) -> io::Result<Child> {
 /// A child that is killed and reaped when dropped, unless it was already reaped.
 pub struct Tied {
     child: Option<Child>,
+    /// The child leads its own process group, and the whole group is killed.
+    group: bool,
 }
 
 impl Tied {
     pub fn spawn(cmd: &mut Command) -> Result<Tied> {
         let program = cmd.get_program().to_string_lossy().into_owned();
         let child = spawn_tied(cmd).with_context(|| format!("cannot run {program}"))?;
-        Ok(Tied { child: Some(child) })
+        Ok(Tied {
+            child: Some(child),
+            group: false,
+        })
+    }
+
+    /// Spawns `cmd` as the leader of a new process group, so that killing it also kills
+    /// what it started (a wrapper such as GNU `time` and the program it runs).
+    pub fn spawn_group(cmd: &mut Command) -> Result<Tied> {
+        cmd.process_group(0);
+        let mut tied = Tied::spawn(cmd)?;
+        tied.group = true;
+        Ok(tied)
+    }
+
+    fn kill(&self, pid: libc::pid_t) {
+        let target = if self.group { -pid } else { pid };
+        // SAFETY: kill(2) on our own child (or its group) that has not been reaped yet,
+        // so the id cannot belong to another process.
+        unsafe {
+            libc::kill(target, libc::SIGKILL);
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -71,22 +93,20 @@ impl Tied {
     }
 
     /// Waits for the child to exit, at most `limit` (then kills it and fails). Returns
-    /// the exit code, the wall time since `started`, the child's peak RSS as the kernel
-    /// accounts it at exit (`ru_maxrss`, KiB) and the highest `VmHWM` seen while polling
-    /// `/proc/<pid>/status` (KiB).
+    /// the exit code, the wall time since `started`, its CPU time and the highest
+    /// `VmHWM` (KiB) seen while polling `/proc/<pid>/status` of the child and its
+    /// children. (`ru_maxrss` is not used: for a child forked from this process it also
+    /// counts this process's memory image before `execve`.)
     pub fn wait_measured(&mut self, started: Instant, limit: Duration) -> Result<Exited> {
         let child = self
             .child
             .take()
             .ok_or_else(|| anyhow!("the child was already reaped"))?;
         let pid = child.id() as libc::pid_t;
-        let status_path = PathBuf::from(format!("/proc/{pid}/status"));
         let deadline = Instant::now() + limit;
         let mut hwm_kib = 0u64;
         loop {
-            if let Some(kib) = vm_hwm_kib(&status_path) {
-                hwm_kib = hwm_kib.max(kib);
-            }
+            hwm_kib = hwm_kib.max(tree_hwm_kib(pid));
             let mut status: libc::c_int = 0;
             // SAFETY: an all-zero rusage is a valid value of this plain C struct.
             let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -107,7 +127,6 @@ impl Tied {
                     code,
                     elapsed,
                     cpu: cpu(usage.ru_utime) + cpu(usage.ru_stime),
-                    max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
                     hwm_kib,
                 });
             }
@@ -115,9 +134,9 @@ impl Tied {
                 bail!("wait4({pid}) failed: {}", io::Error::last_os_error());
             }
             if Instant::now() >= deadline {
-                // SAFETY: kill and a blocking wait4 on our own, still unreaped child.
+                self.kill(pid);
+                // SAFETY: a blocking wait on our own, still unreaped child.
                 unsafe {
-                    libc::kill(pid, libc::SIGKILL);
                     libc::waitpid(pid, &mut status, 0);
                 }
                 bail!("process {pid} did not finish within {limit:?}; killed");
@@ -130,7 +149,7 @@ impl Tied {
 impl Drop for Tied {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            self.kill(child.id() as libc::pid_t);
             let _ = child.wait();
         }
     }
@@ -143,14 +162,27 @@ pub struct Exited {
     pub elapsed: Duration,
     /// User plus system CPU time of the child.
     pub cpu: Duration,
-    pub max_rss_kib: u64,
     pub hwm_kib: u64,
 }
 
-fn vm_hwm_kib(path: &PathBuf) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
+fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The largest `VmHWM` of `pid` and its direct children (a wrapper's child is the
+/// program it runs), 0 when none can be read.
+fn tree_hwm_kib(pid: libc::pid_t) -> u64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<libc::pid_t>().ok())
+        .chain([pid])
+        .filter_map(vm_hwm_kib)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Runs `cmd` to completion within `limit`, returning its stdout and how it ended
