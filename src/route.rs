@@ -69,7 +69,22 @@ fn status_of(members: &Members<'_>) -> Result<String, RouteError> {
 
 /// The stored status string of a route (it may be outside the route vocabulary).
 pub fn read_status(data: &[u8]) -> Result<String, RouteError> {
-    status_of(&members(data)?)
+    // The hot path reads only `status` and skips the other members without keeping them;
+    // anything unusual (no status, a non-string one, duplicate keys) takes the full path,
+    // which gives the precise error or the last duplicate.
+    #[derive(serde::Deserialize)]
+    struct StatusOnly<'a> {
+        #[serde(borrow)]
+        status: Option<Cow<'a, str>>,
+    }
+    // serde would also read a struct from a JSON array: only objects take the fast path.
+    let is_object = data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    match serde_json::from_slice::<StatusOnly<'_>>(data) {
+        Ok(StatusOnly {
+            status: Some(status),
+        }) if is_object => Ok(status.into_owned()),
+        _ => status_of(&members(data)?),
+    }
 }
 
 /// The route with its `status` set to `status` and every other member kept as it was.
@@ -122,6 +137,14 @@ mod tests {
         assert!(matches!(
             read_status(b"not json"),
             Err(RouteError::NotAnObject(_))
+        ));
+        assert!(matches!(
+            read_status(br#"["ACTIVE"]"#),
+            Err(RouteError::NotAnObject(_))
+        ));
+        assert!(matches!(
+            read_status(br#"{"status":"A","status":"STOPPED"}"#).as_deref(),
+            Ok("STOPPED")
         ));
         assert!(matches!(
             read_status(b"[1,2]"),

@@ -1,4 +1,5 @@
-//! One tick: lease -> registry and routes -> probes -> decisions -> route writes -> counters.
+//! One tick: lease -> registry -> routes and probes (concurrently) -> decisions -> fence ->
+//! route writes -> counters.
 //!
 //! Invariants kept here:
 //! - Nothing is written unless this replica holds the lease, and the lease is confirmed
@@ -273,14 +274,23 @@ impl Ticker {
             }
         }
 
-        // Routes, in bulk, from the public store.
+        // Routes (in bulk, public store) are read while the plugins are probed: every valid
+        // registered id is probed, so neither waits for the other. A failed read still
+        // fails the tick before anything is decided or written.
         let route_keys: Vec<String> = valid.iter().map(|id| route_key(id)).collect();
-        let routes = read_each(store, StoreKind::Public, &route_keys, self.concurrency)
-            .await
-            .inspect_err(|e| emit_store_error(store, StoreKind::Public, "read_routes", e))?;
+        let (routes, timed) = tokio::join!(
+            read_each(store, StoreKind::Public, &route_keys, self.concurrency),
+            self.prober.probe_all_timed(&valid, probe_deadline),
+        );
+        let routes =
+            routes.inspect_err(|e| emit_store_error(store, StoreKind::Public, "read_routes", e))?;
+        let m = metrics();
         let mut candidates = Vec::with_capacity(valid.len());
         let mut statuses: HashMap<String, i64> = HashMap::new();
-        for (id, route) in valid.iter().zip(routes) {
+        for ((id, route), (outcome, took)) in valid.iter().zip(routes).zip(timed) {
+            if !matches!(outcome, ProbeOutcome::CutOff) {
+                m.probe_duration(took.as_secs_f64());
+            }
             let route = match route {
                 Ok(route) => route,
                 Err(e) => {
@@ -303,12 +313,15 @@ impl Ticker {
                 continue;
             };
             match read_status(&entry.data) {
-                Ok(current) => candidates.push(Candidate {
-                    id: id.to_string(),
-                    current,
-                    data: entry.data,
-                    etag: entry.etag,
-                }),
+                Ok(current) => candidates.push((
+                    Candidate {
+                        id: id.to_string(),
+                        current,
+                        data: entry.data,
+                        etag: entry.etag,
+                    },
+                    outcome,
+                )),
                 Err(e) => {
                     events::RouteInvalid {
                         plugin_id: id.to_string(),
@@ -320,20 +333,6 @@ impl Ticker {
             }
         }
 
-        // Probes.
-        let probe_ids: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
-        let timed = self
-            .prober
-            .probe_all_timed(&probe_ids, probe_deadline)
-            .await;
-        let m = metrics();
-        let outcomes = timed.into_iter().map(|(outcome, took)| {
-            if !matches!(outcome, ProbeOutcome::CutOff) {
-                m.probe_duration(took.as_secs_f64());
-            }
-            outcome
-        });
-
         let mut report = TickReport {
             tick: tick.to_string(),
             plugins: ids.len() as u64,
@@ -341,7 +340,7 @@ impl Ticker {
         };
         let mut new_counters: HashMap<String, Counters> = HashMap::new();
         let mut pending = Vec::new();
-        for (cand, outcome) in candidates.into_iter().zip(outcomes) {
+        for (cand, outcome) in candidates {
             let before = stored_counters.get(&cand.id).copied().unwrap_or_default();
             let obs = match outcome {
                 ProbeOutcome::Reported(s) => {
