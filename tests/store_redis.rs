@@ -284,7 +284,11 @@ async fn keys_that_are_not_dapr_hashes() {
         .await
         .expect("the store itself answers");
     assert!(matches!(each[0], Ok(None)), "{:?}", each[0]);
-    assert!(matches!(each[1], Err(StoreError::Unreadable { .. })), "{:?}", each[1]);
+    assert!(
+        matches!(each[1], Err(StoreError::Unreadable { .. })),
+        "{:?}",
+        each[1]
+    );
 
     // A save treats a non-hash key as absent and replaces it (Dapr's rule).
     store

@@ -9,7 +9,7 @@ use keel_scraper::sim::Behavior;
 
 use crate::bounded;
 use crate::figures::Scenario;
-use crate::harness::{ms, slot_at_or_after, wait_until, Replica, DAPR_TOKEN, REDIS_PASSWORD};
+use crate::harness::{ms, slot_at_or_after, wait_until};
 use crate::replicas::{settle_after, wait_ticking};
 use crate::world::{flap_cycle, ids, Flapper, World};
 
@@ -34,10 +34,7 @@ async fn a_redis_outage_ends_no_replica_and_scraping_resumes() {
             Duration::from_millis(50),
             flap_cycle(),
         );
-        let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
-            .iter()
-            .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
-            .collect();
+        let mut replicas = w.spawn_replicas(&["r1", "r2", "r3"], "* * * * * *");
         let mut spare = w.spec("r4").schedule("* * * * * *").spawn(&w.journal);
         wait_ticking(&w.journal, &replicas).await;
         wait_until(
@@ -211,10 +208,7 @@ async fn a_redis_outage_ends_no_replica_and_scraping_resumes() {
         for r in replicas.iter_mut() {
             assert_eq!(r.terminate(&w.journal), Some(0), "{} exit code", r.name);
         }
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -393,10 +387,7 @@ async fn hostile_plugins_fail_with_their_error_kind_within_bounds() {
         );
 
         assert_eq!(replica.terminate(&w.journal), Some(0));
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::figures::Scenario;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_keel-scraper");
 
@@ -303,6 +305,14 @@ impl TickAudit {
             .join(" ")
     }
 
+    /// The `ticks`, `duplicates`, `missed` and `ticks by replica` figures, in that order.
+    pub fn figures(&self, sc: &mut Scenario) {
+        sc.figure("ticks", self.slots);
+        sc.figure("duplicates", self.duplicates.len());
+        sc.figure("missed", self.missed.len());
+        sc.figure("ticks by replica", self.holders());
+    }
+
     pub fn assert_exactly_once(&self, journal: &Journal) {
         assert!(
             self.duplicates.is_empty() && self.missed.is_empty() && self.off_slot.is_empty(),
@@ -338,6 +348,32 @@ pub async fn wait_until<T>(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits (10 s at most) until one of `fired` has fired; returns its index, when it fired
+/// and the event that fired it.
+pub async fn wait_first_fired(
+    journal: &Journal,
+    fired: &[Fired],
+    what: &str,
+) -> (usize, Instant, Value) {
+    wait_until(Duration::from_secs(10), what, journal, || {
+        fired
+            .iter()
+            .enumerate()
+            .find_map(|(i, f)| f.get().map(|(at, event)| (i, at, event)))
+    })
+    .await
+}
+
+/// Waits (15 s at most) until `replica` has completed `more` ticks beyond those it had
+/// completed when called.
+pub async fn wait_more_ticks(journal: &Journal, replica: &str, more: usize, what: &str) {
+    let seen = journal.of(replica, "tick_completed").len();
+    wait_until(Duration::from_secs(15), what, journal, || {
+        (journal.of(replica, "tick_completed").len() >= seen + more).then_some(())
+    })
+    .await;
 }
 
 /// `123 ms`, for the figures.

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::bounded;
 use crate::figures::Scenario;
-use crate::harness::{slot_at_or_after, wait_until, Journal, Replica, DAPR_TOKEN, REDIS_PASSWORD};
+use crate::harness::{slot_at_or_after, wait_until, Journal};
 use crate::replicas::{settle_after, wait_ticking};
 use crate::support::binary::redis_store;
 use crate::world::{check_route, flap_cycle, ids, seeded_addons, Flapper, World, REGISTRY_KEY};
@@ -162,10 +162,7 @@ async fn a_concurrent_editor_loses_no_edit() {
             Duration::from_millis(150),
             flap_cycle(),
         );
-        let mut replicas: Vec<Replica> = ["r1", "r2"]
-            .iter()
-            .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
-            .collect();
+        let mut replicas = w.spawn_replicas(&["r1", "r2"], "* * * * * *");
         wait_ticking(&w.journal, &replicas).await;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -231,10 +228,7 @@ async fn a_concurrent_editor_loses_no_edit() {
             );
             assert_eq!(status, "STOPPED", "route {id} after settling");
         }
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -298,10 +292,7 @@ async fn unregistered_plugins_never_get_their_routes_back() {
         let probe_delay = Duration::from_millis(300);
         w.sim
             .set_default(Behavior::delay(probe_delay, Behavior::v0("ACTIVE")));
-        let mut replicas: Vec<Replica> = ["r1", "r2"]
-            .iter()
-            .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
-            .collect();
+        let mut replicas = w.spawn_replicas(&["r1", "r2"], "* * * * * *");
         wait_ticking(&w.journal, &replicas).await;
 
         // A watcher checks, every few milliseconds, that no deleted route exists.
@@ -434,10 +425,7 @@ async fn unregistered_plugins_never_get_their_routes_back() {
         for r in replicas.iter_mut() {
             assert_eq!(r.terminate(&w.journal), Some(0), "{} exit code", r.name);
         }
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();

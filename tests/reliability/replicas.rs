@@ -14,8 +14,8 @@ use serde_json::Value;
 use crate::bounded;
 use crate::figures::Scenario;
 use crate::harness::{
-    ms, sleep_until_wall, slot_at_or_after, wait_until, Journal, Replica, Spec, DAPR_TOKEN,
-    REDIS_PASSWORD,
+    ms, sleep_until_wall, slot_at_or_after, wait_first_fired, wait_more_ticks, wait_until, Journal,
+    Replica, Spec, DAPR_TOKEN,
 };
 use crate::support::sidecar::{SidecarConfig, SidecarDouble};
 use crate::world::{escaping_ids, ids, route_json, Flapper, World, LOCK_REDIS_KEY};
@@ -141,20 +141,14 @@ async fn three_replicas_complete_every_tick_exactly_once() {
             ],
         );
 
-        let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
-            .iter()
-            .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
-            .collect();
+        let mut replicas = w.spawn_replicas(&["r1", "r2", "r3"], "* * * * * *");
         wait_ticking(&w.journal, &replicas).await;
         let first = slot_at_or_after(Utc::now() + SECOND, 1);
         let last = first + SECOND * 29;
         settle_after(&w.journal, last).await;
 
         let audit = w.journal.audit(first, last, Duration::from_secs(1));
-        sc.figure("ticks", audit.slots);
-        sc.figure("duplicates", audit.duplicates.len());
-        sc.figure("missed", audit.missed.len());
-        sc.figure("ticks by replica", audit.holders());
+        audit.figures(&mut sc);
         sc.figure("lock_lost events", w.journal.count("lock_lost"));
         sc.figure("tick_failed events", w.journal.count("tick_failed"));
         // How late after its slot each tick took the lock (the scheduler's firing delay).
@@ -235,10 +229,7 @@ async fn three_replicas_complete_every_tick_exactly_once() {
             assert_eq!(statuses[id], want, "route of {id}");
         }
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -295,10 +286,7 @@ async fn three_dapr_replicas_complete_every_tick_exactly_once() {
         settle_after(&w.journal, last).await;
 
         let audit = w.journal.audit(first, last, Duration::from_secs(1));
-        sc.figure("ticks", audit.slots);
-        sc.figure("duplicates", audit.duplicates.len());
-        sc.figure("missed", audit.missed.len());
-        sc.figure("ticks by replica", audit.holders());
+        audit.figures(&mut sc);
         sc.figure("lock_lost events", w.journal.count("lock_lost"));
         audit.assert_exactly_once(&w.journal);
 
@@ -345,10 +333,7 @@ async fn three_dapr_replicas_complete_every_tick_exactly_once() {
         assert_eq!(statuses[&valid[2]], "ACTIVE");
 
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
         drop(sidecar);
     })
     .await;
@@ -370,10 +355,7 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         w.sim
             .set_default(Behavior::delay(probe_delay, Behavior::v0("ACTIVE")));
         let step = chrono::TimeDelta::seconds(2);
-        let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
-            .iter()
-            .map(|n| w.spec(n).schedule("*/2 * * * * *").spawn(&w.journal))
-            .collect();
+        let mut replicas = w.spawn_replicas(&["r1", "r2", "r3"], "*/2 * * * * *");
         wait_ticking(&w.journal, &replicas).await;
         let (_, steady) = wait_until(
             Duration::from_secs(30),
@@ -392,16 +374,10 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
             .iter()
             .map(|r| r.signal_on(libc::SIGKILL, first_of(&once, "plugin_status_changed")))
             .collect();
-        let (victim, killed_at) = wait_until(
-            Duration::from_secs(10),
-            "the holder's first route write after the plugins stopped",
+        let (victim, killed_at, _) = wait_first_fired(
             &w.journal,
-            || {
-                fired
-                    .iter()
-                    .enumerate()
-                    .find_map(|(i, f)| f.get().map(|(at, _)| (i, at)))
-            },
+            &fired,
+            "the holder's first route write after the plugins stopped",
         )
         .await;
         let victim_name = replicas[victim].name.clone();
@@ -531,10 +507,7 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
         );
 
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -559,10 +532,7 @@ async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
         w.sim
             .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
         let step = chrono::TimeDelta::seconds(2);
-        let mut replicas: Vec<Replica> = ["r1", "r2"]
-            .iter()
-            .map(|n| w.spec(n).schedule("*/2 * * * * *").spawn(&w.journal))
-            .collect();
+        let mut replicas = w.spawn_replicas(&["r1", "r2"], "*/2 * * * * *");
         wait_ticking(&w.journal, &replicas).await;
         wait_until(
             Duration::from_secs(30),
@@ -574,21 +544,7 @@ async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
 
         // Every plugin fails until every route is FAILED.
         w.sim.set_default(failing());
-        wait_until(
-            Duration::from_secs(20),
-            "every route FAILED",
-            &w.journal,
-            || {
-                let failed = w
-                    .journal
-                    .named("plugin_status_changed")
-                    .iter()
-                    .filter(|e| e.str("to") == "FAILED")
-                    .count();
-                (failed >= plugins.len()).then_some(())
-            },
-        )
-        .await;
+        w.wait_all_failed(&plugins).await;
 
         // They all answer ACTIVE: the next tick writes 120 routes back to ACTIVE. Its holder
         // is frozen right after its first write; the plugins fail again at once.
@@ -600,16 +556,10 @@ async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
             .iter()
             .map(|r| r.signal_on(libc::SIGSTOP, first_of(&once, "plugin_status_changed")))
             .collect();
-        let (victim, stopped_at) = wait_until(
-            Duration::from_secs(10),
-            "the holder's first write back to ACTIVE",
+        let (victim, stopped_at, _) = wait_first_fired(
             &w.journal,
-            || {
-                fired
-                    .iter()
-                    .enumerate()
-                    .find_map(|(i, f)| f.get().map(|(at, _)| (i, at)))
-            },
+            &fired,
+            "the holder's first write back to ACTIVE",
         )
         .await;
         w.sim.set_default(failing());
@@ -626,37 +576,16 @@ async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
             .find(|r| r.name != victim_name)
             .map(|r| r.name.clone())
             .unwrap_or_default();
-        let seen = w.journal.of(&other, "tick_completed").len();
-        wait_until(
-            Duration::from_secs(15),
-            "two ticks by the other replica",
-            &w.journal,
-            || (w.journal.of(&other, "tick_completed").len() >= seen + 2).then_some(()),
-        )
-        .await;
-        let before_resume = w.statuses(&plugins).await;
-        let active: Vec<_> = before_resume
-            .iter()
-            .filter(|(_, s)| *s != "FAILED")
-            .collect();
-        assert!(
-            active.is_empty(),
-            "the new holder left routes passing: {active:?}"
-        );
+        wait_more_ticks(&w.journal, &other, 2, "two ticks by the other replica").await;
+        w.assert_none_passing(&plugins).await;
 
         // Thaw the old holder. Nothing it decided before the pause may land now.
         let resumed_at = Instant::now();
         let seq_at_resume = w.journal.events().len();
         replicas[victim].signal(libc::SIGCONT);
-        let mut stale: BTreeMap<String, String> = BTreeMap::new();
-        while resumed_at.elapsed() < Duration::from_millis(1500) {
-            for (id, status) in w.statuses(&plugins).await {
-                if status != "FAILED" {
-                    stale.entry(id).or_insert(status);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let stale = w
+            .watch_stale(&plugins, resumed_at, Duration::from_millis(1500))
+            .await;
         let after: Vec<String> = w.journal.events()[seq_at_resume..]
             .iter()
             .filter(|e| e.replica == victim_name)
@@ -691,10 +620,7 @@ async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
         );
 
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -737,21 +663,7 @@ async fn a_holder_cut_off_from_redis_mid_write_lands_nothing_stale() {
         )
         .await;
         w.sim.set_default(failing());
-        wait_until(
-            Duration::from_secs(20),
-            "every route FAILED",
-            &w.journal,
-            || {
-                let failed = w
-                    .journal
-                    .named("plugin_status_changed")
-                    .iter()
-                    .filter(|e| e.str("to") == "FAILED")
-                    .count();
-                (failed >= plugins.len()).then_some(())
-            },
-        )
-        .await;
+        w.wait_all_failed(&plugins).await;
 
         // Back to ACTIVE: the next tick rewrites 120 routes. At its first write, the
         // holder's connection stalls; the plugins fail again at once.
@@ -768,48 +680,24 @@ async fn a_holder_cut_off_from_redis_mid_write_lands_nothing_stale() {
                 })
             })
             .collect();
-        let (victim, stalled_at) = wait_until(
-            Duration::from_secs(10),
-            "the holder's first write back to ACTIVE",
+        let (victim, stalled_at, _) = wait_first_fired(
             &w.journal,
-            || {
-                fired
-                    .iter()
-                    .enumerate()
-                    .find_map(|(i, f)| f.get().map(|(at, _)| (i, at)))
-            },
+            &fired,
+            "the holder's first write back to ACTIVE",
         )
         .await;
         w.sim.set_default(failing());
         let victim_name = replicas[victim].name.clone();
         let other = replicas[1 - victim].name.clone();
-        let seen = w.journal.of(&other, "tick_completed").len();
-        wait_until(
-            Duration::from_secs(15),
-            "two ticks by the other replica",
-            &w.journal,
-            || (w.journal.of(&other, "tick_completed").len() >= seen + 2).then_some(()),
-        )
-        .await;
-        let before = w.statuses(&plugins).await;
-        let passing: Vec<_> = before.iter().filter(|(_, s)| *s != "FAILED").collect();
-        assert!(
-            passing.is_empty(),
-            "the new holder left routes passing: {passing:?}"
-        );
+        wait_more_ticks(&w.journal, &other, 2, "two ticks by the other replica").await;
+        w.assert_none_passing(&plugins).await;
 
         // The network heals.
         let healed_at = Instant::now();
         let _ = proxies[victim].switch().send(false);
-        let mut stale: BTreeMap<String, String> = BTreeMap::new();
-        while healed_at.elapsed() < Duration::from_millis(1500) {
-            for (id, status) in w.statuses(&plugins).await {
-                if status != "FAILED" {
-                    stale.entry(id).or_insert(status);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let stale = w
+            .watch_stale(&plugins, healed_at, Duration::from_millis(1500))
+            .await;
         sc.figure("stalled for", ms(healed_at.duration_since(stalled_at)));
         sc.figure("stale routes after the network healed", stale.len());
         sc.figure(
@@ -826,10 +714,7 @@ async fn a_holder_cut_off_from_redis_mid_write_lands_nothing_stale() {
         );
 
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -914,10 +799,7 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
             Duration::from_millis(300),
             Behavior::v0("ACTIVE"),
         ));
-        let mut replicas: Vec<Replica> = ["r1", "r2", "r3"]
-            .iter()
-            .map(|n| w.spec(n).schedule("* * * * * *").spawn(&w.journal))
-            .collect();
+        let mut replicas = w.spawn_replicas(&["r1", "r2", "r3"], "* * * * * *");
         wait_ticking(&w.journal, &replicas).await;
         let (_, start) = wait_until(
             Duration::from_secs(20),
@@ -944,18 +826,7 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
             .iter()
             .map(|r| r.signal_on(libc::SIGTERM, first_of(&once, "lock_acquired")))
             .collect();
-        let (i, (sent, event)) = wait_until(
-            Duration::from_secs(10),
-            "the next lock_acquired",
-            &w.journal,
-            || {
-                fired
-                    .iter()
-                    .enumerate()
-                    .find_map(|(i, f)| f.get().map(|g| (i, g)))
-            },
-        )
-        .await;
+        let (i, sent, event) = wait_first_fired(&w.journal, &fired, "the next lock_acquired").await;
         let second = replicas[i].name.clone();
         let its_tick = crate::harness::parse_time(event["tick"].as_str().unwrap_or_default())
             .unwrap_or_else(|| panic!("lock_acquired without tick: {event}"));
@@ -993,18 +864,12 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
         let end = its_tick + SECOND * 4;
         settle_after(&w.journal, end).await;
         let audit = w.journal.audit(start, end, Duration::from_secs(1));
-        sc.figure("ticks", audit.slots);
-        sc.figure("duplicates", audit.duplicates.len());
-        sc.figure("missed", audit.missed.len());
-        sc.figure("ticks by replica", audit.holders());
+        audit.figures(&mut sc);
         audit.assert_exactly_once(&w.journal);
         w.statuses(&plugins).await;
 
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -1092,10 +957,7 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
         );
 
         let audit = w.journal.audit(start, end, Duration::from_secs(2));
-        sc.figure("ticks", audit.slots);
-        sc.figure("duplicates", audit.duplicates.len());
-        sc.figure("missed", audit.missed.len());
-        sc.figure("ticks by replica", audit.holders());
+        audit.figures(&mut sc);
         sc.figure(
             "already_scraped skips",
             w.journal
@@ -1112,10 +974,7 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
         );
 
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();
@@ -1150,17 +1009,11 @@ async fn a_short_lease_still_scrapes_each_tick_once_under_skew() {
         settle_after(&w.journal, end + chrono::TimeDelta::seconds(2)).await;
 
         let audit = w.journal.audit(start, end, Duration::from_secs(6));
-        sc.figure("ticks", audit.slots);
-        sc.figure("duplicates", audit.duplicates.len());
-        sc.figure("missed", audit.missed.len());
-        sc.figure("ticks by replica", audit.holders());
+        audit.figures(&mut sc);
         audit.assert_exactly_once(&w.journal);
 
         stop_all(&mut replicas, &w.journal);
-        sc.figure(
-            "bytes scanned for secrets",
-            w.journal.assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
-        );
+        w.figure_no_secrets(&mut sc);
     })
     .await;
     sc.pass();

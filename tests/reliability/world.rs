@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_scraper::route::route_key;
 use keel_scraper::sim::{Behavior, PluginSim};
@@ -14,7 +14,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use crate::harness::{Journal, Spec, REDIS_PASSWORD};
+use crate::figures::Scenario;
+use crate::harness::{wait_until, Journal, Replica, Spec, DAPR_TOKEN, REDIS_PASSWORD};
 use crate::support::binary::redis_store;
 use crate::support::redis_server::RedisServer;
 
@@ -209,6 +210,78 @@ impl World {
             out.insert(id.clone(), status);
         }
         out
+    }
+}
+
+impl World {
+    /// One replica per name on this world, each firing on `cron`.
+    pub fn spawn_replicas(&self, names: &[&str], cron: &str) -> Vec<Replica> {
+        names
+            .iter()
+            .map(|n| self.spec(n).schedule(cron).spawn(&self.journal))
+            .collect()
+    }
+
+    /// Checks that nothing any process printed holds the Redis password or the Dapr API
+    /// token, and records the bytes scanned as the `bytes scanned for secrets` figure.
+    pub fn figure_no_secrets(&self, sc: &mut Scenario) {
+        sc.figure(
+            "bytes scanned for secrets",
+            self.journal
+                .assert_no_secrets(&[REDIS_PASSWORD, DAPR_TOKEN]),
+        );
+    }
+
+    /// Waits (20 s at most) until as many `plugin_status_changed` to `FAILED` were logged
+    /// as there are `ids`.
+    pub async fn wait_all_failed(&self, ids: &[String]) {
+        wait_until(
+            Duration::from_secs(20),
+            "every route FAILED",
+            &self.journal,
+            || {
+                let failed = self
+                    .journal
+                    .named("plugin_status_changed")
+                    .iter()
+                    .filter(|e| e.str("to") == "FAILED")
+                    .count();
+                (failed >= ids.len()).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Panics naming the routes of `ids` that are not `FAILED` (the new holder, having
+    /// seen only failing answers, must have left none passing).
+    pub async fn assert_none_passing(&self, ids: &[String]) {
+        let statuses = self.statuses(ids).await;
+        let passing: Vec<_> = statuses.iter().filter(|(_, s)| *s != "FAILED").collect();
+        assert!(
+            passing.is_empty(),
+            "the new holder left routes passing: {passing:?}"
+        );
+    }
+
+    /// Polls every route of `ids` every 50 ms until `window` has passed since `since`;
+    /// returns those seen with a status other than `FAILED`, each with the first such
+    /// status.
+    pub async fn watch_stale(
+        &self,
+        ids: &[String],
+        since: Instant,
+        window: Duration,
+    ) -> BTreeMap<String, String> {
+        let mut stale: BTreeMap<String, String> = BTreeMap::new();
+        while since.elapsed() < window {
+            for (id, status) in self.statuses(ids).await {
+                if status != "FAILED" {
+                    stale.entry(id).or_insert(status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stale
     }
 }
 
