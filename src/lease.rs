@@ -247,7 +247,7 @@ impl Lease {
             since: Some(tick_id(Utc::now())),
             lease_ms: Some(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)),
         };
-        let data = serde_json::to_vec(&record).unwrap_or_default();
+        let data = self.encode(&record)?;
         let etag = current.as_ref().map_or(ABSENT_ETAG, |e| e.etag.as_str());
         let save = Save::cas(LOCK_KEY, &data, etag).with_ttl(Self::ttl_seconds(self.lease));
         match self.store.save(StoreKind::Private, save).await {
@@ -286,6 +286,17 @@ impl Lease {
         *held = guard;
     }
 
+    /// The record's bytes. Strings and integers always serialize; if that ever failed,
+    /// the lock is not written rather than written empty.
+    fn encode(&self, record: &Record) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(record).map_err(|e| StoreError::Failed {
+            store: self.store.store_name(StoreKind::Private).to_string(),
+            operation: "encode",
+            key: LOCK_KEY.to_string(),
+            message: e.to_string(),
+        })
+    }
+
     /// Forgets the held lease (it was found lost).
     pub fn forget(&self) {
         self.set_held(None);
@@ -321,7 +332,7 @@ impl Lease {
             since: Some(tick_id(Utc::now())),
             lease_ms: None,
         };
-        let data = serde_json::to_vec(&record).unwrap_or_default();
+        let data = self.encode(&record)?;
         let keep = self.interval * 2 + self.lease;
         let save = Save::cas(LOCK_KEY, &data, &guard.etag).with_ttl(Self::ttl_seconds(keep));
         let result = self.store.save(StoreKind::Private, save).await;

@@ -4,8 +4,9 @@
 //! plugin registry and every route, probes each plugin's `/v1/status` concurrently, decides
 //! each route's status and writes the changed ones with ETag compare-and-set.
 //!
-//! Data flows one way: [`schedule`] -> [`lease`] -> [`registry`] and [`route`] reads ->
-//! [`probe`] -> [`decision`] -> route writes -> [`events`]. See `ARCHITECTURE.md`.
+//! Data flows one way: [`schedule`] -> [`lease`] -> [`registry`] -> [`route`] reads beside
+//! [`probe`]s -> [`decision`] -> fenced route writes -> release; [`events`] throughout.
+//! See `ARCHITECTURE.md`.
 
 pub mod config;
 pub mod decision;

@@ -11,7 +11,7 @@
 //! - Probes still running at the probe deadline are not observations: no counter moves and
 //!   no status changes for them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use crate::probe::{ProbeOutcome, Prober};
 use crate::registry::{invalid_id_reason, parse_ids, printable_id, REGISTRY_KEY};
 use crate::route::{read_status, rewrite_status, route_key};
 use crate::status::RouteStatus;
-use crate::store::{read_each, Fence, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
+use crate::store::{read_each, Entry, Fence, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
 
 /// The consecutive counters' key in the private store: one JSON object, plugin id ->
 /// `{"f": failures, "p": passing reports}`, only non-zero entries.
@@ -455,11 +455,8 @@ impl Ticker {
             report.routes_changed -= undone.min(report.routes_changed);
         }
 
-        self.save_counters(
-            counters_entry.as_ref().map(|e| (&e.data, e.etag.as_str())),
-            &new_counters,
-        )
-        .await;
+        self.save_counters(counters_entry.as_ref(), &new_counters)
+            .await;
 
         let mut counts: Vec<(&str, i64)> = statuses.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         counts.sort();
@@ -637,26 +634,31 @@ impl Ticker {
         undone
     }
 
-    async fn save_counters(
-        &self,
-        stored: Option<(&Vec<u8>, &str)>,
-        counters: &HashMap<String, Counters>,
-    ) {
+    /// Saves the counters (sorted by plugin id, non-zero entries only) when they changed,
+    /// with CAS on the ETag read at the start of the tick.
+    async fn save_counters(&self, stored: Option<&Entry>, counters: &HashMap<String, Counters>) {
         let store = &*self.store;
-        let mut sorted: Vec<(&String, &Counters)> = counters.iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(b.0));
-        let map: serde_json::Map<String, serde_json::Value> = sorted
-            .into_iter()
-            .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or_default()))
-            .collect();
-        let data = serde_json::to_vec(&map).unwrap_or_default();
-        if stored.map(|(d, _)| d.as_slice()) == Some(data.as_slice()) {
-            return;
-        }
         if stored.is_none() && counters.is_empty() {
             return;
         }
-        let etag = stored.map_or(ABSENT_ETAG, |(_, e)| e);
+        let sorted: BTreeMap<&String, &Counters> = counters.iter().collect();
+        let data = match serde_json::to_vec(&sorted) {
+            Ok(data) => data,
+            // Strings and integers always serialize; never write a partial value if not.
+            Err(e) => {
+                events::StoreError {
+                    store: store.store_name(StoreKind::Private).to_string(),
+                    operation: "write_counters".into(),
+                    error: format!("cannot encode the counters: {e}"),
+                }
+                .emit();
+                return;
+            }
+        };
+        if stored.is_some_and(|e| e.data == data) {
+            return;
+        }
+        let etag = stored.map_or(ABSENT_ETAG, |e| e.etag.as_str());
         if let Err(e) = store
             .save(StoreKind::Private, Save::cas(COUNTERS_KEY, &data, etag))
             .await
