@@ -20,31 +20,12 @@ use chrono::Timelike;
 use keel_scraper::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{keel, Events};
-use support::live::{http_get, is, Worker};
+use support::live::{self, http_get, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 
 /// Common `run` arguments against `redis` and the simulator, ticking every second.
 fn run_args(redis: &RedisServer, sim: &PluginSim) -> Vec<String> {
-    [
-        "run",
-        "--backend",
-        "redis",
-        "--redis-url",
-        &redis.url(),
-        "--status-url",
-        &sim.url_template(),
-        "--listen",
-        "127.0.0.1:0",
-        "--schedule",
-        "* * * * * *",
-        "--retries",
-        "0",
-        "--probe-timeout",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    live::run_args(redis, sim, &["--probe-timeout", "1s"])
 }
 
 /// Writes `key` in Dapr's `state.redis` layout (a HASH with `data` and `version`).

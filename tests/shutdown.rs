@@ -16,32 +16,8 @@ use std::time::{Duration, Instant};
 
 use keel_scraper::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::live::{is, Worker};
+use support::live::{is, run_args, Worker};
 use support::redis_server::{free_port, RedisServer};
-
-/// `run` against `redis` and the simulator, ticking every second; `extra` appended.
-fn run_args(redis: &RedisServer, sim: &PluginSim, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "run",
-        "--backend",
-        "redis",
-        "--redis-url",
-        &redis.url(),
-        "--status-url",
-        &sim.url_template(),
-        "--listen",
-        "127.0.0.1:0",
-        "--schedule",
-        "* * * * * *",
-        "--retries",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
 
 /// Writes `key` in Dapr's `state.redis` layout (a HASH with `data` and `version`).
 fn put(redis: &RedisServer, key: &str, data: &str) {
