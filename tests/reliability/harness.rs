@@ -17,11 +17,10 @@
 //!   and fails with the tail of the journal.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::figures::Scenario;
+use crate::support::tied::spawn_tied;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_keel-scraper");
@@ -751,55 +751,6 @@ impl Drop for Replica {
             let _ = r.join();
         }
     }
-}
-
-type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
-
-/// Spawns `cmd` with `PR_SET_PDEATHSIG` = SIGKILL from one thread that lives as long as
-/// the test process. The death signal follows the *thread* that forked, so forking from a
-/// test thread or a runtime worker would kill the replica when that thread ends.
-fn spawn_tied(mut cmd: Command) -> io::Result<Child> {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and makes only
-    // async-signal-safe system calls (prctl, getppid, _exit): no allocation, no locks.
-    // If the parent died before prctl took effect, the child exits instead of leaking.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-                0 as libc::c_ulong,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        thread::Builder::new()
-            .name("replica-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .unwrap_or_else(|e| panic!("cannot start the spawner thread: {e}"));
-        Mutex::new(tx)
-    });
-    let (tx, rx) = mpsc::channel();
-    lock(spawner)
-        .send((cmd, tx))
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
-    rx.recv()
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?
 }
 
 /// Runs a one-shot command of the binary (`config`, `once`, `routes`) with a clean

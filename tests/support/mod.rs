@@ -7,3 +7,4 @@ pub mod conformance;
 pub mod live;
 pub mod redis_server;
 pub mod sidecar;
+pub mod tied;

@@ -13,15 +13,13 @@
 //! directory, so with persistence the data survives) simulate outages; `pause`/`resume`
 //! (SIGSTOP/SIGCONT) simulate a Redis that hangs.
 
-use std::io;
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use super::tied::spawn_tied;
 
 /// How long a server may take to answer `PING` after it was spawned.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -278,32 +276,8 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let parent = std::process::id();
-        // SAFETY: the closure runs in the forked child before exec, where only
-        // async-signal-safe work is allowed. It calls prctl, getppid and _exit (plain
-        // system calls that neither allocate nor take locks) and reads errno on failure.
-        // It asks the kernel to SIGKILL the server when its parent goes away, so a test
-        // run that crashes or is killed leaves no redis-server behind. If the parent died
-        // before prctl took effect, the child exits at once instead of leaking.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0 as libc::c_ulong,
-                    0 as libc::c_ulong,
-                    0 as libc::c_ulong,
-                ) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::getppid() as u32 != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let child = spawn_from_long_lived_thread(cmd)
+        // Tied to the test process: a crashed run leaves no redis-server behind.
+        let child = spawn_tied(cmd)
             .map_err(|e| format!("cannot run redis-server (is it installed?): {e}"))?;
         self.child = Some(child);
         self.wait_ready()
@@ -366,35 +340,4 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind an ephemeral loopback port")
-}
-
-type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
-
-/// Spawns `cmd` from one thread that lives as long as the test process.
-///
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
-/// process. Tests run on short-lived threads (and may restart a server from a runtime
-/// worker or a blocking-pool thread), so forking from them would kill a server as soon as
-/// that thread ended. Forking from this thread ties the server's life to the process.
-fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
-    static SPAWNER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        thread::Builder::new()
-            .name("redis-server-spawner".to_owned())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            })
-            .expect("start the redis-server spawner thread");
-        tx
-    });
-    let (reply_tx, reply_rx) = mpsc::channel();
-    spawner
-        .send((cmd, reply_tx))
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
-    reply_rx
-        .recv()
-        .map_err(|_| io::Error::other("the spawner thread is gone"))?
 }
