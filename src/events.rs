@@ -145,6 +145,7 @@ impl Meter for TickFailed {
 impl Meter for LockAcquired {
     fn meter(&self, m: &Metrics) {
         m.lock_held(true);
+        m.lease_taken(self.lease_ms);
     }
 }
 impl Meter for LockReleased {

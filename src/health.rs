@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::metrics::metrics;
+use crate::metrics::{metrics, negotiate};
 
 /// Liveness and readiness state, shared by the loop, the store pinger and the server.
 pub struct Health {
@@ -104,13 +104,19 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_text() -> impl IntoResponse {
+/// `/metrics` in the format the scraper's `Accept` asks for: OpenMetrics when it asks for
+/// it (Prometheus does), the classic text format 0.0.4 otherwise.
+async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let format = negotiate(Some(&accept));
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics().render(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        metrics().render(format),
     )
 }
 

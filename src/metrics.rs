@@ -1,5 +1,9 @@
 //! Prometheus metrics, all prefixed `keel_scraper_`. Updated only from event emit sites
-//! (see [`crate::events`]) and the tick's summary, served as text on `GET /metrics`.
+//! (see [`crate::events`]) and the tick's summary, served as text on `GET /metrics` in
+//! the format the scraper asks for ([`negotiate`]).
+
+mod exposition;
+pub use exposition::{negotiate, to_classic, Format};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
@@ -24,6 +28,7 @@ pub struct Metrics {
     plugins: Family<Labels, Gauge>,
     lock_held: Gauge,
     last_tick_completed: Gauge<f64, AtomicU64>,
+    lease: Gauge<f64, AtomicU64>,
     store_errors: Family<Labels, Counter>,
 }
 
@@ -82,6 +87,12 @@ impl Metrics {
             "Unix time of the last tick completed by this replica",
             last_tick_completed.clone(),
         );
+        let lease = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "lease_seconds",
+            "The lease this replica last took the scrape_state lock with",
+            lease.clone(),
+        );
         let store_errors = Family::<Labels, Counter>::default();
         registry.register(
             "store_errors",
@@ -102,6 +113,7 @@ impl Metrics {
             plugins,
             lock_held,
             last_tick_completed,
+            lease,
             store_errors,
         }
     }
@@ -139,6 +151,10 @@ impl Metrics {
         self.lock_held.set(i64::from(held));
     }
 
+    pub fn lease_taken(&self, lease_ms: u64) {
+        self.lease.set(lease_ms as f64 / 1000.0);
+    }
+
     pub fn store_error(&self, operation: &str) {
         self.store_errors
             .get_or_create(&label("operation", operation))
@@ -153,12 +169,15 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// The text exposition in `format`.
+    pub fn render(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics { .. } => out,
+            Format::Classic => to_classic(&out),
+        }
     }
 }
 
