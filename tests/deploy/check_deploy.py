@@ -274,7 +274,9 @@ def check_kubernetes_objects(r: Rendered) -> None:
     checked = 0
     for obj in r.objects:
         kind = obj.get("kind")
-        if kind in ("ServiceMonitor", "Component"):
+        # Custom resources: Components have their CRD checks, PrometheusRule its own
+        # (check_prometheus_rule_object and promtool), ServiceMonitor its shape checks.
+        if kind in ("ServiceMonitor", "Component", "PrometheusRule"):
             continue
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
@@ -590,6 +592,192 @@ def check_notes(r: Rendered) -> None:
     expect("kubectl logs" in notes, f"[{r.label}] NOTES.txt does not show the logs")
 
 
+# --------------------------------------------------------------------------------------
+# Rules and dashboard (rules.prometheus, rules.loki, dashboard)
+
+RULE_KEYS = {"alert", "expr", "for", "labels", "annotations"}
+# The mass-failure guard's events and metrics: rules and panels for them ship before the
+# guard itself lands. While the worker does not have them yet they are the only names
+# allowed to be missing from the README; once there, they are checked like any other.
+GUARD_EVENTS = {"demotions_held", "observer_unhealthy"}
+GUARD_METRICS = {
+    "keel_scraper_demotions_held",
+    "keel_scraper_demotions_held_total",
+    "keel_scraper_plugins_blocked_for_failures",
+}
+
+
+def readme_event_catalog() -> dict[str, dict[str, Any]]:
+    """The README's event catalog (tests/event_catalog.rs holds it equal to the code's)."""
+    text = (REPO / "README.md").read_text()
+    begin, end = "<!-- event-catalog:begin -->", "<!-- event-catalog:end -->"
+    expect(begin in text and end in text, "README has no event catalog markers")
+    table = text.split(begin, 1)[1].split(end, 1)[0]
+    events: dict[str, dict[str, Any]] = {}
+    for line in table.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        name = cells[0].strip("`")
+        events[name] = {
+            "alert": cells[2],
+            "fields": set(re.findall(r"`([a-z_]+)`", cells[3])),
+        }
+    expect(len(events) >= 10, f"README event catalog has only {len(events)} rows")
+    return events
+
+
+def readme_metrics() -> set[str]:
+    """The metric names the README's Metrics table documents."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Metrics and health", 1)[1].split("\n## ", 1)[0]
+    names = set(re.findall(r"^\| `(keel_scraper_[a-z_]+)`", section, re.M))
+    expect(len(names) >= 9, f"README documents only {len(names)} metrics")
+    return names
+
+
+def check_metric_names(where: str, exprs: list[str]) -> None:
+    """Every keel_scraper_ family a query reads is one the README documents (a histogram's
+    _bucket, _sum and _count series included), or one of the guard's."""
+    known = readme_metrics() | GUARD_METRICS
+    for expr in exprs:
+        for name in set(re.findall(r"\bkeel_scraper_[a-z_]+", expr)):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            expect(
+                name in known or base in known,
+                f"{where}: {name} is no metric the worker exports (README, Metrics): {expr}",
+            )
+
+
+def job_of(r: Rendered) -> str:
+    """The job label the worker's series carry under these values."""
+    v = r.merged
+    if v["rules"]["jobLabel"]:
+        return v["rules"]["jobLabel"]
+    expect(v["metrics"]["serviceMonitor"]["enabled"], f"[{r.label}] a PrometheusRule without any job")
+    # prometheus-operator names the job after the Service the ServiceMonitor selects.
+    expect(r.of_kind("ServiceMonitor"), f"[{r.label}] no ServiceMonitor to take the job from")
+    return r.one("Service")["metadata"]["name"]
+
+
+def check_prometheus_rule_object(r: Rendered) -> None:
+    rules = r.of_kind("PrometheusRule")
+    if not r.merged["rules"]["prometheus"]["enabled"]:
+        expect(not rules, f"[{r.label}] PrometheusRule rendered while rules.prometheus.enabled is false")
+        return
+    obj = r.one("PrometheusRule")
+    expect(obj["apiVersion"] == "monitoring.coreos.com/v1", f"[{r.label}] PrometheusRule apiVersion {obj['apiVersion']}")
+    meta = obj["metadata"]
+    expect(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]) is not None, f"[{r.label}] name {meta['name']}")
+    labels = meta.get("labels") or {}
+    expect(all(isinstance(x, str) for x in labels.values()), f"[{r.label}] PrometheusRule labels not strings")
+    wanted = r.merged["rules"]["prometheus"]["labels"]
+    expect(wanted.items() <= labels.items(), f"[{r.label}] ruleSelector labels {wanted} missing from {labels}")
+    expect(set(obj["spec"]) == {"groups"}, f"[{r.label}] PrometheusRule spec keys {sorted(obj['spec'])}")
+    job = job_of(r)
+    alerts = []
+    for group in obj["spec"]["groups"]:
+        expect(set(group) == {"name", "rules"}, f"[{r.label}] group keys {sorted(group)}")
+        for rule in group["rules"]:
+            expect(set(rule) <= RULE_KEYS and {"alert", "expr"} <= set(rule), f"[{r.label}] rule keys {sorted(rule)}")
+            expect("${" not in json.dumps(rule), f"[{r.label}] {rule['alert']}: placeholder left: {rule}")
+            alerts.append(rule["alert"])
+            # Every selector of the worker's series names the job, and only that job.
+            for selector in re.findall(r"keel_scraper_[a-z_]+(\{[^}]*\})?", rule["expr"]):
+                expect(
+                    f'job="{job}"' in selector,
+                    f"[{r.label}] {rule['alert']}: a selector without job=\"{job}\": {rule['expr']}",
+                )
+            expect(rule["labels"].get("severity") in ("page", "warning"), f"[{r.label}] {rule['alert']} severity")
+    check_metric_names(f"[{r.label}] PrometheusRule", [x["expr"] for g in obj["spec"]["groups"] for x in g["rules"]])
+    expect("KeelScraperNoTickCompleted" in alerts, f"[{r.label}] no no-tick alert: {alerts}")
+    expect("KeelScraperTwoHolders" not in alerts, f"[{r.label}] KeelScraperTwoHolders is blind (lock_held is 1 only during a tick)")
+
+
+LOGQL_RULE = re.compile(r"count_over_time\((\{[^}]*\})\s*((?:\|[^|\[]*)*)\[(\d+[smh])\]\)")
+
+
+def check_logql_rules(r: Rendered) -> None:
+    """The LogQL rules by shape (Loki's parser is AGPL and not pulled in): every stream
+    selector is the worker's container, every pipeline parses JSON, and every label filter,
+    grouping label and annotation names what the events really carry."""
+    maps = [c for c in r.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-loki-rules")]
+    v = r.merged["rules"]["loki"]
+    if not v["enabled"]:
+        expect(not maps, f"[{r.label}] Loki rules rendered while rules.loki.enabled is false")
+        return
+    expect(len(maps) == 1, f"[{r.label}] {len(maps)} Loki rule ConfigMaps")
+    cm = maps[0]
+    if v["label"]:
+        expect(
+            (cm["metadata"].get("labels") or {}).get(v["label"]) == v["labelValue"],
+            f"[{r.label}] Loki rules ConfigMap lacks the ruler sidecar label {v['label']}={v['labelValue']!r}",
+        )
+    expect(len(cm["data"]) == 1, f"[{r.label}] Loki rules ConfigMap keys {list(cm['data'])}")
+    doc = yaml.safe_load(next(iter(cm["data"].values())))
+    container = r.container["name"]
+    selector = "{" + (v["streamSelector"] or f'container="{container}"') + "}"
+    catalog = readme_event_catalog()
+    alerting = {n for n, e in catalog.items() if e["alert"] != "never"}
+    count = 0
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            name = rule["alert"]
+            expect(set(rule) <= RULE_KEYS, f"[{r.label}] {name}: keys {sorted(rule)}")
+            expr = " ".join(rule["expr"].split())
+            expect(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{name}: unbalanced {expr}")
+            found = LOGQL_RULE.findall(expr)
+            expect(len(found) == 1, f"[{r.label}] {name}: not one count_over_time(<selector> | json ... [range]): {expr}")
+            stream, pipeline, _range = found[0]
+            expect(stream == selector, f"[{r.label}] {name}: stream selector {stream}, the worker's logs are {selector}")
+            stages = [x.strip() for x in pipeline.split("|") if x.strip()]
+            expect(stages and stages[0] == "json", f"[{r.label}] {name}: the first stage must be `json`: {expr}")
+            filters: dict[str, str] = {}
+            for stage in stages[1:]:
+                m = re.fullmatch(r'([a-z_]+)\s*(=|!=)\s*"([^"]*)"', stage)
+                expect(m is not None, f"[{r.label}] {name}: stage {stage!r} is not a label filter")
+                filters[m.group(1)] = m.group(3)
+            event = filters.get("event")
+            if event is None:
+                # A rule over every event: it may only filter on what all of them carry.
+                expect(set(filters) <= {"alert"}, f"[{r.label}] {name}: filters {filters} without an event")
+                expect(filters.get("alert") == "true", f"[{r.label}] {name}: a rule over every event must select alert=\"true\"")
+                fields = {"event", "alert"}
+            elif event in catalog:
+                fields = catalog[event]["fields"] | {"event", "level"}
+                if "alert" in filters:
+                    expect(event in alerting, f"[{r.label}] {name}: {event} never carries alert")
+            else:
+                expect(event in GUARD_EVENTS, f"[{r.label}] {name}: event {event!r} is not in the README's catalog")
+                # Until the guard lands only what every alerting event carries may be used.
+                fields = {"event", "alert"}
+            unknown = set(filters) - fields
+            expect(not unknown, f"[{r.label}] {name}: {event or 'the events'} carry no {sorted(unknown)}")
+            grouping = re.findall(r"by \(([^)]*)\)", expr)
+            by = {x.strip() for g in grouping for x in g.split(",") if x.strip()}
+            expect(by <= fields, f"[{r.label}] {name}: grouping by {sorted(by - fields)}, not fields of {event}")
+            for text in (rule.get("annotations") or {}).values():
+                used = set(re.findall(r"\$labels\.([a-z_]+)", text))
+                expect(used <= by, f"[{r.label}] {name}: annotation uses {sorted(used - by)}, which the query drops")
+            count += 1
+    expect(count >= 6, f"[{r.label}] only {count} LogQL rules")
+
+
+def check_dashboard_object(r: Rendered) -> None:
+    maps = [c for c in r.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    v = r.merged["dashboard"]
+    if not v["enabled"]:
+        expect(not maps, f"[{r.label}] dashboard rendered while dashboard.enabled is false")
+        return
+    expect(len(maps) == 1, f"[{r.label}] {len(maps)} dashboard ConfigMaps")
+    cm = maps[0]
+    expect(
+        (cm["metadata"].get("labels") or {}).get(v["label"]) == v["labelValue"],
+        f"[{r.label}] dashboard ConfigMap lacks the sidecar label {v['label']}={v['labelValue']!r}",
+    )
+    expect(list(cm["data"]) == ["keel-scraper.json"], f"[{r.label}] dashboard keys {list(cm['data'])}")
+    shipped = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    expect(json.loads(cm["data"]["keel-scraper.json"]) == shipped, f"[{r.label}] the ConfigMap's dashboard differs from the file")
+
+
 RENDER_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("kubernetes objects valid (strict, k8s 1.30)", check_kubernetes_objects),
     ("Components valid against the Dapr CRD", check_rendered_components),
@@ -602,6 +790,9 @@ RENDER_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
     ("replicas, rollout and PodDisruptionBudget", check_availability),
     ("worker env follows values", check_env),
     ("NOTES.txt shows the route table and the logs", check_notes),
+    ("PrometheusRule: opt-in, the ServiceMonitor's job in every selector", check_prometheus_rule_object),
+    ("LogQL rules: opt-in, the container's stream, only fields the events carry", check_logql_rules),
+    ("dashboard ConfigMap: opt-in, the sidecar's label, the shipped file", check_dashboard_object),
 ]
 
 
@@ -782,7 +973,160 @@ TEMPLATE_REJECTS: list[tuple[str, dict[str, Any], str]] = [
     ("worker port equal to the sidecar metrics port", {"worker": {"port": 9091}}, "dapr.metricsPort"),
     ("redis backend without a URL Secret", {"worker": {"backend": "redis"}}, "redisUrlSecret"),
     ("dapr backend without the sidecar", {"dapr": {"enabled": False}}, "dapr.enabled"),
+    (
+        "a PrometheusRule with neither rules.jobLabel nor a ServiceMonitor",
+        {"rules": {"prometheus": {"enabled": True}}},
+        "rules.jobLabel",
+    ),
+    (
+        "rules for a schedule whose interval it cannot read",
+        {"rules": {"prometheus": {"enabled": True}, "jobLabel": "x"}, "worker": {"schedule": "*/7 * * * * *"}},
+        "rules.intervalSeconds",
+    ),
+    (
+        "rules for a lease in days",
+        {"rules": {"prometheus": {"enabled": True}, "jobLabel": "x"}, "worker": {"lease": "1d"}},
+        "worker.lease",
+    ),
 ]
+
+
+RULES_ON: dict[str, Any] = {
+    "rules": {"prometheus": {"enabled": True}, "loki": {"enabled": True}},
+    "dashboard": {"enabled": True},
+    "metrics": {"serviceMonitor": {"enabled": True}},
+}
+
+
+def merged(*parts: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, x in part.items():
+            out[k] = merged(out[k], x) if isinstance(x, dict) and isinstance(out.get(k), dict) else x
+    return out
+
+
+def promtool_path() -> str:
+    found = shutil.which("promtool")
+    expect(found is not None, "promtool not installed (Debian package `prometheus`; scripts/test installs it)")
+    return str(found)
+
+
+def rendered_rule_groups(chart: helm.Chart, values: dict[str, Any]) -> dict[str, Any]:
+    return render(chart, "rules", values).one("PrometheusRule")["spec"]
+
+
+def run_promtool(args: list[str], what: str) -> str:
+    proc = subprocess.run([promtool_path(), *args], capture_output=True, text=True, timeout=120)
+    expect(proc.returncode == 0, f"promtool {' '.join(args[:2])} on {what}: {proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def check_promtool_rules(chart: helm.Chart, label: str, values: dict[str, Any]) -> None:
+    """`promtool check rules` on the PromQL rules exactly as the chart renders them."""
+    import tempfile
+
+    spec = rendered_rule_groups(chart, values)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rules.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        out = run_promtool(["check", "rules", str(path)], label)
+    count = sum(len(g["rules"]) for g in spec["groups"])
+    expect(f"SUCCESS: {count} rules found" in out, f"promtool check rules [{label}]: {out}")
+
+
+def check_promtool_unit_tests(chart: helm.Chart) -> None:
+    """`promtool test rules` (tests/deploy/prometheus-rules.test.yaml) on the rules the
+    chart renders with its default schedule and lease: every alert fires on a series that
+    should page and stays silent on a healthy one."""
+    import tempfile
+
+    spec = rendered_rule_groups(chart, RULES_ON)
+    tests_file = REPO / "tests" / "deploy" / "prometheus-rules.test.yaml"
+    tests = yaml.safe_load(tests_file.read_text())
+    alerts = {x["alert"] for g in spec["groups"] for x in g["rules"]}
+    for alert in alerts:
+        cases = [
+            t for case in tests["tests"] for t in case.get("alert_rule_test", []) if t["alertname"] == alert
+        ]
+        expect(any(c["exp_alerts"] for c in cases), f"no promtool test where {alert} fires")
+        expect(any(not c["exp_alerts"] for c in cases), f"no promtool test where {alert} stays silent")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "rules.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        shutil.copy(tests_file, Path(tmp) / tests_file.name)
+        run_promtool(["test", "rules", str(Path(tmp) / tests_file.name)], "the rules' unit tests")
+
+
+def rule_expr(spec: dict[str, Any], alert: str) -> str:
+    for group in spec["groups"]:
+        for rule in group["rules"]:
+            if rule["alert"] == alert:
+                return " ".join(rule["expr"].split())
+    raise CheckFailed(f"no rule {alert}")
+
+
+def check_thresholds_follow_values(chart: helm.Chart) -> None:
+    """The interval- and lease-dependent numbers come from the schedule and the lease."""
+    cases = [
+        # (worker values, no-tick seconds, 80 % of the lease, double-scrape limit)
+        ({}, "30", "8.000", "90"),
+        ({"schedule": "*/30 * * * * *", "lease": "45s"}, "105", "36.000", "30"),
+        ({"schedule": "0/15 * * * * *", "lease": "1500ms"}, "45", "1.200", "60"),
+        ({"schedule": "0 */5 * * * *"}, "900", "240.000", "30"),
+        ({"schedule": "* * * * * *"}, "3", "0.800", "900"),
+    ]
+    for worker, no_tick, near_lease, dup in cases:
+        spec = rendered_rule_groups(chart, merged(RULES_ON, {"worker": worker}))
+        got = (
+            re.search(r"\) > (\S+)\)", rule_expr(spec, "KeelScraperNoTickCompleted")),
+            re.search(r"> (\S+)$", rule_expr(spec, "KeelScraperTicksNearLease")),
+            re.search(r"> (\S+)$", rule_expr(spec, "KeelScraperTicksScrapedTwice")),
+        )
+        expect(all(got), f"thresholds not found in the rules for {worker}")
+        values = tuple(m.group(1) for m in got if m)
+        expect(
+            values == (no_tick, near_lease, dup),
+            f"worker {worker}: no-tick, near-lease, double-scrape thresholds {values}, want {(no_tick, near_lease, dup)}",
+        )
+    spec = rendered_rule_groups(
+        chart, merged(RULES_ON, {"worker": {"schedule": "*/7 * * * * *"}, "rules": {"intervalSeconds": 7}})
+    )
+    expect("> 21)" in rule_expr(spec, "KeelScraperNoTickCompleted"), "rules.intervalSeconds is not used")
+
+
+def check_shipped_dashboard() -> None:
+    """The dashboard file: valid JSON, every panel queried through the Prometheus
+    datasource variable, only metrics the worker exports, the on-call panels present."""
+    dashboard = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    exprs = []
+    for panel in panels:
+        expect(panel.get("targets"), f"panel {panel['title']!r} has no query")
+        expect(panel["datasource"]["uid"] == "${datasource}", f"panel {panel['title']!r} datasource")
+        for t in panel["targets"]:
+            expect('job=~"$job"' in t["expr"], f"panel {panel['title']!r} ignores the job variable: {t['expr']}")
+            exprs.append(t["expr"])
+    check_metric_names("dashboard", exprs)
+    joined = "\n".join(exprs)
+    for metric in (
+        "keel_scraper_ticks_total",
+        "keel_scraper_tick_duration_seconds_bucket",
+        "keel_scraper_lease_seconds",
+        "keel_scraper_probe_failures_total",
+        "keel_scraper_plugins",
+        "keel_scraper_last_tick_completed_timestamp_seconds",
+        *GUARD_METRICS,
+    ):
+        expect(re.search(rf"\b{metric}\b", joined) is not None, f"the dashboard shows no {metric}")
+    for expr in exprs:
+        for metric in GUARD_METRICS | {"keel_scraper_probe_failures_total", "keel_scraper_route_writes_total", "keel_scraper_store_errors_total"}:
+            if re.search(rf"\b{metric}\b", expr):
+                expect(
+                    expr.rstrip().endswith("or on () vector(0)"),
+                    f"{metric} may not exist yet (it appears at its first increment): write the panel with `or on () vector(0)`: {expr}",
+                )
+    names = {v["name"] for v in dashboard["templating"]["list"]}
+    expect({"datasource", "job"} <= names, f"dashboard variables {names}")
 
 
 def check_components_dir() -> None:
@@ -974,6 +1318,21 @@ def main() -> int:
     runner.run("render: every optional worker option set", add_render("all-options", ALL_OPTIONS_DAPR))
     runner.run("render: redis backend options", add_render("redis-options", ALL_OPTIONS_REDIS))
     runner.run("render: no sidecar", add_render("no-sidecar", NO_SIDECAR))
+    runner.run("render: rules and dashboard on, job from the ServiceMonitor", add_render("rules-on", RULES_ON))
+    runner.run(
+        "render: rules and dashboard on, explicit job and labels",
+        add_render(
+            "rules-explicit",
+            {
+                "rules": {
+                    "jobLabel": "kubernetes-pods",
+                    "prometheus": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+                    "loki": {"enabled": True, "streamSelector": 'namespace="tkeel-system", container="keel-scraper"'},
+                },
+                "dashboard": {"enabled": True, "label": "grafana_dashboard", "labelValue": "tkeel"},
+            },
+        ),
+    )
 
     def every_option_reachable() -> None:
         seen = set()
@@ -1004,6 +1363,8 @@ def main() -> int:
         expect("dapr.io/config" not in r.annotations, "default values set a Dapr Configuration")
         expect(r.deployment["spec"]["replicas"] == 2, "default replicas is not 2")
         expect(not r.of_kind("ServiceMonitor"), "ServiceMonitor rendered by default")
+        expect(not r.of_kind("PrometheusRule"), "PrometheusRule rendered by default")
+        expect(not r.of_kind("ConfigMap"), "rule or dashboard ConfigMaps rendered by default")
         names = set(r.components())
         expect(
             names == {"keel-scraper-private-store", "keel-scraper-public-store"},
@@ -1030,6 +1391,21 @@ def main() -> int:
         )
     for name, values, mentions in TEMPLATE_REJECTS:
         runner.run(f"chart refuses {name}", lambda v=values, m=mentions: expect_render_refused(chart, v, m))
+
+    runner.run(
+        "promtool check rules: the rendered PromQL rules [default schedule]",
+        lambda: check_promtool_rules(chart, "default", RULES_ON),
+    )
+    for path in ci_values_files():
+        values = yaml.safe_load(path.read_text()) or {}
+        if (values.get("rules") or {}).get("prometheus", {}).get("enabled"):
+            runner.run(
+                f"promtool check rules: the rendered PromQL rules [ci/{path.name}]",
+                lambda v=values, n=path.name: check_promtool_rules(chart, f"ci/{n}", v),
+            )
+    runner.run("promtool test rules: every alert fires and stays silent as it should", lambda: check_promtool_unit_tests(chart))
+    runner.run("rule thresholds follow the schedule and the lease", lambda: check_thresholds_follow_values(chart))
+    runner.run("dashboard: valid, job variable, exported metrics, on-call panels", check_shipped_dashboard)
 
     runner.run(
         "components/: valid against the CRD, named and prefixed as the worker's defaults",
