@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import tomllib
 import traceback
 from collections.abc import Callable
@@ -600,6 +601,12 @@ RULE_KEYS = {"alert", "expr", "for", "labels", "annotations"}
 # guard itself lands. While the worker does not have them yet they are the only names
 # allowed to be missing from the README; once there, they are checked like any other.
 GUARD_EVENTS = {"demotions_held", "observer_unhealthy"}
+# Label families that get a series only at their first increment.
+FIRST_INCREMENT_METRICS = {
+    "keel_scraper_probe_failures_total",
+    "keel_scraper_route_writes_total",
+    "keel_scraper_store_errors_total",
+}
 GUARD_METRICS = {
     "keel_scraper_demotions_held",
     "keel_scraper_demotions_held_total",
@@ -664,20 +671,32 @@ def check_prometheus_rule_object(r: Rendered) -> None:
         expect(not rules, f"[{r.label}] PrometheusRule rendered while rules.prometheus.enabled is false")
         return
     obj = r.one("PrometheusRule")
-    expect(obj["apiVersion"] == "monitoring.coreos.com/v1", f"[{r.label}] PrometheusRule apiVersion {obj['apiVersion']}")
+    expect(
+        obj["apiVersion"] == "monitoring.coreos.com/v1",
+        f"[{r.label}] PrometheusRule apiVersion {obj['apiVersion']}",
+    )
     meta = obj["metadata"]
-    expect(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]) is not None, f"[{r.label}] name {meta['name']}")
+    expect(
+        re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]) is not None,
+        f"[{r.label}] name {meta['name']}",
+    )
     labels = meta.get("labels") or {}
     expect(all(isinstance(x, str) for x in labels.values()), f"[{r.label}] PrometheusRule labels not strings")
     wanted = r.merged["rules"]["prometheus"]["labels"]
-    expect(wanted.items() <= labels.items(), f"[{r.label}] ruleSelector labels {wanted} missing from {labels}")
+    expect(
+        wanted.items() <= labels.items(),
+        f"[{r.label}] ruleSelector labels {wanted} missing from {labels}",
+    )
     expect(set(obj["spec"]) == {"groups"}, f"[{r.label}] PrometheusRule spec keys {sorted(obj['spec'])}")
     job = job_of(r)
     alerts = []
     for group in obj["spec"]["groups"]:
         expect(set(group) == {"name", "rules"}, f"[{r.label}] group keys {sorted(group)}")
         for rule in group["rules"]:
-            expect(set(rule) <= RULE_KEYS and {"alert", "expr"} <= set(rule), f"[{r.label}] rule keys {sorted(rule)}")
+            expect(
+                set(rule) <= RULE_KEYS and {"alert", "expr"} <= set(rule),
+                f"[{r.label}] rule keys {sorted(rule)}",
+            )
             expect("${" not in json.dumps(rule), f"[{r.label}] {rule['alert']}: placeholder left: {rule}")
             alerts.append(rule["alert"])
             # Every selector of the worker's series names the job, and only that job.
@@ -686,10 +705,17 @@ def check_prometheus_rule_object(r: Rendered) -> None:
                     f'job="{job}"' in selector,
                     f"[{r.label}] {rule['alert']}: a selector without job=\"{job}\": {rule['expr']}",
                 )
-            expect(rule["labels"].get("severity") in ("page", "warning"), f"[{r.label}] {rule['alert']} severity")
-    check_metric_names(f"[{r.label}] PrometheusRule", [x["expr"] for g in obj["spec"]["groups"] for x in g["rules"]])
+            expect(
+                rule["labels"].get("severity") in ("page", "warning"),
+                f"[{r.label}] {rule['alert']} severity",
+            )
+    exprs = [x["expr"] for g in obj["spec"]["groups"] for x in g["rules"]]
+    check_metric_names(f"[{r.label}] PrometheusRule", exprs)
     expect("KeelScraperNoTickCompleted" in alerts, f"[{r.label}] no no-tick alert: {alerts}")
-    expect("KeelScraperTwoHolders" not in alerts, f"[{r.label}] KeelScraperTwoHolders is blind (lock_held is 1 only during a tick)")
+    expect(
+        "KeelScraperTwoHolders" not in alerts,
+        f"[{r.label}] KeelScraperTwoHolders is blind (lock_held is 1 only during a tick)",
+    )
 
 
 LOGQL_RULE = re.compile(r"count_over_time\((\{[^}]*\})\s*((?:\|[^|\[]*)*)\[(\d+[smh])\]\)")
@@ -709,7 +735,8 @@ def check_logql_rules(r: Rendered) -> None:
     if v["label"]:
         expect(
             (cm["metadata"].get("labels") or {}).get(v["label"]) == v["labelValue"],
-            f"[{r.label}] Loki rules ConfigMap lacks the ruler sidecar label {v['label']}={v['labelValue']!r}",
+            f"[{r.label}] Loki rules ConfigMap lacks the ruler sidecar label "
+            f"{v['label']}={v['labelValue']!r}",
         )
     expect(len(cm["data"]) == 1, f"[{r.label}] Loki rules ConfigMap keys {list(cm['data'])}")
     doc = yaml.safe_load(next(iter(cm["data"].values())))
@@ -723,13 +750,25 @@ def check_logql_rules(r: Rendered) -> None:
             name = rule["alert"]
             expect(set(rule) <= RULE_KEYS, f"[{r.label}] {name}: keys {sorted(rule)}")
             expr = " ".join(rule["expr"].split())
-            expect(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{name}: unbalanced {expr}")
+            expect(
+                expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"),
+                f"{name}: unbalanced {expr}",
+            )
             found = LOGQL_RULE.findall(expr)
-            expect(len(found) == 1, f"[{r.label}] {name}: not one count_over_time(<selector> | json ... [range]): {expr}")
+            expect(
+                len(found) == 1,
+                f"[{r.label}] {name}: not one count_over_time(<selector> | json ... [range]): {expr}",
+            )
             stream, pipeline, _range = found[0]
-            expect(stream == selector, f"[{r.label}] {name}: stream selector {stream}, the worker's logs are {selector}")
+            expect(
+                stream == selector,
+                f"[{r.label}] {name}: stream selector {stream}, the worker's logs are {selector}",
+            )
             stages = [x.strip() for x in pipeline.split("|") if x.strip()]
-            expect(stages and stages[0] == "json", f"[{r.label}] {name}: the first stage must be `json`: {expr}")
+            expect(
+                stages and stages[0] == "json",
+                f"[{r.label}] {name}: the first stage must be `json`: {expr}",
+            )
             filters: dict[str, str] = {}
             for stage in stages[1:]:
                 m = re.fullmatch(r'([a-z_]+)\s*(=|!=)\s*"([^"]*)"', stage)
@@ -739,24 +778,36 @@ def check_logql_rules(r: Rendered) -> None:
             if event is None:
                 # A rule over every event: it may only filter on what all of them carry.
                 expect(set(filters) <= {"alert"}, f"[{r.label}] {name}: filters {filters} without an event")
-                expect(filters.get("alert") == "true", f"[{r.label}] {name}: a rule over every event must select alert=\"true\"")
+                expect(
+                    filters.get("alert") == "true",
+                    f"[{r.label}] {name}: a rule over every event must select alert=\"true\"",
+                )
                 fields = {"event", "alert"}
             elif event in catalog:
                 fields = catalog[event]["fields"] | {"event", "level"}
                 if "alert" in filters:
                     expect(event in alerting, f"[{r.label}] {name}: {event} never carries alert")
             else:
-                expect(event in GUARD_EVENTS, f"[{r.label}] {name}: event {event!r} is not in the README's catalog")
+                expect(
+                    event in GUARD_EVENTS,
+                    f"[{r.label}] {name}: event {event!r} is not in the README's catalog",
+                )
                 # Until the guard lands only what every alerting event carries may be used.
                 fields = {"event", "alert"}
             unknown = set(filters) - fields
             expect(not unknown, f"[{r.label}] {name}: {event or 'the events'} carry no {sorted(unknown)}")
             grouping = re.findall(r"by \(([^)]*)\)", expr)
             by = {x.strip() for g in grouping for x in g.split(",") if x.strip()}
-            expect(by <= fields, f"[{r.label}] {name}: grouping by {sorted(by - fields)}, not fields of {event}")
+            expect(
+                by <= fields,
+                f"[{r.label}] {name}: grouping by {sorted(by - fields)}, not fields of {event}",
+            )
             for text in (rule.get("annotations") or {}).values():
                 used = set(re.findall(r"\$labels\.([a-z_]+)", text))
-                expect(used <= by, f"[{r.label}] {name}: annotation uses {sorted(used - by)}, which the query drops")
+                expect(
+                    used <= by,
+                    f"[{r.label}] {name}: annotation uses {sorted(used - by)}, which the query drops",
+                )
             count += 1
     expect(count >= 6, f"[{r.label}] only {count} LogQL rules")
 
@@ -775,7 +826,10 @@ def check_dashboard_object(r: Rendered) -> None:
     )
     expect(list(cm["data"]) == ["keel-scraper.json"], f"[{r.label}] dashboard keys {list(cm['data'])}")
     shipped = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
-    expect(json.loads(cm["data"]["keel-scraper.json"]) == shipped, f"[{r.label}] the ConfigMap's dashboard differs from the file")
+    expect(
+        json.loads(cm["data"]["keel-scraper.json"]) == shipped,
+        f"[{r.label}] the ConfigMap's dashboard differs from the file",
+    )
 
 
 RENDER_CHECKS: list[tuple[str, Callable[[Rendered], None]]] = [
@@ -980,7 +1034,10 @@ TEMPLATE_REJECTS: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "rules for a schedule whose interval it cannot read",
-        {"rules": {"prometheus": {"enabled": True}, "jobLabel": "x"}, "worker": {"schedule": "*/7 * * * * *"}},
+        {
+            "rules": {"prometheus": {"enabled": True}, "jobLabel": "x"},
+            "worker": {"schedule": "*/7 * * * * *"},
+        },
         "rules.intervalSeconds",
     ),
     (
@@ -1008,7 +1065,10 @@ def merged(*parts: dict[str, Any]) -> dict[str, Any]:
 
 def promtool_path() -> str:
     found = shutil.which("promtool")
-    expect(found is not None, "promtool not installed (Debian package `prometheus`; scripts/test installs it)")
+    expect(
+        found is not None,
+        "promtool not installed (Debian package `prometheus`; scripts/test installs it)",
+    )
     return str(found)
 
 
@@ -1024,8 +1084,6 @@ def run_promtool(args: list[str], what: str) -> str:
 
 def check_promtool_rules(chart: helm.Chart, label: str, values: dict[str, Any]) -> None:
     """`promtool check rules` on the PromQL rules exactly as the chart renders them."""
-    import tempfile
-
     spec = rendered_rule_groups(chart, values)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rules.yaml"
@@ -1039,8 +1097,6 @@ def check_promtool_unit_tests(chart: helm.Chart) -> None:
     """`promtool test rules` (tests/deploy/prometheus-rules.test.yaml) on the rules the
     chart renders with its default schedule and lease: every alert fires on a series that
     should page and stays silent on a healthy one."""
-    import tempfile
-
     spec = rendered_rule_groups(chart, RULES_ON)
     tests_file = REPO / "tests" / "deploy" / "prometheus-rules.test.yaml"
     tests = yaml.safe_load(tests_file.read_text())
@@ -1086,7 +1142,8 @@ def check_thresholds_follow_values(chart: helm.Chart) -> None:
         values = tuple(m.group(1) for m in got if m)
         expect(
             values == (no_tick, near_lease, dup),
-            f"worker {worker}: no-tick, near-lease, double-scrape thresholds {values}, want {(no_tick, near_lease, dup)}",
+            f"worker {worker}: no-tick, near-lease, double-scrape thresholds {values}, "
+            f"want {(no_tick, near_lease, dup)}",
         )
     spec = rendered_rule_groups(
         chart, merged(RULES_ON, {"worker": {"schedule": "*/7 * * * * *"}, "rules": {"intervalSeconds": 7}})
@@ -1104,7 +1161,10 @@ def check_shipped_dashboard() -> None:
         expect(panel.get("targets"), f"panel {panel['title']!r} has no query")
         expect(panel["datasource"]["uid"] == "${datasource}", f"panel {panel['title']!r} datasource")
         for t in panel["targets"]:
-            expect('job=~"$job"' in t["expr"], f"panel {panel['title']!r} ignores the job variable: {t['expr']}")
+            expect(
+                'job=~"$job"' in t["expr"],
+                f"panel {panel['title']!r} ignores the job variable: {t['expr']}",
+            )
             exprs.append(t["expr"])
     check_metric_names("dashboard", exprs)
     joined = "\n".join(exprs)
@@ -1119,11 +1179,12 @@ def check_shipped_dashboard() -> None:
     ):
         expect(re.search(rf"\b{metric}\b", joined) is not None, f"the dashboard shows no {metric}")
     for expr in exprs:
-        for metric in GUARD_METRICS | {"keel_scraper_probe_failures_total", "keel_scraper_route_writes_total", "keel_scraper_store_errors_total"}:
+        for metric in GUARD_METRICS | FIRST_INCREMENT_METRICS:
             if re.search(rf"\b{metric}\b", expr):
                 expect(
                     expr.rstrip().endswith("or on () vector(0)"),
-                    f"{metric} may not exist yet (it appears at its first increment): write the panel with `or on () vector(0)`: {expr}",
+                    f"{metric} may not exist yet (it appears at its first increment): "
+                    f"write the panel with `or on () vector(0)`: {expr}",
                 )
     names = {v["name"] for v in dashboard["templating"]["list"]}
     expect({"datasource", "job"} <= names, f"dashboard variables {names}")
@@ -1318,7 +1379,10 @@ def main() -> int:
     runner.run("render: every optional worker option set", add_render("all-options", ALL_OPTIONS_DAPR))
     runner.run("render: redis backend options", add_render("redis-options", ALL_OPTIONS_REDIS))
     runner.run("render: no sidecar", add_render("no-sidecar", NO_SIDECAR))
-    runner.run("render: rules and dashboard on, job from the ServiceMonitor", add_render("rules-on", RULES_ON))
+    runner.run(
+        "render: rules and dashboard on, job from the ServiceMonitor",
+        add_render("rules-on", RULES_ON),
+    )
     runner.run(
         "render: rules and dashboard on, explicit job and labels",
         add_render(
@@ -1327,7 +1391,10 @@ def main() -> int:
                 "rules": {
                     "jobLabel": "kubernetes-pods",
                     "prometheus": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
-                    "loki": {"enabled": True, "streamSelector": 'namespace="tkeel-system", container="keel-scraper"'},
+                    "loki": {
+                        "enabled": True,
+                        "streamSelector": 'namespace="tkeel-system", container="keel-scraper"',
+                    },
                 },
                 "dashboard": {"enabled": True, "label": "grafana_dashboard", "labelValue": "tkeel"},
             },
@@ -1403,8 +1470,14 @@ def main() -> int:
                 f"promtool check rules: the rendered PromQL rules [ci/{path.name}]",
                 lambda v=values, n=path.name: check_promtool_rules(chart, f"ci/{n}", v),
             )
-    runner.run("promtool test rules: every alert fires and stays silent as it should", lambda: check_promtool_unit_tests(chart))
-    runner.run("rule thresholds follow the schedule and the lease", lambda: check_thresholds_follow_values(chart))
+    runner.run(
+        "promtool test rules: every alert fires and stays silent as it should",
+        lambda: check_promtool_unit_tests(chart),
+    )
+    runner.run(
+        "rule thresholds follow the schedule and the lease",
+        lambda: check_thresholds_follow_values(chart),
+    )
     runner.run("dashboard: valid, job variable, exported metrics, on-call panels", check_shipped_dashboard)
 
     runner.run(

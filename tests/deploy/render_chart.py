@@ -27,7 +27,9 @@ def main() -> int:
     values = json.loads(sys.argv[2]) if len(sys.argv) == 3 else {}
     with helm.Chart.load(str(CHART)) as chart:
         try:
-            manifests = chart.render(values=values, name="keel-scraper", namespace="tkeel-system", is_install=True)
+            manifests = chart.render(
+                values=values, name="keel-scraper", namespace="tkeel-system", is_install=True
+            )
         except helm.HelmError as err:
             print(f"the chart refused the values: {err}", file=sys.stderr)
             return 1
