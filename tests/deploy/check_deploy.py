@@ -11,7 +11,10 @@ No cluster and no helm binary are involved. The chart is rendered by Helm's own 
 Kubernetes 1.30 OpenAPI schemas in strict mode (`kubernetes-validate`), and every Dapr
 Component against the Component CRD's openAPIV3Schema. The chart is then held to the
 properties the worker depends on, and the environment the rendered Deployment gives the
-worker is handed to `keel-scraper config`, which must accept it.
+worker is handed to `keel-scraper config`, which must accept it. The alert rules and the
+dashboard the chart ships are checked too: the PromQL rules as rendered by `promtool check
+rules` and `promtool test rules` (Debian's `prometheus` package), the LogQL rules by shape
+against the README's event catalog.
 
 Environment:
     KEEL_SCRAPER_BIN      the worker binary (default target/debug/keel-scraper)
