@@ -477,6 +477,12 @@ async fn prometheus_scrapes_the_worker_every_panel_has_data_and_the_no_tick_aler
         "one replica completed the last tick: {latest:?}"
     );
     assert_eq!(latest[0]["metric"]["instance"], address.as_str());
+    let lease = prometheus.query(&format!("keel_scraper_lease_seconds{{job=\"{JOB}\"}}"));
+    assert_eq!(
+        lease.first().map(|s| s["value"][1].clone()),
+        Some(Value::from("1")),
+        "the lease of a 1 s schedule: {lease:?}"
+    );
 
     // Ticking: the no-tick alert is silent.
     assert!(
@@ -496,6 +502,7 @@ async fn prometheus_scrapes_the_worker_every_panel_has_data_and_the_no_tick_aler
         || (!prometheus.firing("KeelScraperNoTickCompleted").is_empty()).then_some(()),
     );
     let took = stopped.elapsed();
+    eprintln!("KeelScraperNoTickCompleted fired {took:?} after the worker stopped");
     assert!(
         took <= window + Duration::from_secs(3),
         "the no-tick alert fired {took:?} after the worker stopped; window {window:?}"

@@ -665,6 +665,11 @@ def job_of(r: Rendered) -> str:
     expect(v["metrics"]["serviceMonitor"]["enabled"], f"[{r.label}] a PrometheusRule without any job")
     # prometheus-operator names the job after the Service the ServiceMonitor selects.
     expect(r.of_kind("ServiceMonitor"), f"[{r.label}] no ServiceMonitor to take the job from")
+    monitor = r.one("ServiceMonitor")["spec"]
+    expect(
+        "jobLabel" not in monitor,
+        f"[{r.label}] the ServiceMonitor sets jobLabel: the job is no longer the Service's name",
+    )
     return r.one("Service")["metadata"]["name"]
 
 
