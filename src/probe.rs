@@ -402,14 +402,11 @@ impl Prober {
     where
         S: AsRef<str> + Sync,
     {
-        let mut out = vec![ProbeOutcome::CutOff; ids.len()];
-        self.drive(ids, deadline, |i, outcome, _| {
-            if let Some(slot) = out.get_mut(i) {
-                *slot = outcome;
-            }
-        })
-        .await;
-        out
+        self.drive(ids, deadline)
+            .await
+            .into_iter()
+            .map(|(outcome, _)| outcome)
+            .collect()
     }
 
     /// [`Prober::probe_all`], also giving how long each probe took (for the probe
@@ -422,14 +419,7 @@ impl Prober {
     where
         S: AsRef<str> + Sync,
     {
-        let mut out = vec![(ProbeOutcome::CutOff, Duration::ZERO); ids.len()];
-        self.drive(ids, deadline, |i, outcome, took| {
-            if let Some(slot) = out.get_mut(i) {
-                *slot = (outcome, took);
-            }
-        })
-        .await;
-        out
+        self.drive(ids, deadline).await
     }
 
     /// The concurrency bound this prober applies.
@@ -437,8 +427,8 @@ impl Prober {
         self.concurrency
     }
 
-    /// Runs the probes in one task of their own, bounded by `buffer_unordered`, and hands
-    /// each result to `put`.
+    /// Runs the probes in one task of their own, bounded by `buffer_unordered`: one
+    /// outcome and duration per id, in the order of `ids`.
     ///
     /// The task matters for speed, not correctness: every probe's future owns its socket,
     /// so the task running them is woken for every answer. On a runtime worker that wake-up
@@ -447,31 +437,35 @@ impl Prober {
     /// two probes and a sixth more CPU). Dropping this future aborts the task, so
     /// cancelling a tick still stops its probes; a probe task that panicked leaves its
     /// probes [`ProbeOutcome::CutOff`].
-    async fn drive<S, F>(&self, ids: &[S], deadline: Instant, mut put: F)
+    ///
+    /// Memory: at tens of thousands of plugins the results are a large part of a tick's
+    /// peak, so they are written where they belong as they come in (one vector, handed
+    /// back as is), and the ids the task must own are copied into one buffer rather than
+    /// one allocation each.
+    async fn drive<S>(&self, ids: &[S], deadline: Instant) -> Vec<(ProbeOutcome, Duration)>
     where
         S: AsRef<str> + Sync,
-        F: FnMut(usize, ProbeOutcome, Duration),
     {
-        // The task owns what it works on: the ids are copied (a few bytes each) and the
-        // prober cloned (reference counts).
-        let ids: Vec<Box<str>> = ids.iter().map(|s| s.as_ref().into()).collect();
+        let owned = IdList::new(ids);
+        let count = owned.len();
         let prober = self.clone();
         let work = async move {
             let prober = &prober;
-            let ids = &ids;
+            let ids = &owned;
+            let mut out = vec![(ProbeOutcome::CutOff, Duration::ZERO); ids.len()];
             // Indices, not `(usize, &S)` pairs: a closure taking a borrowed argument makes
             // the future's type higher-ranked, and it could then not be spawned.
             let mut results = futures::stream::iter(0..ids.len())
                 .map(|i| async move {
                     let started = Instant::now();
-                    let id = ids.get(i).map_or("", |s| &**s);
-                    let outcome = prober.probe(id, Some(deadline)).await;
+                    let outcome = prober.probe(ids.get(i), Some(deadline)).await;
                     (i, outcome, started.elapsed())
                 })
                 .buffer_unordered(prober.concurrency);
-            let mut out = Vec::with_capacity(ids.len());
-            while let Some(result) = results.next().await {
-                out.push(result);
+            while let Some((i, outcome, took)) = results.next().await {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = (outcome, took);
+                }
             }
             out
         };
@@ -481,9 +475,7 @@ impl Prober {
             // Not on a Tokio runtime (spawning would panic): run here.
             Err(_) => Some(work.await),
         };
-        for (i, outcome, took) in results.into_iter().flatten() {
-            put(i, outcome, took);
-        }
+        results.unwrap_or_else(|| vec![(ProbeOutcome::CutOff, Duration::ZERO); count])
     }
 
     /// One probe: attempts with backoff between them, within the deadline.
@@ -718,6 +710,39 @@ impl<T> AbortOnDrop<T> {
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Plugin ids copied into one buffer, for a task that must own them.
+struct IdList {
+    text: String,
+    /// Where each id ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl IdList {
+    fn new<S: AsRef<str>>(ids: &[S]) -> IdList {
+        let mut text = String::with_capacity(ids.iter().map(|s| s.as_ref().len()).sum());
+        let mut ends = Vec::with_capacity(ids.len());
+        for id in ids {
+            text.push_str(id.as_ref());
+            ends.push(text.len());
+        }
+        IdList { text, ends }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Id `i` (empty past the end).
+    fn get(&self, i: usize) -> &str {
+        let start = match i.checked_sub(1) {
+            Some(prev) => self.ends.get(prev).copied().unwrap_or(0),
+            None => 0,
+        };
+        let end = self.ends.get(i).copied().unwrap_or(start);
+        self.text.get(start..end).unwrap_or("")
     }
 }
 
