@@ -58,6 +58,8 @@ pub enum Unit {
     PerSecond,
     /// A share of the time, printed as a percentage.
     Fraction,
+    /// A ratio of two figures, printed as a factor.
+    Factor,
 }
 
 /// One measurement.
@@ -142,6 +144,7 @@ fn fmt_value(v: f64, unit: Unit) -> String {
         Unit::Mib => format!("{v:.1} MiB"),
         Unit::PerSecond => format!("{v:.0}/s"),
         Unit::Fraction => format!("{:.0}%", v * 100.0),
+        Unit::Factor => format!("{v:.2} x"),
     }
 }
 
