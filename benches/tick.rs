@@ -766,7 +766,11 @@ impl<'r> Bench<'r> {
             };
             let mut memory_runs = [(Duration::ZERO, 0.0); 2];
             for (t, is_hyper) in order {
-                let what = if is_hyper { "memory tick (hyper)" } else { "memory tick" };
+                let what = if is_hyper {
+                    "memory tick (hyper)"
+                } else {
+                    "memory tick"
+                };
                 memory_runs[usize::from(is_hyper)] = cpu_tick(t, changes, what)?;
             }
             if round == 0 {
@@ -1072,7 +1076,10 @@ fn run() -> Result<bool> {
     let failed: Vec<&Row> = rows.iter().filter(|r| r.pass() == Some(false)).collect();
     let passed = rows.iter().filter(|r| r.pass() == Some(true)).count();
     println!();
-    println!("{passed} targets met in every repetition, {} missed", failed.len());
+    println!(
+        "{passed} targets met in every repetition, {} missed",
+        failed.len()
+    );
     for r in &failed {
         println!(
             "  missed: {} (N = {})",

@@ -56,8 +56,14 @@ async fn chunked_answers_are_decoded_and_the_connection_is_reused() {
         for stack in STACKS {
             let sim = sim();
             // 1-byte and 7-byte chunks, an extension on the first, a trailer field.
-            sim.set("one", Behavior::framed(Framing::Chunked(1), Behavior::v0("ACTIVE")));
-            sim.set("seven", Behavior::framed(Framing::Chunked(7), Behavior::v0("ACTIVE")));
+            sim.set(
+                "one",
+                Behavior::framed(Framing::Chunked(1), Behavior::v0("ACTIVE")),
+            );
+            sim.set(
+                "seven",
+                Behavior::framed(Framing::Chunked(7), Behavior::v0("ACTIVE")),
+            );
             let p = prober(&sim, stack, 0);
             for _ in 0..10 {
                 assert_eq!(p.probe_one("one").await, ACTIVE, "{stack:?}");
@@ -89,7 +95,10 @@ async fn a_body_that_ends_with_the_connection_is_read() {
     bounded(async {
         for stack in STACKS {
             let sim = sim();
-            sim.set_default(Behavior::framed(Framing::UntilClose, Behavior::v0("ACTIVE")));
+            sim.set_default(Behavior::framed(
+                Framing::UntilClose,
+                Behavior::v0("ACTIVE"),
+            ));
             assert_eq!(sequential(&sim, stack, "p", 3).await, 3, "{stack:?}");
         }
     })
@@ -160,7 +169,11 @@ async fn the_resend_happens_once_and_does_not_spend_a_retry() {
             let ProbeOutcome::Failed(f) = p.probe_one("reset").await else {
                 panic!("{stack:?}: a reset plugin was reported");
             };
-            assert_eq!((f.kind, f.attempts), (ErrorKind::Protocol, 1), "{stack:?}: {f}");
+            assert_eq!(
+                (f.kind, f.attempts),
+                (ErrorKind::Protocol, 1),
+                "{stack:?}: {f}"
+            );
             assert_eq!(sim.requests("reset"), 2, "{stack:?}");
             // An answer that broke off after its first bytes is not resent.
             assert_eq!(p.probe_one("warm").await, ACTIVE, "{stack:?}");
@@ -249,10 +262,7 @@ async fn both_clients_map_failures_to_the_same_kinds() {
                 http_status: Some(404),
             },
             Case {
-                behavior: Behavior::framed(
-                    Framing::Chunked(3),
-                    Behavior::raw(503, b"{}".to_vec()),
-                ),
+                behavior: Behavior::framed(Framing::Chunked(3), Behavior::raw(503, b"{}".to_vec())),
                 kind: ErrorKind::HttpStatus,
                 http_status: Some(503),
             },

@@ -163,7 +163,10 @@ pub fn merge(sets: &[Vec<Row>]) -> anyhow::Result<Vec<Row>> {
             anyhow::bail!("the repetitions measured different rows at {:?}", row.name);
         }
         let mut merged = row.clone();
-        let medians: Vec<f64> = same.iter().filter_map(|r| r.stats.map(|s| s.median)).collect();
+        let medians: Vec<f64> = same
+            .iter()
+            .filter_map(|r| r.stats.map(|s| s.median))
+            .collect();
         let worst: Vec<f64> = same.iter().filter_map(|r| r.stats.map(|s| s.max)).collect();
         merged.stats = Stats::of(&medians).map(|m| match row.target {
             Target::MaxAtMost(_) | Target::MibAtMost(_) => Stats {
@@ -180,8 +183,8 @@ pub fn merge(sets: &[Vec<Row>]) -> anyhow::Result<Vec<Row>> {
         merged.ratio = of(|r| r.ratio);
         let checked: Vec<bool> = same.iter().filter_map(|r| r.own_pass()).collect();
         // A repetition that could not check the target does not count as holding it.
-        merged.held = (!checked.is_empty())
-            .then(|| (checked.iter().filter(|p| **p).count(), same.len()));
+        merged.held =
+            (!checked.is_empty()).then(|| (checked.iter().filter(|p| **p).count(), same.len()));
         out.push(merged);
     }
     Ok(out)

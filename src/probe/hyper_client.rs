@@ -59,11 +59,14 @@ pub struct HyperConn {
     endpoint: Arc<Endpoint>,
     sender: SendRequest<Empty<Bytes>>,
     /// `None` once the connection future finished (the connection is over).
-    conn: Option<Pin<Box<Connection<TokioIo<Counted>, Empty<Bytes>>>>>,
+    conn: Option<Driven>,
     /// Bytes read from the socket so far.
     read: Arc<AtomicU64>,
     body: Option<Incoming>,
 }
+
+/// hyper's connection future, polled by the probe that holds the connection.
+type Driven = Pin<Box<Connection<TokioIo<Counted>, Empty<Bytes>>>>;
 
 struct Idle {
     conn: HyperConn,
@@ -255,9 +258,8 @@ async fn exchange(
     target.push_str(a);
     target.push_str(b);
     target.push_str(c);
-    let uri = Uri::from_maybe_shared(target).map_err(|_| {
-        ClientError::Protocol("the request target is not a valid URI".to_owned())
-    })?;
+    let uri = Uri::from_maybe_shared(target)
+        .map_err(|_| ClientError::Protocol("the request target is not a valid URI".to_owned()))?;
     let mut req = Request::new(Empty::new());
     *req.uri_mut() = uri;
     *req.headers_mut() = request.headers.clone();
@@ -290,10 +292,7 @@ async fn exchange(
 /// Awaits `fut` while polling the connection future, so the connection makes progress
 /// within the caller's task. Once the connection finishes it is not polled again; `fut`
 /// then completes on its own (hyper fails what the connection left unanswered).
-async fn drive<F: Future>(
-    conn: &mut Option<Pin<Box<Connection<TokioIo<Counted>, Empty<Bytes>>>>>,
-    fut: F,
-) -> F::Output {
+async fn drive<F: Future>(conn: &mut Option<Driven>, fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
