@@ -21,6 +21,9 @@
 //!
 //! The HTTP exchange itself is [`client`]: a lean HTTP/1.1 client, because a
 //! general-purpose one spent most of a tick's CPU on per-request machinery (see its docs).
+//! [`hyper_client`] makes the same calls on hyper's connection-level client; it is not the
+//! worker's path ([`HttpStack`]): the benchmark measures it beside ours, and the HTTP tests
+//! run on both.
 
 mod client;
 mod hyper_client;

@@ -11,6 +11,11 @@
 //! task, so a behaviour that stalls (a delay, a slowloris, a huge body) stalls only the
 //! connection it answers on.
 //!
+//! Answers can also be framed the ways HTTP/1.1 allows and a careful client must survive
+//! ([`Framing`]: chunked, `Connection: close`, until the end of the connection, folded
+//! header lines, two framings at once), and the server can close idle keep-alive
+//! connections at random moments or as a request arrives on one.
+//!
 //! Besides answers it keeps what tests need to check the client: requests per plugin id,
 //! accepted TCP connections (connection reuse), requests in flight and their maximum
 //! (concurrency bounds), and, when asked, the header lines of each request (which token

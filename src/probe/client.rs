@@ -1,7 +1,9 @@
 //! A lean HTTP/1.1 client for status calls: one `GET`, a response head, a bounded body,
 //! and keep-alive connections kept in a small pool.
 //!
-//! Why not a general-purpose client: at the worker's concurrency the cost of a status
+//! Why not a general-purpose client (README, "Performance", measures the choice in every
+//! benchmark run against hyper's connection-level client, [`super::hyper_client`]): at
+//! the worker's concurrency the cost of a status
 //! call is per-request overhead, not bandwidth. A general stack hands every request to a
 //! separate connection task through channels (two cross-task wake-ups per request), builds
 //! header maps and parses the URL again for every call; profiled at 10 000 plugins that
@@ -14,14 +16,19 @@
 //! - Only what a status call needs: `GET`, no request body, no redirects (a 3xx is an
 //!   answer like any other), no proxy, no TLS (the template must be `http`).
 //! - Answers are framed by `Content-Length`, `Transfer-Encoding: chunked`, or the end of
-//!   the connection; `1xx` heads are skipped; `204`/`304` have no body.
+//!   the connection; `1xx` heads are skipped; `204`/`304` have no body. Obsolete line
+//!   folding in a head reads as spaces (RFC 9112 §5.2). An answer with both
+//!   `Transfer-Encoding` and `Content-Length` is framed by the encoding and its connection
+//!   is closed afterwards, never pooled (§6.1).
 //! - A body is read only up to a caller's cap; one byte more is [`ClientError::TooLarge`],
 //!   detected from `Content-Length` without reading, or while streaming otherwise.
 //! - A connection goes back to the pool only after its answer was read exactly to the end,
 //!   with keep-alive, and nothing unexpected after it. An idle connection is checked before
 //!   reuse: if the server closed it (or sent something unasked) it is dropped, so a request
 //!   never goes out on a connection already known to be dead. Idle connections expire
-//!   after [`IDLE_TIMEOUT`].
+//!   after [`IDLE_TIMEOUT`]. The server may still close one just after that check: a
+//!   request on a reused connection that got no byte of an answer is sent once more on a
+//!   fresh connection, within the same call (see [`Client::send`]).
 //! - Errors say which side failed: [`ClientError::Connect`] when no connection could be
 //!   made (resolution, refusal), [`ClientError::Protocol`] when a connection was made and
 //!   the exchange broke (not HTTP, reset, cut short). Their texts never name the URL.
