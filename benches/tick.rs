@@ -17,11 +17,20 @@
 //! * whether the simulator was the bottleneck (its thread's busy share during ticks, its
 //!   requests per CPU-second).
 //!
+//! * the status calls on hyper's connection-level client beside this crate's client, on
+//!   the memory backend, alternating round by round (CPU per call and tick / limit);
+//! * the loopback round trip, which bounds the old access pattern.
+//!
+//! All of it runs in [`REPETITIONS`] independent repetitions, each with a fresh Redis
+//! and simulator. Every row shows the median of the repetitions' medians and their spread,
+//! and a target is met only if it holds in every repetition (else the row says `FAIL`).
 //! It prints one table (README, "Performance", explains every row and the targets).
 //! Every wait is bounded and every process it starts is killed when it ends.
 //!
 //! `KEEL_BENCH_SIZES=1000,10000` limits the sizes (the targets that need a missing size
-//! are then skipped); `KEEL_BENCH_STRICT=1` makes a failed target exit with code 1.
+//! are then skipped); with no size above 1 000 it is a smoke run (fewer rounds, shorter
+//! `wrk` runs: a check that everything works, not figures). `KEEL_BENCH_STRICT=1` makes
+//! a failed target exit with code 1.
 
 mod support;
 
@@ -38,7 +47,7 @@ use redis::AsyncConnectionConfig;
 
 use keel_scraper::config::{parse_cli, Env, Settings};
 use keel_scraper::lease::TickKind;
-use keel_scraper::probe::{ProbeOutcome, Prober};
+use keel_scraper::probe::{HttpStack, ProbeOutcome, Prober};
 use keel_scraper::registry::REGISTRY_KEY;
 use keel_scraper::route::{read_status, rewrite_status, route_key};
 use keel_scraper::sim::{Behavior, PluginSim};
@@ -54,14 +63,45 @@ use support::{Row, Stats, Target, Unit};
 const CONCURRENCY: usize = 64;
 /// Plugin `i` is `p00000`.. (a valid DNS label), in Rust and in the wrk script.
 const LUA_ID_FORMAT: &str = "p%05d";
-/// Measured rounds per N (after one unmeasured warm-up round): each is a redis tick, a
-/// memory tick, a wrk run and a pipelined Redis run. More where a tick is short, since
-/// other work on the machine moves short measurements most.
-fn rounds(n: usize) -> usize {
-    if n >= 50_000 {
-        7
-    } else {
-        9
+/// Independent repetitions of the whole measurement, each with a fresh Redis and
+/// simulator.
+const REPETITIONS: usize = 3;
+
+/// How much each repetition measures: full runs, or a quick smoke run.
+#[derive(Clone, Copy)]
+struct Plan {
+    smoke: bool,
+}
+
+impl Plan {
+    /// Measured rounds per N (after one unmeasured warm-up round): each is a redis tick,
+    /// a memory tick on each HTTP client, a wrk run and a pipelined Redis run. More where
+    /// a tick is short, since other work on the machine moves short measurements most.
+    fn rounds(self, n: usize) -> usize {
+        if self.smoke {
+            3
+        } else if n >= 50_000 {
+            7
+        } else {
+            9
+        }
+    }
+
+    /// Runs of the old access pattern and of the slow-plugin scenario.
+    fn limit_runs(self) -> usize {
+        if self.smoke {
+            1
+        } else {
+            LIMIT_RUNS
+        }
+    }
+
+    fn wrk_seconds(self) -> u32 {
+        if self.smoke {
+            1
+        } else {
+            WRK_SECONDS
+        }
     }
 }
 
@@ -229,6 +269,42 @@ fn check(report: &TickReport, expect: Expect) -> Result<()> {
             problems.join("; ")
         )
     }
+}
+
+/// Loopback round trips: one byte to an echo thread and back, `per_block` times, in
+/// `blocks` blocks; the figures are the mean round trip of each block. This is what a
+/// sequential loop of calls (the old access pattern) is bound by.
+fn loopback_rtt(blocks: usize, per_block: usize) -> Result<Stats> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        loop {
+            if s.read(&mut b)? == 0 {
+                return Ok(());
+            }
+            s.write_all(&b)?;
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut b = [0u8; 1];
+    let mut means = Vec::with_capacity(blocks);
+    for _ in 0..blocks {
+        let started = Instant::now();
+        for _ in 0..per_block {
+            s.write_all(b"x")?;
+            s.read_exact(&mut b)?;
+        }
+        means.push(started.elapsed().as_secs_f64() / per_block as f64);
+    }
+    drop(s);
+    let _ = echo.join();
+    Stats::of(&means).context("no round trips")
 }
 
 /// One warm-up tick, then `ticks` measured ones, each after a churn step.
@@ -493,6 +569,43 @@ struct OnceRun {
     hwm_kib: u64,
 }
 
+/// The samples of one size's rounds, one value per round.
+#[derive(Default)]
+struct Samples {
+    redis_ticks: Vec<f64>,
+    memory_ticks: Vec<f64>,
+    memory_ticks_hyper: Vec<f64>,
+    sim_busy: Vec<f64>,
+    worker_cpu: Vec<f64>,
+    lean_cpu: Vec<f64>,
+    hyper_cpu: Vec<f64>,
+    hyper_over_lean: Vec<f64>,
+    redis_limits: Vec<f64>,
+    http: Vec<f64>,
+    capacity: Vec<f64>,
+    wrk_cpu: Vec<f64>,
+}
+
+impl Samples {
+    fn into_at_size(self) -> AtSize {
+        AtSize {
+            redis_ticks: Stats::of(&self.redis_ticks),
+            memory_ticks: Stats::of(&self.memory_ticks),
+            memory_ticks_hyper: Stats::of(&self.memory_ticks_hyper),
+            sim_busy: Stats::of(&self.sim_busy),
+            worker_cpu_per_probe: Stats::of(&self.worker_cpu),
+            lean_cpu_per_call: Stats::of(&self.lean_cpu),
+            hyper_cpu_per_call: Stats::of(&self.hyper_cpu),
+            hyper_over_lean: Stats::of(&self.hyper_over_lean),
+            redis_limit: Stats::of(&self.redis_limits),
+            http_limit: Stats::of(&self.http),
+            sim_capacity: Stats::of(&self.capacity),
+            wrk_cpu_per_request: Stats::of(&self.wrk_cpu),
+            ..AtSize::default()
+        }
+    }
+}
+
 /// Everything measured for one N.
 #[derive(Default)]
 struct AtSize {
@@ -509,33 +622,79 @@ struct AtSize {
     /// waiting to run (1.0: it was the bottleneck).
     sim_busy: Option<Stats>,
     /// CPU seconds per request: wrk's, and the worker's during redis ticks.
-    wrk_cpu_per_request: Option<f64>,
-    worker_cpu_per_probe: Option<f64>,
+    wrk_cpu_per_request: Option<Stats>,
+    worker_cpu_per_probe: Option<Stats>,
+    /// The memory tick on hyper's connection-level client.
+    memory_ticks_hyper: Option<Stats>,
+    /// The worker's CPU seconds per status call over memory ticks, on each client, and
+    /// hyper's over ours round by round.
+    lean_cpu_per_call: Option<Stats>,
+    hyper_cpu_per_call: Option<Stats>,
+    hyper_over_lean: Option<Stats>,
 }
 
-struct Bench {
-    worker_rt: tokio::runtime::Runtime,
-    _sim_rt: tokio::runtime::Runtime,
+/// One repetition's Redis and simulator, on the runtimes every repetition shares.
+struct Bench<'r> {
+    worker_rt: &'r tokio::runtime::Runtime,
     sim: PluginSim,
     redis: RedisServer,
     bin: &'static Path,
     tmp: tempfile::TempDir,
     have_wrk: bool,
+    plan: Plan,
 }
 
-impl Bench {
+impl<'r> Bench<'r> {
+    /// A fresh Redis and simulator.
+    fn start(
+        worker_rt: &'r tokio::runtime::Runtime,
+        sim_rt: &tokio::runtime::Runtime,
+        have_wrk: bool,
+        plan: Plan,
+    ) -> Result<Bench<'r>> {
+        let sim = {
+            let _entered = sim_rt.enter();
+            PluginSim::start().context("start the plugin simulator")?
+        };
+        let redis = RedisServer::start()?;
+        println!(
+            "  redis-server pid {} at {}, simulator at {}",
+            redis.pid().unwrap_or(0),
+            redis.url(),
+            sim.origin(),
+        );
+        Ok(Bench {
+            worker_rt,
+            sim,
+            redis,
+            bin: Path::new(env!("CARGO_BIN_EXE_keel-scraper")),
+            tmp: tempfile::tempdir()?,
+            have_wrk,
+            plan,
+        })
+    }
+
     fn conn(&self) -> Result<MultiplexedConnection> {
         self.worker_rt.block_on(redis_conn(&self.redis.url()))
     }
 
     fn ticker(&self, args: &[String], store: Option<Arc<dyn Store>>) -> Result<Ticker> {
+        self.ticker_on(args, store, HttpStack::Lean)
+    }
+
+    fn ticker_on(
+        &self,
+        args: &[String],
+        store: Option<Arc<dyn Store>>,
+        stack: HttpStack,
+    ) -> Result<Ticker> {
         let s = settings(args)?;
         self.worker_rt.block_on(async {
             let store = match store {
                 Some(st) => st,
                 None => worker::build_store(&s).await?,
             };
-            let prober = worker::build_prober(&s)?;
+            let prober = worker::build_prober(&s)?.with_http_stack(stack);
             Ok(worker::ticker(&s, store, prober))
         })
     }
@@ -549,88 +708,132 @@ impl Bench {
         )
     }
 
-    /// Every measurement at size `n`. Ticks and limit runs alternate, round by round,
-    /// so a load change on the machine touches both sides of every ratio alike.
+    /// Every measurement at size `n`: the alternating rounds, then whole processes.
     fn size(&self, n: usize) -> Result<AtSize> {
-        let mut out = AtSize::default();
         let mut conn = self.conn()?;
         self.sim.clear_all();
         self.worker_rt.block_on(seed_redis(&mut conn, n))?;
+        let mut churn = Churn::new(n, |_| false);
+        let mut out = self.rounds(n, &mut conn, &mut churn)?;
+        self.once_runs(n, &mut conn, &mut churn, &mut out)?;
+        Ok(out)
+    }
+
+    /// The rounds at size `n`. Ticks and limit runs alternate, round by round, so a load
+    /// change on the machine touches both sides of every ratio alike. Each HTTP client
+    /// ticks its own memory store, so both do the same work (a tenth of the routes to
+    /// rewrite) every round.
+    fn rounds(
+        &self,
+        n: usize,
+        conn: &mut MultiplexedConnection,
+        churn: &mut Churn,
+    ) -> Result<AtSize> {
         let memory = self.worker_rt.block_on(seed_memory(n))?;
+        let memory_hyper = self.worker_rt.block_on(seed_memory(n))?;
         let redis_t = self.ticker(&self.args("redis", PROBE_TIMEOUT), None)?;
         let memory_t = self.ticker(&self.args("memory", PROBE_TIMEOUT), Some(memory))?;
-        let mut churn = Churn::new(n, |_| false);
+        let hyper_t = self.ticker_on(
+            &self.args("memory", PROBE_TIMEOUT),
+            Some(memory_hyper),
+            HttpStack::Hyper,
+        )?;
         let expect = |changes| Expect {
             probed_ok: Some(n as u64),
             probe_failed: Some(0),
             changed: Some(changes),
         };
+        // The worker's CPU over one tick, with its duration.
+        let cpu_tick = |t: &Ticker, changes: u64, what: &str| -> Result<(Duration, f64)> {
+            let before = support::thread_sched("bench-worker").run;
+            let (took, report) = self.worker_rt.block_on(full_tick(t))?;
+            check(&report, expect(changes)).with_context(|| what.to_owned())?;
+            Ok((took, support::thread_sched("bench-worker").run - before))
+        };
 
-        let (mut redis_ticks, mut memory_ticks, mut sim_busy) =
-            (Vec::new(), Vec::new(), Vec::new());
-        let (mut http, mut redis_limits, mut capacity, mut wrk_cpu) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut worker_cpu = 0.0;
+        let mut r = Samples::default();
         // Round 0 warms the connection pools and is not counted.
-        for round in 0..=rounds(n) {
+        for round in 0..=self.plan.rounds(n) {
             let changes = churn.step(&self.sim);
             let sim_before = support::thread_sched("bench-sim");
-            let cpu_before = support::thread_sched("bench-worker").run;
-            let (took, report) = self.worker_rt.block_on(full_tick(&redis_t))?;
-            check(&report, expect(changes)).context("redis tick")?;
-            let cpu = support::thread_sched("bench-worker").run - cpu_before;
+            let (took, cpu) = cpu_tick(&redis_t, changes, "redis tick")?;
             let sim = support::thread_sched("bench-sim").since(sim_before);
-            let (took_memory, report) = self.worker_rt.block_on(full_tick(&memory_t))?;
-            check(&report, expect(changes)).context("memory tick")?;
+            // The two clients take turns going first.
+            let order = if round % 2 == 0 {
+                [(&memory_t, false), (&hyper_t, true)]
+            } else {
+                [(&hyper_t, true), (&memory_t, false)]
+            };
+            let mut memory_runs = [(Duration::ZERO, 0.0); 2];
+            for (t, is_hyper) in order {
+                let what = if is_hyper {
+                    "memory tick (hyper)"
+                } else {
+                    "memory tick"
+                };
+                memory_runs[usize::from(is_hyper)] = cpu_tick(t, changes, what)?;
+            }
             if round == 0 {
                 continue;
             }
-            redis_ticks.push(took);
-            memory_ticks.push(took_memory);
-            worker_cpu += cpu;
-            sim_busy.push(sim.busy() / took.as_secs_f64());
-
-            redis_limits.push(self.worker_rt.block_on(redis_limit(&mut conn, n))?);
+            r.redis_ticks.push(took.as_secs_f64());
+            r.worker_cpu.push(cpu / n as f64);
+            r.sim_busy.push(sim.busy() / took.as_secs_f64());
+            let [(lean_took, lean_cpu), (hyper_took, hyper_cpu)] = memory_runs;
+            r.memory_ticks.push(lean_took.as_secs_f64());
+            r.memory_ticks_hyper.push(hyper_took.as_secs_f64());
+            r.lean_cpu.push(lean_cpu / n as f64);
+            r.hyper_cpu.push(hyper_cpu / n as f64);
+            r.hyper_over_lean.push(hyper_cpu / lean_cpu.max(1e-12));
+            r.redis_limits
+                .push(self.worker_rt.block_on(redis_limit(conn, n))?.as_secs_f64());
             if self.have_wrk {
-                let before = support::thread_sched("bench-sim");
-                let run = support::wrk::timed(
-                    self.tmp.path(),
-                    &self.sim.origin(),
-                    n,
-                    CONCURRENCY,
-                    LUA_ID_FORMAT,
-                    WRK_SECONDS,
-                )?;
-                let sim_cpu = support::thread_sched("bench-sim").since(before).run;
-                if run.requests < n as u64 || run.errors > 0 {
-                    bail!(
-                        "wrk got {} answers in {:?} with {} errors",
-                        run.requests,
-                        run.duration,
-                        run.errors
-                    );
-                }
-                http.push(run.time_for(n));
-                capacity.push(run.requests as f64 / sim_cpu.max(1e-9));
-                wrk_cpu.push(run.cpu.as_secs_f64() / run.requests as f64);
+                self.wrk_round(n, &mut r)?;
             }
         }
-        drop((redis_t, memory_t));
-        self.worker_rt.block_on(verify_routes(&mut conn, &churn))?;
-        out.redis_ticks = Stats::of_durations(&redis_ticks);
-        out.memory_ticks = Stats::of_durations(&memory_ticks);
-        out.sim_busy = Stats::of(&sim_busy);
-        out.worker_cpu_per_probe = Some(worker_cpu / (rounds(n) * n) as f64);
-        out.redis_limit = Stats::of_durations(&redis_limits);
-        out.http_limit = Stats::of_durations(&http);
-        out.sim_capacity = Stats::of(&capacity);
-        out.wrk_cpu_per_request = Stats::of(&wrk_cpu).map(|s| s.median);
+        drop((redis_t, memory_t, hyper_t));
+        self.worker_rt.block_on(verify_routes(conn, churn))?;
+        Ok(r.into_at_size())
+    }
 
-        // Whole processes, on the same data and simulator.
-        let runs = if n == 10_000 {
-            ONCE_RUNS_AT_10K
-        } else {
-            ONCE_RUNS
+    /// One `wrk` run: the HTTP limit, the simulator's capacity and wrk's CPU per request.
+    fn wrk_round(&self, n: usize, r: &mut Samples) -> Result<()> {
+        let before = support::thread_sched("bench-sim");
+        let run = support::wrk::timed(
+            self.tmp.path(),
+            &self.sim.origin(),
+            n,
+            CONCURRENCY,
+            LUA_ID_FORMAT,
+            self.plan.wrk_seconds(),
+        )?;
+        let sim_cpu = support::thread_sched("bench-sim").since(before).run;
+        if run.requests < n as u64 || run.errors > 0 {
+            bail!(
+                "wrk got {} answers in {:?} with {} errors",
+                run.requests,
+                run.duration,
+                run.errors
+            );
+        }
+        r.http.push(run.time_for(n).as_secs_f64());
+        r.capacity.push(run.requests as f64 / sim_cpu.max(1e-9));
+        r.wrk_cpu.push(run.cpu.as_secs_f64() / run.requests as f64);
+        Ok(())
+    }
+
+    /// Whole `once` processes on the same data and simulator.
+    fn once_runs(
+        &self,
+        n: usize,
+        conn: &mut MultiplexedConnection,
+        churn: &mut Churn,
+        out: &mut AtSize,
+    ) -> Result<()> {
+        let runs = match n {
+            _ if self.plan.smoke => 1,
+            10_000 => ONCE_RUNS_AT_10K,
+            _ => ONCE_RUNS,
         };
         let args = self.args("redis", PROBE_TIMEOUT);
         let (mut times, mut rss, mut hwm) = (Vec::new(), Vec::new(), Vec::new());
@@ -641,11 +844,11 @@ impl Bench {
             rss.extend(run.max_rss_kib.map(|k| k as f64 / 1024.0));
             hwm.push(run.hwm_kib as f64 / 1024.0);
         }
-        self.worker_rt.block_on(verify_routes(&mut conn, &churn))?;
+        self.worker_rt.block_on(verify_routes(conn, churn))?;
         out.once = Stats::of_durations(&times);
         out.once_rss_mib = Stats::of(&rss);
         out.once_hwm_mib = Stats::of(&hwm);
-        Ok(out)
+        Ok(())
     }
 
     /// Growth from `small` to `large` plugins: redis ticks at both sizes, alternating
@@ -699,7 +902,7 @@ impl Bench {
             let store = worker::build_store(&s).await?;
             let prober = worker::build_prober(&s)?;
             let mut took = Vec::new();
-            for k in 0..=LIMIT_RUNS {
+            for k in 0..=self.plan.limit_runs() {
                 let expected = churn.step(&self.sim);
                 let (d, changed) = old_pattern(&*store, &prober, n).await?;
                 if changed != expected {
@@ -730,7 +933,7 @@ impl Bench {
             &t,
             &self.sim,
             &mut churn,
-            LIMIT_RUNS,
+            self.plan.limit_runs(),
             |_| Expect {
                 probed_ok: Some(n as u64 - slow_count),
                 probe_failed: Some(slow_count),
@@ -777,8 +980,50 @@ fn install_log_sink() {
         .try_init();
 }
 
+/// Everything one repetition measured.
+struct Repetition {
+    results: Vec<(usize, AtSize)>,
+    growth: Option<(Stats, Stats)>,
+    old: Stats,
+    slow: Stats,
+    rtt: Stats,
+}
+
+/// One repetition: a fresh Redis and simulator, every size, growth, the old pattern,
+/// slow plugins and the loopback round trip.
+fn repetition(
+    worker_rt: &tokio::runtime::Runtime,
+    sim_rt: &tokio::runtime::Runtime,
+    have_wrk: bool,
+    plan: Plan,
+    sizes: &[usize],
+) -> Result<Repetition> {
+    let bench = Bench::start(worker_rt, sim_rt, have_wrk, plan)?;
+    let mut results = Vec::new();
+    for &n in sizes {
+        println!("  measuring N = {n} ...");
+        results.push((n, bench.size(n).with_context(|| format!("N = {n}"))?));
+    }
+    let growth = if sizes.contains(&10_000) && sizes.contains(&50_000) {
+        println!("  measuring growth: N = 10000 and 50000, alternating ...");
+        Some(bench.growth(10_000, 50_000)?)
+    } else {
+        None
+    };
+    println!("  measuring the old access pattern and slow plugins at N = 1000 ...");
+    let old = bench.old_pattern(1_000)?;
+    let rtt = loopback_rtt(5, 2_000)?;
+    let slow = bench.slow(1_000)?;
+    Ok(Repetition {
+        results,
+        growth,
+        old,
+        slow,
+        rtt,
+    })
+}
+
 fn run() -> Result<bool> {
-    let bin: &'static Path = Path::new(env!("CARGO_BIN_EXE_keel-scraper"));
     install_log_sink();
     println!("keel-scraper scale benchmark");
     println!("machine: {}", support::machine());
@@ -802,51 +1047,39 @@ fn run() -> Result<bool> {
         .enable_all()
         .thread_name("bench-sim")
         .build()?;
-    let sim = {
-        let _entered = sim_rt.enter();
-        PluginSim::start().context("start the plugin simulator")?
-    };
-    let redis = RedisServer::start()?;
-    let bench = Bench {
-        worker_rt,
-        _sim_rt: sim_rt,
-        sim,
-        redis,
-        bin,
-        tmp: tempfile::tempdir()?,
-        have_wrk,
-    };
-    println!(
-        "redis-server pid {} at {}, simulator at {}, worker binary {}",
-        bench.redis.pid().unwrap_or(0),
-        bench.redis.url(),
-        bench.sim.origin(),
-        bin.display()
-    );
-
     let sizes = sizes();
-    let mut results: Vec<(usize, AtSize)> = Vec::new();
-    for &n in &sizes {
-        println!("measuring N = {n} ...");
-        results.push((n, bench.size(n).with_context(|| format!("N = {n}"))?));
-    }
-    let growth = if sizes.contains(&10_000) && sizes.contains(&50_000) {
-        println!("measuring growth: N = 10000 and 50000, alternating ...");
-        Some(bench.growth(10_000, 50_000)?)
-    } else {
-        None
+    let plan = Plan {
+        smoke: sizes.iter().all(|&n| n <= 1_000),
     };
-    println!("measuring the old access pattern and slow plugins at N = 1000 ...");
-    let old = bench.old_pattern(1_000)?;
-    let slow = bench.slow(1_000)?;
-    let rows = rows(&results, growth, old, slow, have_wrk);
+    if plan.smoke {
+        println!("smoke run (no size above 1000): fewer rounds and shorter wrk runs; the figures are not for the README");
+    }
+    println!(
+        "worker binary {}",
+        Path::new(env!("CARGO_BIN_EXE_keel-scraper")).display()
+    );
+    let mut row_sets = Vec::with_capacity(REPETITIONS);
+    for k in 1..=REPETITIONS {
+        println!("repetition {k} of {REPETITIONS} (fresh Redis and simulator):");
+        let rep = repetition(&worker_rt, &sim_rt, have_wrk, plan, &sizes)
+            .with_context(|| format!("repetition {k}"))?;
+        row_sets.push(rows(&rep, have_wrk));
+    }
+    let rows = support::merge(&row_sets)?;
     println!("load average at end: {}", support::load_average());
     println!();
+    println!(
+        "Each row: the median of the {REPETITIONS} repetitions' medians, and the spread of \
+         those medians (min..max). A target is met only if it held in every repetition."
+    );
     print!("{}", support::table(&rows));
     let failed: Vec<&Row> = rows.iter().filter(|r| r.pass() == Some(false)).collect();
     let passed = rows.iter().filter(|r| r.pass() == Some(true)).count();
     println!();
-    println!("{passed} targets met, {} missed", failed.len());
+    println!(
+        "{passed} targets met in every repetition, {} missed",
+        failed.len()
+    );
     for r in &failed {
         println!(
             "  missed: {} (N = {})",
@@ -865,165 +1098,217 @@ fn compared(name: &str, n: usize, unit: Unit, value: Stats, limit: f64) -> Row {
     row
 }
 
-fn rows(
-    results: &[(usize, AtSize)],
-    growth: Option<(Stats, Stats)>,
-    old: Stats,
-    slow: Stats,
-    have_wrk: bool,
-) -> Vec<Row> {
-    let no_wrk = "wrk not installed";
+/// One repetition's rows, always in the same order (the repetitions are merged row by
+/// row).
+fn rows(rep: &Repetition, have_wrk: bool) -> Vec<Row> {
     let mut rows = Vec::new();
-    let get = |n: usize| results.iter().find(|(m, _)| *m == n).map(|(_, s)| s);
-    for (n, s) in results {
-        let n = *n;
-        let limit = match (s.http_limit, s.redis_limit) {
-            (Some(h), Some(r)) => Some(h.median + r.median),
-            _ => None,
-        };
-        let at_10k = n == 10_000;
-        rows.push(if have_wrk {
-            Row::new(
-                "limit: HTTP (N / wrk's rate at c64)",
-                Some(n),
-                Unit::Seconds,
-                s.http_limit,
-            )
-        } else {
-            Row::skipped("limit: HTTP (N / wrk's rate at c64)", Some(n), no_wrk)
-        });
-        rows.push(Row::new(
-            "limit: Redis (pipelined raw commands)",
+    for (n, s) in &rep.results {
+        rows.extend(size_rows(*n, s, have_wrk));
+        rows.extend(http_client_rows(*n, s));
+    }
+    rows.extend(tail_rows(rep));
+    rows
+}
+
+const NO_WRK: &str = "wrk not installed";
+
+/// The limits, ticks, processes, memory and simulator rows at one size.
+fn size_rows(n: usize, s: &AtSize, have_wrk: bool) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let limit = match (s.http_limit, s.redis_limit) {
+        (Some(h), Some(r)) => Some(h.median + r.median),
+        _ => None,
+    };
+    let at_10k = n == 10_000;
+    rows.push(if have_wrk {
+        Row::new(
+            "limit: HTTP (N / wrk's rate at c64)",
             Some(n),
             Unit::Seconds,
-            s.redis_limit,
-        ));
-        if let Some(t) = s.redis_ticks {
-            rows.push(match limit {
-                Some(l) if at_10k => {
-                    compared("tick in process (redis) vs limit", n, Unit::Seconds, t, l)
-                        .target(Target::RatioAtMost(2.0))
-                }
-                Some(l) => compared("tick in process (redis) vs limit", n, Unit::Seconds, t, l),
-                None => Row::new("tick in process (redis)", Some(n), Unit::Seconds, Some(t)),
-            });
-            if limit.is_none() && at_10k {
-                rows.push(Row::skipped(
-                    "tick in process (redis) vs limit",
-                    Some(n),
-                    no_wrk,
-                ));
+            s.http_limit,
+        )
+    } else {
+        Row::skipped("limit: HTTP (N / wrk's rate at c64)", Some(n), NO_WRK)
+    });
+    rows.push(Row::new(
+        "limit: Redis (pipelined raw commands)",
+        Some(n),
+        Unit::Seconds,
+        s.redis_limit,
+    ));
+    if let Some(t) = s.redis_ticks {
+        let name = "tick in process (redis) vs limit";
+        rows.push(match limit {
+            Some(l) if at_10k => {
+                compared(name, n, Unit::Seconds, t, l).target(Target::RatioAtMost(2.0))
             }
-        }
-        if let Some(t) = s.memory_ticks {
-            rows.push(match s.http_limit {
-                Some(h) => {
-                    let row = compared(
-                        "tick in process (memory) vs HTTP limit",
-                        n,
-                        Unit::Seconds,
-                        t,
-                        h.median,
-                    );
-                    // The limit is wrk's steady rate. At 1 000 plugins a tick is a burst
-                    // of about 16 round trips per connection, and its first and last
-                    // (filling and draining 64 slots) weigh too much for the comparison
-                    // to say anything about per-request cost (README, "Performance").
-                    if n >= 10_000 {
-                        row.target(Target::RatioAtMost(1.2))
-                    } else {
-                        row
-                    }
-                }
-                None if have_wrk => {
-                    Row::new("tick in process (memory)", Some(n), Unit::Seconds, Some(t))
-                }
-                None => Row::skipped("tick in process (memory) vs HTTP limit", Some(n), no_wrk),
-            });
-        }
-        if let Some(t) = s.once {
-            let row = match limit {
-                Some(l) => compared(
-                    "whole `once` process (redis) vs limit",
-                    n,
-                    Unit::Seconds,
-                    t,
-                    l,
-                ),
-                None => Row::new(
-                    "whole `once` process (redis)",
-                    Some(n),
-                    Unit::Seconds,
-                    Some(t),
-                ),
-            };
-            rows.push(if at_10k {
-                row.target(Target::MedianAtMost(1.0))
-            } else {
-                row
-            });
-        }
-        let rss = match s.once_rss_mib {
-            Some(_) => Row::new(
-                "peak RSS of `once` (GNU time)",
-                Some(n),
-                Unit::Mib,
-                s.once_rss_mib,
-            ),
-            None => Row::new(
-                "peak RSS of `once` (VmHWM polled)",
-                Some(n),
-                Unit::Mib,
-                s.once_hwm_mib,
-            ),
-        };
-        rows.push(if n == 50_000 {
-            rss.target(Target::MibAtMost(64.0))
-        } else {
-            rss
+            Some(l) => compared(name, n, Unit::Seconds, t, l),
+            None if at_10k => Row::skipped(name, Some(n), NO_WRK),
+            None => Row::new("tick in process (redis)", Some(n), Unit::Seconds, Some(t)),
         });
-        if s.once_rss_mib.is_some() {
-            rows.push(Row::new(
-                "peak RSS of `once` (VmHWM polled)",
-                Some(n),
-                Unit::Mib,
-                s.once_hwm_mib,
-            ));
-        }
-        if let Some(busy) = s.sim_busy {
-            let mut row = Row::new(
-                "simulator thread busy during redis ticks",
-                Some(n),
-                Unit::Fraction,
-                Some(busy),
-            );
-            row.ratio = Some(busy.median);
-            rows.push(row.target(Target::RatioAtMost(0.8)));
-        }
-        if let (Some(cap), Some(t)) = (s.sim_capacity, s.redis_ticks) {
-            rows.push(compared(
-                "simulator capacity (req per CPU-s) vs worker req/s",
-                n,
-                Unit::PerSecond,
-                cap,
-                n as f64 / t.median,
-            ));
-        }
-        if let (Some(w), Some(k)) = (s.wrk_cpu_per_request, s.worker_cpu_per_probe) {
-            rows.push(compared(
-                "CPU per request: worker (redis tick) vs wrk",
+    }
+    if let Some(t) = s.memory_ticks {
+        rows.push(memory_row(
+            "tick in process (memory) vs HTTP limit",
+            n,
+            t,
+            s.http_limit,
+            have_wrk,
+        ));
+    }
+    if let Some(t) = s.once {
+        let row = match limit {
+            Some(l) => compared(
+                "whole `once` process (redis) vs limit",
                 n,
                 Unit::Seconds,
-                Stats {
-                    median: k,
-                    min: k,
-                    max: k,
-                },
-                w,
-            ));
-        }
+                t,
+                l,
+            ),
+            None => Row::new(
+                "whole `once` process (redis)",
+                Some(n),
+                Unit::Seconds,
+                Some(t),
+            ),
+        };
+        rows.push(if at_10k {
+            row.target(Target::MedianAtMost(1.0))
+        } else {
+            row
+        });
     }
-    match growth {
+    let rss = match s.once_rss_mib {
+        Some(_) => Row::new(
+            "peak RSS of `once` (GNU time)",
+            Some(n),
+            Unit::Mib,
+            s.once_rss_mib,
+        ),
+        None => Row::new(
+            "peak RSS of `once` (VmHWM polled)",
+            Some(n),
+            Unit::Mib,
+            s.once_hwm_mib,
+        ),
+    };
+    rows.push(if n == 50_000 {
+        rss.target(Target::MibAtMost(64.0))
+    } else {
+        rss
+    });
+    if s.once_rss_mib.is_some() {
+        rows.push(Row::new(
+            "peak RSS of `once` (VmHWM polled)",
+            Some(n),
+            Unit::Mib,
+            s.once_hwm_mib,
+        ));
+    }
+    if let Some(busy) = s.sim_busy {
+        let mut row = Row::new(
+            "simulator thread busy during redis ticks",
+            Some(n),
+            Unit::Fraction,
+            Some(busy),
+        );
+        row.ratio = Some(busy.median);
+        rows.push(row.target(Target::RatioAtMost(0.8)));
+    }
+    if let (Some(cap), Some(t)) = (s.sim_capacity, s.redis_ticks) {
+        rows.push(compared(
+            "simulator capacity (req per CPU-s) vs worker req/s",
+            n,
+            Unit::PerSecond,
+            cap,
+            n as f64 / t.median,
+        ));
+    }
+    if let (Some(w), Some(k)) = (s.wrk_cpu_per_request, s.worker_cpu_per_probe) {
+        rows.push(compared(
+            "CPU per request: worker (redis tick) vs wrk",
+            n,
+            Unit::Seconds,
+            k,
+            w.median,
+        ));
+    }
+    rows
+}
+
+/// A memory-backend tick against the HTTP limit; the target holds from 10 000 plugins.
+fn memory_row(name: &str, n: usize, t: Stats, http: Option<Stats>, have_wrk: bool) -> Row {
+    match http {
+        Some(h) => {
+            let row = compared(name, n, Unit::Seconds, t, h.median);
+            // The limit is wrk's steady rate. At 1 000 plugins a tick is a burst of about
+            // 16 round trips per connection, and its first and last (filling and draining
+            // 64 slots) weigh too much for the comparison to say anything about
+            // per-request cost (README, "Performance").
+            if n >= 10_000 {
+                row.target(Target::RatioAtMost(1.2))
+            } else {
+                row
+            }
+        }
+        None if have_wrk => Row::new(name, Some(n), Unit::Seconds, Some(t)),
+        None => Row::skipped(name, Some(n), NO_WRK),
+    }
+}
+
+/// The HTTP client comparison at one size: each client's CPU per status call over memory
+/// ticks, hyper's over ours (the choice: hyper would be taken at 1.2 or less), and the
+/// memory tick on hyper against the HTTP limit.
+fn http_client_rows(n: usize, s: &AtSize) -> Vec<Row> {
+    let mut rows = Vec::new();
+    if let (Some(lean), Some(wrk)) = (s.lean_cpu_per_call, s.wrk_cpu_per_request) {
+        rows.push(compared(
+            "CPU per status call: lean client (memory tick) vs wrk",
+            n,
+            Unit::Seconds,
+            lean,
+            wrk.median,
+        ));
+    }
+    if let Some(hyper) = s.hyper_cpu_per_call {
+        rows.push(Row::new(
+            "CPU per status call: hyper conn (memory tick)",
+            Some(n),
+            Unit::Seconds,
+            Some(hyper),
+        ));
+    }
+    if let Some(per_round) = s.hyper_over_lean {
+        // The choice: hyper would make the status calls at 1.2 or less (README).
+        let mut row = Row::new(
+            "CPU per status call: hyper conn / lean, round by round",
+            Some(n),
+            Unit::Factor,
+            Some(per_round),
+        );
+        row.ratio = Some(per_round.median);
+        rows.push(row);
+    }
+    if let Some(t) = s.memory_ticks_hyper {
+        // Informational: hyper is measured for the choice, not the worker's status path.
+        let mut row = memory_row(
+            "tick in process (memory, hyper conn) vs HTTP limit",
+            n,
+            t,
+            s.http_limit,
+            true,
+        );
+        row.target = Target::None;
+        rows.push(row);
+    }
+    rows
+}
+
+/// Growth, the old access pattern beside the loopback round trip, and slow plugins.
+fn tail_rows(rep: &Repetition) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let get = |n: usize| rep.results.iter().find(|(m, _)| *m == n).map(|(_, s)| s);
+    match rep.growth {
         Some((small, large)) => rows.push(
             compared(
                 "growth: tick(50 000) / tick(10 000), redis, alternating",
@@ -1045,25 +1330,38 @@ fn rows(
             "old access pattern (ratio: the tick's speed-up)",
             1_000,
             Unit::Seconds,
-            old,
+            rep.old,
             t.median,
         ),
         None => Row::new(
             "old access pattern (one plugin at a time)",
             Some(1_000),
             Unit::Seconds,
-            Some(old),
+            Some(rep.old),
         ),
     });
+    // The old pattern makes about two sequential round trips per plugin (its route read
+    // and its status call): the ratio is its time per plugin in loopback round trips.
+    rows.push(compared(
+        "loopback round trip (1-byte TCP ping-pong; ratio: old pattern per plugin)",
+        1_000,
+        Unit::Seconds,
+        rep.rtt,
+        rep.rtt.median,
+    ));
+    if let Some(last) = rows.last_mut() {
+        last.limit = Some(rep.old.median / 1_000.0);
+        last.ratio = Some(rep.old.median / 1_000.0 / rep.rtt.median.max(1e-12));
+    }
     let bound = SLOW_TIMEOUT.as_secs_f64() * f64::from(RETRIES + 1) + 0.5;
     let mut slow_row = compared(
         "tick, 5% plugins slower than the timeout",
         1_000,
         Unit::Seconds,
-        slow,
+        rep.slow,
         bound,
     );
-    slow_row.ratio = Some(slow.max / bound);
+    slow_row.ratio = Some(rep.slow.max / bound);
     rows.push(slow_row.target(Target::MaxAtMost(bound)));
     rows
 }

@@ -21,8 +21,12 @@
 //!
 //! The HTTP exchange itself is [`client`]: a lean HTTP/1.1 client, because a
 //! general-purpose one spent most of a tick's CPU on per-request machinery (see its docs).
+//! [`hyper_client`] makes the same calls on hyper's connection-level client; it is not the
+//! worker's path ([`HttpStack`]): the benchmark measures it beside ours, and the HTTP tests
+//! run on both.
 
 mod client;
+mod hyper_client;
 
 use std::fmt;
 use std::pin::Pin;
@@ -36,6 +40,7 @@ use reqwest::Url;
 use tokio::time::{Instant, Sleep};
 
 use client::{Client, ClientError, Conn, Endpoint, Head};
+use hyper_client::{HyperClient, HyperConn, HyperHead, HyperRequest};
 
 use crate::secret::Secret;
 pub use crate::status::ErrorKind;
@@ -178,17 +183,69 @@ enum Targets {
     /// parse of the whole URL would give.
     Fixed {
         endpoint: Arc<Endpoint>,
-        before: Arc<[u8]>,
-        after: Arc<[u8]>,
+        head: Arc<FixedHead>,
     },
     /// Every id's URL is parsed and its request built on its own.
     PerId,
 }
 
+/// The request parts of a template around the plugin id, built once.
+struct FixedHead {
+    /// The request bytes before and after the id.
+    before: Box<[u8]>,
+    after: Box<[u8]>,
+    /// For [`HttpStack::Hyper`]: the request target before and after the id, and the
+    /// header fields.
+    target_before: Box<str>,
+    target_after: Box<str>,
+    headers: hyper::HeaderMap,
+}
+
+/// Which HTTP/1.1 client makes the status calls. The worker uses [`HttpStack::Lean`];
+/// the other is kept so the benchmark can compare them in the same run (README,
+/// "Performance").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpStack {
+    /// This crate's client (`src/probe/client.rs`).
+    Lean,
+    /// hyper's connection-level client, driven inside each probe's future.
+    Hyper,
+}
+
+/// The client of a prober, with its pool.
+#[derive(Clone)]
+enum Http {
+    Lean(Arc<Client>),
+    Hyper(Arc<HyperClient>),
+}
+
+/// A connection with an answer's head read from it, and the head.
+enum Exchange {
+    Lean(Conn, Head),
+    Hyper(HyperConn, HyperHead),
+}
+
+impl Exchange {
+    fn status(&self) -> u16 {
+        match self {
+            Exchange::Lean(_, head) => head.status,
+            Exchange::Hyper(_, head) => head.status,
+        }
+    }
+
+    fn content_length(&self) -> Option<u64> {
+        match self {
+            Exchange::Lean(_, head) => head.content_length(),
+            Exchange::Hyper(_, head) => head.content_length(),
+        }
+    }
+}
+
 /// The status prober. Cheap to share by reference; clones share the connection pool.
 #[derive(Clone)]
 pub struct Prober {
-    client: Arc<Client>,
+    client: Http,
+    idle_max: usize,
     targets: Targets,
     template: Arc<str>,
     timeout: Duration,
@@ -303,7 +360,8 @@ impl Prober {
         let targets = fixed_targets(&settings.url_template, token.as_ref(), sidecar.as_ref());
         let retries = settings.retries;
         Ok(Prober {
-            client: Arc::new(Client::new(idle_per_host)),
+            client: Http::Lean(Arc::new(Client::new(idle_per_host))),
+            idle_max: idle_per_host,
             targets,
             template: settings.url_template.into(),
             timeout: settings.timeout,
@@ -318,6 +376,15 @@ impl Prober {
                 .with_max_delay(MAX_BACKOFF)
                 .with_max_times(usize::try_from(retries).unwrap_or(usize::MAX)),
         })
+    }
+
+    /// The same prober on another HTTP client, with a pool of its own (for measuring).
+    pub fn with_http_stack(mut self, stack: HttpStack) -> Prober {
+        self.client = match stack {
+            HttpStack::Lean => Http::Lean(Arc::new(Client::new(self.idle_max))),
+            HttpStack::Hyper => Http::Hyper(Arc::new(HyperClient::new(self.idle_max))),
+        };
+        self
     }
 
     /// Probes one plugin with no deadline: never [`ProbeOutcome::CutOff`].
@@ -338,14 +405,11 @@ impl Prober {
     where
         S: AsRef<str> + Sync,
     {
-        let mut out = vec![ProbeOutcome::CutOff; ids.len()];
-        self.drive(ids, deadline, |i, outcome, _| {
-            if let Some(slot) = out.get_mut(i) {
-                *slot = outcome;
-            }
-        })
-        .await;
-        out
+        self.drive(ids, deadline)
+            .await
+            .into_iter()
+            .map(|(outcome, _)| outcome)
+            .collect()
     }
 
     /// [`Prober::probe_all`], also giving how long each probe took (for the probe
@@ -358,14 +422,7 @@ impl Prober {
     where
         S: AsRef<str> + Sync,
     {
-        let mut out = vec![(ProbeOutcome::CutOff, Duration::ZERO); ids.len()];
-        self.drive(ids, deadline, |i, outcome, took| {
-            if let Some(slot) = out.get_mut(i) {
-                *slot = (outcome, took);
-            }
-        })
-        .await;
-        out
+        self.drive(ids, deadline).await
     }
 
     /// The concurrency bound this prober applies.
@@ -373,8 +430,8 @@ impl Prober {
         self.concurrency
     }
 
-    /// Runs the probes in one task of their own, bounded by `buffer_unordered`, and hands
-    /// each result to `put`.
+    /// Runs the probes in one task of their own, bounded by `buffer_unordered`: one
+    /// outcome and duration per id, in the order of `ids`.
     ///
     /// The task matters for speed, not correctness: every probe's future owns its socket,
     /// so the task running them is woken for every answer. On a runtime worker that wake-up
@@ -383,31 +440,35 @@ impl Prober {
     /// two probes and a sixth more CPU). Dropping this future aborts the task, so
     /// cancelling a tick still stops its probes; a probe task that panicked leaves its
     /// probes [`ProbeOutcome::CutOff`].
-    async fn drive<S, F>(&self, ids: &[S], deadline: Instant, mut put: F)
+    ///
+    /// Memory: at tens of thousands of plugins the results are a large part of a tick's
+    /// peak, so they are written where they belong as they come in (one vector, handed
+    /// back as is), and the ids the task must own are copied into one buffer rather than
+    /// one allocation each.
+    async fn drive<S>(&self, ids: &[S], deadline: Instant) -> Vec<(ProbeOutcome, Duration)>
     where
         S: AsRef<str> + Sync,
-        F: FnMut(usize, ProbeOutcome, Duration),
     {
-        // The task owns what it works on: the ids are copied (a few bytes each) and the
-        // prober cloned (reference counts).
-        let ids: Vec<Box<str>> = ids.iter().map(|s| s.as_ref().into()).collect();
+        let owned = IdList::new(ids);
+        let count = owned.len();
         let prober = self.clone();
         let work = async move {
             let prober = &prober;
-            let ids = &ids;
+            let ids = &owned;
+            let mut out = vec![(ProbeOutcome::CutOff, Duration::ZERO); ids.len()];
             // Indices, not `(usize, &S)` pairs: a closure taking a borrowed argument makes
             // the future's type higher-ranked, and it could then not be spawned.
             let mut results = futures::stream::iter(0..ids.len())
                 .map(|i| async move {
                     let started = Instant::now();
-                    let id = ids.get(i).map_or("", |s| &**s);
-                    let outcome = prober.probe(id, Some(deadline)).await;
+                    let outcome = prober.probe(ids.get(i), Some(deadline)).await;
                     (i, outcome, started.elapsed())
                 })
                 .buffer_unordered(prober.concurrency);
-            let mut out = Vec::with_capacity(ids.len());
-            while let Some(result) = results.next().await {
-                out.push(result);
+            while let Some((i, outcome, took)) = results.next().await {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = (outcome, took);
+                }
             }
             out
         };
@@ -417,9 +478,7 @@ impl Prober {
             // Not on a Tokio runtime (spawning would panic): run here.
             Err(_) => Some(work.await),
         };
-        for (i, outcome, took) in results.into_iter().flatten() {
-            put(i, outcome, took);
-        }
+        results.unwrap_or_else(|| vec![(ProbeOutcome::CutOff, Duration::ZERO); count])
     }
 
     /// One probe: attempts with backoff between them, within the deadline.
@@ -473,16 +532,11 @@ impl Prober {
 
     /// Where the probe of `plugin_id` goes and the request it sends.
     fn request_for<'a>(&'a self, plugin_id: &'a str) -> Result<Request<'a>, Failure> {
-        if let Targets::Fixed {
-            endpoint,
-            before,
-            after,
-        } = &self.targets
-        {
+        if let Targets::Fixed { endpoint, head } = &self.targets {
             if copied_verbatim(plugin_id) {
                 return Ok(Request {
                     endpoint: Arc::clone(endpoint),
-                    head: RequestHead::Around(before, plugin_id.as_bytes(), after),
+                    head: RequestHead::Around(head, plugin_id),
                 });
             }
         }
@@ -526,16 +580,16 @@ impl Prober {
     async fn attempt(&self, request: &Request<'_>, until: Option<Instant>) -> Attempt {
         let timer = until.map(tokio::time::sleep_until);
         tokio::pin!(timer);
-        let sent = self.client.send(&request.endpoint, request.head.parts());
-        let (conn, head) = match bounded(timer.as_mut(), sent).await {
+        let sent = self.send(request);
+        let exchange = match bounded(timer.as_mut(), sent).await {
             None => return Attempt::Elapsed,
             Some(Err(e)) => return Attempt::Failed(client_failure(e)),
             Some(Ok(answer)) => answer,
         };
-        if !(200..300).contains(&head.status) {
-            return Attempt::Failed(self.non_success(conn, &head, timer).await);
+        if !(200..300).contains(&exchange.status()) {
+            return Attempt::Failed(self.non_success(exchange, timer).await);
         }
-        let body = self.client.read_body(conn, &head, BODY_LIMIT, parse_status);
+        let body = self.read_body(exchange, BODY_LIMIT, parse_status);
         match bounded(timer, body).await {
             None => Attempt::Elapsed,
             Some(Err(e)) => Attempt::Failed(client_failure(e)),
@@ -547,13 +601,8 @@ impl Prober {
     /// Classifies a non-2xx answer: the sidecar's own invoke failure in Dapr mode, else
     /// `http_status`. The status code is already known, so a body that cannot be read
     /// in time does not change the kind.
-    async fn non_success(
-        &self,
-        conn: Conn,
-        head: &Head,
-        timer: Pin<&mut Option<Sleep>>,
-    ) -> Failure {
-        let code = head.status;
+    async fn non_success(&self, exchange: Exchange, timer: Pin<&mut Option<Sleep>>) -> Failure {
+        let code = exchange.status();
         let reason = reqwest::StatusCode::from_u16(code)
             .ok()
             .and_then(|c| c.canonical_reason());
@@ -566,25 +615,90 @@ impl Prober {
         );
         failure.http_status = Some(code);
         if self.dapr_invoke && code == 500 {
-            let body = self
-                .client
-                .read_body(conn, head, BODY_LIMIT, dapr_error_code);
+            let body = self.read_body(exchange, BODY_LIMIT, dapr_error_code);
             if let Some(Ok(Some(error_code))) = bounded(timer, body).await {
                 failure.kind = ErrorKind::SidecarInvoke;
                 failure.detail =
                     format!("the Dapr sidecar could not invoke the plugin: {error_code}");
                 failure.dapr_error_code = Some(error_code);
             }
-        } else if head.content_length().is_some_and(|n| n <= DRAIN_LIMIT) {
+        } else if exchange.content_length().is_some_and(|n| n <= DRAIN_LIMIT) {
             // Small error bodies are read so the keep-alive connection is reused; the
             // content is not needed.
-            let drained = self
-                .client
-                .read_body(conn, head, DRAIN_LIMIT as usize, |_| ());
+            let drained = self.read_body(exchange, DRAIN_LIMIT as usize, |_| ());
             let _ = bounded(timer, drained).await;
         }
         failure
     }
+
+    /// Sends the request and reads the answer's head, on this prober's client.
+    async fn send(&self, request: &Request<'_>) -> Result<Exchange, ClientError> {
+        match &self.client {
+            Http::Lean(client) => {
+                let (conn, head) = client.send(&request.endpoint, request.head.parts()).await?;
+                Ok(Exchange::Lean(conn, head))
+            }
+            Http::Hyper(client) => {
+                let parsed;
+                let hyper_request = match &request.head {
+                    RequestHead::Around(fixed, id) => HyperRequest {
+                        target: [&fixed.target_before, id, &fixed.target_after],
+                        headers: &fixed.headers,
+                    },
+                    RequestHead::Whole(head) => {
+                        parsed = hyper_parts(head).ok_or_else(|| {
+                            ClientError::Protocol("the request could not be built".to_owned())
+                        })?;
+                        HyperRequest {
+                            target: [&parsed.0, "", ""],
+                            headers: &parsed.1,
+                        }
+                    }
+                };
+                let (conn, head) = client.send(&request.endpoint, &hyper_request).await?;
+                Ok(Exchange::Hyper(conn, head))
+            }
+        }
+    }
+
+    /// Reads the body of an answer, at most `limit` bytes, into `use_body`.
+    async fn read_body<T>(
+        &self,
+        exchange: Exchange,
+        limit: usize,
+        use_body: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, ClientError> {
+        match (&self.client, exchange) {
+            (Http::Lean(client), Exchange::Lean(conn, head)) => {
+                client.read_body(conn, &head, limit, use_body).await
+            }
+            (Http::Hyper(client), Exchange::Hyper(conn, head)) => {
+                client.read_body(conn, &head, limit, use_body).await
+            }
+            // An exchange always comes from this prober's own client.
+            _ => Err(ClientError::Protocol(
+                "the answer came from another client".to_owned(),
+            )),
+        }
+    }
+}
+
+/// The request target and header fields of a request head, for hyper.
+fn hyper_parts(head: &[u8]) -> Option<(String, hyper::HeaderMap)> {
+    let mut headers = [httparse::EMPTY_HEADER; 16];
+    let mut request = httparse::Request::new(&mut headers);
+    request.parse(head).ok()?;
+    let target = request.path?.to_owned();
+    let mut map = hyper::HeaderMap::with_capacity(request.headers.len());
+    for h in request.headers.iter() {
+        let name = hyper::header::HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let mut value = hyper::header::HeaderValue::from_bytes(h.value).ok()?;
+        if name.as_str() == "dapr-api-token" {
+            value.set_sensitive(true);
+        }
+        map.append(name, value);
+    }
+    Some((target, map))
 }
 
 /// A spawned task that is aborted when this handle is dropped before it finished.
@@ -602,6 +716,39 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Plugin ids copied into one buffer, for a task that must own them.
+struct IdList {
+    text: String,
+    /// Where each id ends in `text`.
+    ends: Vec<usize>,
+}
+
+impl IdList {
+    fn new<S: AsRef<str>>(ids: &[S]) -> IdList {
+        let mut text = String::with_capacity(ids.iter().map(|s| s.as_ref().len()).sum());
+        let mut ends = Vec::with_capacity(ids.len());
+        for id in ids {
+            text.push_str(id.as_ref());
+            ends.push(text.len());
+        }
+        IdList { text, ends }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Id `i` (empty past the end).
+    fn get(&self, i: usize) -> &str {
+        let start = match i.checked_sub(1) {
+            Some(prev) => self.ends.get(prev).copied().unwrap_or(0),
+            None => 0,
+        };
+        let end = self.ends.get(i).copied().unwrap_or(start);
+        self.text.get(start..end).unwrap_or("")
+    }
+}
+
 /// One probe's request: where it goes and its head.
 struct Request<'a> {
     endpoint: Arc<Endpoint>,
@@ -611,14 +758,14 @@ struct Request<'a> {
 /// A request head, either around a plugin id or whole.
 enum RequestHead<'a> {
     /// The template's fixed parts with the id between them.
-    Around(&'a [u8], &'a [u8], &'a [u8]),
+    Around(&'a FixedHead, &'a str),
     Whole(Vec<u8>),
 }
 
 impl RequestHead<'_> {
     fn parts(&self) -> [&[u8]; 3] {
         match self {
-            RequestHead::Around(before, id, after) => [before, id, after],
+            RequestHead::Around(fixed, id) => [&fixed.before, id.as_bytes(), &fixed.after],
             RequestHead::Whole(head) => [head, &[], &[]],
         }
     }
@@ -788,13 +935,24 @@ fn fixed_targets(template: &str, token: Option<&HeaderValue>, sidecar: Option<&O
         .filter(|(_, w)| *w == marker)
         .map(|(i, _)| i);
     // Exactly once, and in the request target (a fragment is never sent).
-    match (found.next(), found.next()) {
-        (Some(at), None) => Targets::Fixed {
-            endpoint: Arc::new(endpoint),
+    let (Some(at), None) = (found.next(), found.next()) else {
+        return Targets::PerId;
+    };
+    let Some((target, headers)) = hyper_parts(&head) else {
+        return Targets::PerId;
+    };
+    let Some((target_before, target_after)) = target.split_once(ID_MARKER) else {
+        return Targets::PerId;
+    };
+    Targets::Fixed {
+        endpoint: Arc::new(endpoint),
+        head: Arc::new(FixedHead {
             before: head[..at].into(),
             after: head[at + marker.len()..].into(),
-        },
-        _ => Targets::PerId,
+            target_before: target_before.into(),
+            target_after: target_after.into(),
+            headers,
+        }),
     }
 }
 

@@ -11,6 +11,11 @@
 //! task, so a behaviour that stalls (a delay, a slowloris, a huge body) stalls only the
 //! connection it answers on.
 //!
+//! Answers can also be framed the ways HTTP/1.1 allows and a careful client must survive
+//! ([`Framing`]: chunked, `Connection: close`, until the end of the connection, folded
+//! header lines, two framings at once), and the server can close idle keep-alive
+//! connections at random moments or as a request arrives on one.
+//!
 //! Besides answers it keeps what tests need to check the client: requests per plugin id,
 //! accepted TCP connections (connection reuse), requests in flight and their maximum
 //! (concurrency bounds), and, when asked, the header lines of each request (which token
@@ -59,6 +64,27 @@ pub enum Behavior {
     RedirectLoop,
     /// 404 Not Found.
     Unknown404,
+    /// The inner behaviour's answer (one with a status and a body) framed another way.
+    Framed(Framing, Box<Behavior>),
+}
+
+/// How a [`Behavior::Framed`] answer is put on the wire: the ways HTTP/1.1 allows, and
+/// the ways a careful client must survive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// `Transfer-Encoding: chunked`, in chunks of at most this many bytes (at least 1),
+    /// the first with a chunk extension, and a trailer field after the last.
+    Chunked(usize),
+    /// `Content-Length` and `Connection: close`; the server closes after the answer.
+    ConnectionClose,
+    /// No length: the body ends when the server closes the connection.
+    UntilClose,
+    /// Obsolete line folding: `Content-Type` and `Content-Length` continued on an
+    /// indented next line (RFC 9112 §5.2).
+    FoldedHeaders,
+    /// Both `Transfer-Encoding: chunked` (which frames the body) and a `Content-Length`
+    /// that does not match it. The server keeps the connection open.
+    ChunkedWithLength,
 }
 
 impl Behavior {
@@ -83,6 +109,11 @@ impl Behavior {
     /// `then`, after `delay`.
     pub fn delay(delay: Duration, then: Behavior) -> Behavior {
         Behavior::Delay(delay, Box::new(then))
+    }
+
+    /// `answer`'s status and body, framed by `framing`.
+    pub fn framed(framing: Framing, answer: Behavior) -> Behavior {
+        Behavior::Framed(framing, Box::new(answer))
     }
 }
 
@@ -156,6 +187,9 @@ impl PluginSim {
             max_in_flight: AtomicU64::new(0),
             recording: AtomicBool::new(false),
             recorded: Mutex::new(Vec::new()),
+            idle_close_min_us: AtomicU64::new(0),
+            idle_close_max_us: AtomicU64::new(0),
+            drop_on_reuse: AtomicU64::new(0),
         });
         let task = runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(PluginSim {
@@ -270,6 +304,22 @@ impl PluginSim {
         lock(&self.shared.recorded).clear();
     }
 
+    /// Closes idle keep-alive connections at random moments: after an answer, a
+    /// connection waits for the next request a random time between `min` and `max`, then
+    /// the server closes it. `None` keeps idle connections open (the default).
+    pub fn close_idle_connections(&self, range: Option<(Duration, Duration)>) {
+        let (min, max) = range.map_or((0, 0), |(a, b)| (micros(a).max(1), micros(b.max(a)).max(1)));
+        self.shared.idle_close_min_us.store(min, Ordering::Relaxed);
+        self.shared.idle_close_max_us.store(max, Ordering::Relaxed);
+    }
+
+    /// The next `n` requests that arrive on a connection which already served one are
+    /// read and then answered with nothing: the server closes the connection, as one that
+    /// closed an idle connection just as the request went out would. (The requests count.)
+    pub fn drop_requests_on_reused_connections(&self, n: u64) {
+        self.shared.drop_on_reuse.store(n, Ordering::Relaxed);
+    }
+
     /// Stops listening and closes every connection. Idempotent.
     pub fn shutdown(&self) {
         self.stopper.stop();
@@ -313,6 +363,11 @@ struct Shared {
     max_in_flight: AtomicU64,
     recording: AtomicBool,
     recorded: Mutex<Vec<RecordedRequest>>,
+    /// Idle connections close after a random time in this range (0: never).
+    idle_close_min_us: AtomicU64,
+    idle_close_max_us: AtomicU64,
+    /// Requests on reused connections still to be dropped unanswered.
+    drop_on_reuse: AtomicU64,
 }
 
 struct State {
@@ -338,6 +393,24 @@ impl Shared {
         Arc::clone(state.overrides.get(id).unwrap_or(&state.default))
     }
 
+    /// How long an idle connection may wait for its next request, when idle connections
+    /// are being closed.
+    fn idle_limit(&self) -> Option<Duration> {
+        let max = self.idle_close_max_us.load(Ordering::Relaxed);
+        if max == 0 {
+            return None;
+        }
+        let min = self.idle_close_min_us.load(Ordering::Relaxed).min(max);
+        Some(Duration::from_micros(fastrand::u64(min..=max)))
+    }
+
+    /// Whether this request (on a connection that already served one) is to be dropped.
+    fn drop_reused(&self) -> bool {
+        self.drop_on_reuse
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     fn enter(&self) -> InFlight<'_> {
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.max_in_flight.fetch_max(now, Ordering::Relaxed);
@@ -360,6 +433,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -375,6 +452,8 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 enum Reply {
     /// A complete response, written as is.
     Fixed(Bytes),
+    /// A complete response, after which the server closes the connection.
+    FixedClose(Bytes),
     Delay(Duration, Arc<Reply>),
     Slowloris,
     Huge(u64),
@@ -412,6 +491,11 @@ impl Reply {
             Behavior::Truncated => Reply::Truncated,
             Behavior::RedirectLoop => Reply::RedirectLoop,
             Behavior::Unknown404 => Reply::Fixed(Bytes::from_static(NOT_FOUND)),
+            Behavior::Framed(framing, answer) => match Reply::prepare(answer) {
+                Reply::Fixed(bytes) | Reply::FixedClose(bytes) => reframe(&bytes, *framing),
+                // Only an answer with a status and a body can be framed otherwise.
+                other => other,
+            },
         }
     }
 
@@ -427,6 +511,74 @@ impl Reply {
         );
         out.extend_from_slice(body);
         Reply::Fixed(Bytes::from(out))
+    }
+}
+
+/// A rendered answer (`Reply::json`'s layout) framed by `framing`.
+fn reframe(rendered: &[u8], framing: Framing) -> Reply {
+    let Some(end) = find(rendered, b"\r\n\r\n") else {
+        return Reply::Fixed(Bytes::copy_from_slice(rendered));
+    };
+    let status_line = &rendered[..find(rendered, b"\r\n").unwrap_or(end)];
+    let body = &rendered[end + 4..];
+    let mut out = Vec::with_capacity(rendered.len() + 128);
+    out.extend_from_slice(status_line);
+    out.extend_from_slice(b"\r\n");
+    let chunked = |out: &mut Vec<u8>, size: usize| {
+        for (i, chunk) in body.chunks(size.max(1)).enumerate() {
+            let ext = if i == 0 { ";sim=1" } else { "" };
+            out.extend_from_slice(format!("{:x}{ext}\r\n", chunk.len()).as_bytes());
+            out.extend_from_slice(chunk);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\nx-sim-trailer: done\r\n\r\n");
+    };
+    match framing {
+        Framing::Chunked(size) => {
+            out.extend_from_slice(
+                b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+            );
+            chunked(&mut out, size);
+            Reply::Fixed(Bytes::from(out))
+        }
+        Framing::ConnectionClose => {
+            out.extend_from_slice(
+                format!(
+                    "content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(body);
+            Reply::FixedClose(Bytes::from(out))
+        }
+        Framing::UntilClose => {
+            out.extend_from_slice(b"content-type: application/json\r\n\r\n");
+            out.extend_from_slice(body);
+            Reply::FixedClose(Bytes::from(out))
+        }
+        Framing::FoldedHeaders => {
+            out.extend_from_slice(
+                format!(
+                    "content-type: application/\r\n  json\r\ncontent-length:\r\n\t{}\r\nx-note: one\r\n two\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            out.extend_from_slice(body);
+            Reply::Fixed(Bytes::from(out))
+        }
+        Framing::ChunkedWithLength => {
+            out.extend_from_slice(
+                format!(
+                    "content-type: application/json\r\ncontent-length: {}\r\ntransfer-encoding: chunked\r\n\r\n",
+                    body.len() + 7
+                )
+                .as_bytes(),
+            );
+            chunked(&mut out, 8);
+            Reply::Fixed(Bytes::from(out))
+        }
     }
 }
 
@@ -501,6 +653,7 @@ enum Parsed {
 async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(4096);
+    let mut served = 0u64;
     loop {
         // Answer every complete request already buffered (pipelining included).
         loop {
@@ -533,6 +686,10 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             let location = matches!(*reply, Reply::RedirectLoop).then(|| target.to_string());
             drop(target);
             buf.advance(whole);
+            if served > 0 && shared.drop_reused() {
+                return;
+            }
+            served += 1;
             let in_flight = shared.enter();
             let keep = answer(&mut stream, &reply, location.as_deref()).await;
             drop(in_flight);
@@ -543,7 +700,17 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
         if buf.len() > MAX_HEAD + MAX_REQUEST_BODY {
             return;
         }
-        match stream.read_buf(&mut buf).await {
+        let idle = buf.is_empty() && served > 0;
+        let read = stream.read_buf(&mut buf);
+        let got = match shared.idle_limit().filter(|_| idle) {
+            // Idle between requests: the server may close the connection meanwhile.
+            Some(limit) => match tokio::time::timeout(limit, read).await {
+                Ok(got) => got,
+                Err(_) => return,
+            },
+            None => read.await,
+        };
+        match got {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -576,6 +743,12 @@ async fn answer(stream: &mut TcpStream, reply: &Reply, location: Option<&str>) -
     }
     match reply {
         Reply::Fixed(bytes) => stream.write_all(bytes).await.is_ok(),
+        Reply::FixedClose(bytes) => {
+            if stream.write_all(bytes).await.is_ok() {
+                let _ = stream.shutdown().await;
+            }
+            false
+        }
         // Unreachable after the loop above; answering nothing is the harmless choice.
         Reply::Delay(..) => false,
         Reply::Slowloris => {

@@ -58,6 +58,8 @@ pub enum Unit {
     PerSecond,
     /// A share of the time, printed as a percentage.
     Fraction,
+    /// A ratio of two figures, printed as a factor.
+    Factor,
 }
 
 /// One measurement.
@@ -73,6 +75,8 @@ pub struct Row {
     pub target: Target,
     /// Set when the row could not be measured (the reason is printed).
     pub skipped: Option<String>,
+    /// For a row merged from repetitions: in how many the target held, of how many.
+    pub held: Option<(usize, usize)>,
 }
 
 impl Row {
@@ -86,6 +90,7 @@ impl Row {
             ratio: None,
             target: Target::None,
             skipped: None,
+            held: None,
         }
     }
 
@@ -100,8 +105,17 @@ impl Row {
         self
     }
 
-    /// `Some(true)` when the row meets its target, `None` when it has none.
+    /// `Some(true)` when the row meets its target (in every repetition, for a merged
+    /// row), `None` when it has none.
     pub fn pass(&self) -> Option<bool> {
+        if let Some((held, of)) = self.held {
+            return Some(held == of);
+        }
+        self.own_pass()
+    }
+
+    /// The target checked against this row's own figures.
+    fn own_pass(&self) -> Option<bool> {
         let stats = self.stats?;
         match self.target {
             Target::None => None,
@@ -130,7 +144,50 @@ fn fmt_value(v: f64, unit: Unit) -> String {
         Unit::Mib => format!("{v:.1} MiB"),
         Unit::PerSecond => format!("{v:.0}/s"),
         Unit::Fraction => format!("{:.0}%", v * 100.0),
+        Unit::Factor => format!("{v:.2} x"),
     }
+}
+
+/// Merges the rows of independent repetitions (each the same rows in the same order):
+/// a row's figure is the median of the repetitions' medians, its spread the lowest and
+/// highest of those medians (the worst value for a row checked by its worst), its ratio
+/// the median of theirs, and its target holds only if it held in every repetition.
+pub fn merge(sets: &[Vec<Row>]) -> anyhow::Result<Vec<Row>> {
+    let Some(first) = sets.first() else {
+        anyhow::bail!("no repetition to merge");
+    };
+    let mut out = Vec::with_capacity(first.len());
+    for (i, row) in first.iter().enumerate() {
+        let same: Vec<&Row> = sets.iter().filter_map(|set| set.get(i)).collect();
+        if same.len() != sets.len() || same.iter().any(|r| r.name != row.name || r.n != row.n) {
+            anyhow::bail!("the repetitions measured different rows at {:?}", row.name);
+        }
+        let mut merged = row.clone();
+        let medians: Vec<f64> = same
+            .iter()
+            .filter_map(|r| r.stats.map(|s| s.median))
+            .collect();
+        let worst: Vec<f64> = same.iter().filter_map(|r| r.stats.map(|s| s.max)).collect();
+        merged.stats = Stats::of(&medians).map(|m| match row.target {
+            Target::MaxAtMost(_) | Target::MibAtMost(_) => Stats {
+                max: worst.iter().copied().fold(m.max, f64::max),
+                ..m
+            },
+            _ => m,
+        });
+        let of = |f: fn(&Row) -> Option<f64>| -> Option<f64> {
+            let v: Vec<f64> = same.iter().filter_map(|r| f(r)).collect();
+            Stats::of(&v).map(|s| s.median)
+        };
+        merged.limit = of(|r| r.limit);
+        merged.ratio = of(|r| r.ratio);
+        let checked: Vec<bool> = same.iter().filter_map(|r| r.own_pass()).collect();
+        // A repetition that could not check the target does not count as holding it.
+        merged.held =
+            (!checked.is_empty()).then(|| (checked.iter().filter(|p| **p).count(), same.len()));
+        out.push(merged);
+    }
+    Ok(out)
 }
 
 /// The result table, one line per row.
@@ -139,7 +196,7 @@ pub fn table(rows: &[Row]) -> String {
         "measurement",
         "N",
         "median",
-        "min..max",
+        "spread",
         "limit",
         "ratio",
         "target",
@@ -176,10 +233,11 @@ pub fn table(rows: &[Row]) -> String {
             r.limit.map_or("-".into(), |l| fmt_value(l, r.unit)),
             r.ratio.map_or("-".into(), |x| format!("{x:.2}")),
             r.target_text(),
-            match r.pass() {
-                None => "-".into(),
-                Some(true) => "PASS".into(),
-                Some(false) => "FAIL".into(),
+            match (r.pass(), r.held) {
+                (None, _) => "-".into(),
+                (Some(true), _) => "PASS".into(),
+                (Some(false), Some((held, of))) => format!("FAIL (held in {held} of {of})"),
+                (Some(false), None) => "FAIL".into(),
             },
         ]);
     }

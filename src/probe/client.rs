@@ -1,7 +1,9 @@
 //! A lean HTTP/1.1 client for status calls: one `GET`, a response head, a bounded body,
 //! and keep-alive connections kept in a small pool.
 //!
-//! Why not a general-purpose client: at the worker's concurrency the cost of a status
+//! Why not a general-purpose client (README, "Performance", measures the choice in every
+//! benchmark run against hyper's connection-level client, [`super::hyper_client`]): at
+//! the worker's concurrency the cost of a status
 //! call is per-request overhead, not bandwidth. A general stack hands every request to a
 //! separate connection task through channels (two cross-task wake-ups per request), builds
 //! header maps and parses the URL again for every call; profiled at 10 000 plugins that
@@ -14,14 +16,19 @@
 //! - Only what a status call needs: `GET`, no request body, no redirects (a 3xx is an
 //!   answer like any other), no proxy, no TLS (the template must be `http`).
 //! - Answers are framed by `Content-Length`, `Transfer-Encoding: chunked`, or the end of
-//!   the connection; `1xx` heads are skipped; `204`/`304` have no body.
+//!   the connection; `1xx` heads are skipped; `204`/`304` have no body. Obsolete line
+//!   folding in a head reads as spaces (RFC 9112 §5.2). An answer with both
+//!   `Transfer-Encoding` and `Content-Length` is framed by the encoding and its connection
+//!   is closed afterwards, never pooled (§6.1).
 //! - A body is read only up to a caller's cap; one byte more is [`ClientError::TooLarge`],
 //!   detected from `Content-Length` without reading, or while streaming otherwise.
 //! - A connection goes back to the pool only after its answer was read exactly to the end,
 //!   with keep-alive, and nothing unexpected after it. An idle connection is checked before
 //!   reuse: if the server closed it (or sent something unasked) it is dropped, so a request
 //!   never goes out on a connection already known to be dead. Idle connections expire
-//!   after [`IDLE_TIMEOUT`].
+//!   after [`IDLE_TIMEOUT`]. The server may still close one just after that check: a
+//!   request on a reused connection that got no byte of an answer is sent once more on a
+//!   fresh connection, within the same call (see [`Client::send`]).
 //! - Errors say which side failed: [`ClientError::Connect`] when no connection could be
 //!   made (resolution, refusal), [`ClientError::Protocol`] when a connection was made and
 //!   the exchange broke (not HTTP, reset, cut short). Their texts never name the URL.
@@ -136,6 +143,8 @@ pub struct Conn {
     buf: BytesMut,
     /// The request being sent, assembled here so its buffer is reused.
     out: Vec<u8>,
+    /// Some byte of the current answer was read (interim heads included).
+    answered: bool,
 }
 
 /// An idle pooled connection.
@@ -182,25 +191,28 @@ impl Client {
     /// Sends a request whose head is the concatenation of `head` to `endpoint` and reads
     /// the answer's head. The body is then read with [`Client::read_body`] or dropped with
     /// the connection.
+    ///
+    /// A request on a reused connection that got no byte of an answer (the server closed
+    /// the idle connection as the request went out: the check before reuse cannot see a
+    /// close that is still on its way) is sent once more on a fresh connection. A `GET`
+    /// may be repeated, and nothing came back, so no answer is lost or counted twice.
     pub async fn send(
         &self,
         endpoint: &Arc<Endpoint>,
         head: [&[u8]; 3],
     ) -> Result<(Conn, Head), ClientError> {
-        let mut conn = match self.checkout(endpoint) {
-            Some(conn) => conn,
-            None => connect(endpoint).await?,
-        };
-        conn.out.clear();
-        for part in head {
-            conn.out.extend_from_slice(part);
+        if let Some(mut conn) = self.checkout(endpoint) {
+            match conn.exchange(head).await {
+                Ok(answer) => return Ok((conn, answer)),
+                Err(Exchange::Answered(e)) => return Err(e),
+                Err(Exchange::Unanswered(_)) => {}
+            }
         }
-        conn.stream
-            .write_all(&conn.out)
-            .await
-            .map_err(|e| protocol("the request could not be sent", &e))?;
-        let head = conn.read_head().await?;
-        Ok((conn, head))
+        let mut conn = connect(endpoint).await?;
+        match conn.exchange(head).await {
+            Ok(answer) => Ok((conn, answer)),
+            Err(Exchange::Answered(e) | Exchange::Unanswered(e)) => Err(e),
+        }
     }
 
     /// Reads the body of `head` from `conn`, at most `limit` bytes, and hands it to
@@ -269,14 +281,21 @@ impl Client {
     }
 }
 
+impl Endpoint {
+    /// The addresses to try, in order (resolved when the host is a name).
+    pub async fn addrs(&self) -> Result<Vec<SocketAddr>, ClientError> {
+        Ok(match self.ip {
+            Some(ip) => vec![SocketAddr::new(ip, self.port)],
+            None => tokio::net::lookup_host((&*self.host, self.port))
+                .await
+                .map_err(|e| ClientError::Connect(format!("could not resolve the host: {e}")))?
+                .collect(),
+        })
+    }
+}
+
 async fn connect(endpoint: &Arc<Endpoint>) -> Result<Conn, ClientError> {
-    let addrs: Vec<SocketAddr> = match endpoint.ip {
-        Some(ip) => vec![SocketAddr::new(ip, endpoint.port)],
-        None => tokio::net::lookup_host((&*endpoint.host, endpoint.port))
-            .await
-            .map_err(|e| ClientError::Connect(format!("could not resolve the host: {e}")))?
-            .collect(),
-    };
+    let addrs = endpoint.addrs().await?;
     let mut last = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -288,6 +307,7 @@ async fn connect(endpoint: &Arc<Endpoint>) -> Result<Conn, ClientError> {
                     stream,
                     buf: BytesMut::with_capacity(READ_CHUNK),
                     out: Vec::new(),
+                    answered: false,
                 });
             }
             Err(e) => last = Some(e),
@@ -299,11 +319,39 @@ async fn connect(endpoint: &Arc<Endpoint>) -> Result<Conn, ClientError> {
     }))
 }
 
+/// How an exchange failed: after some of the answer came back, or before any of it.
+enum Exchange {
+    Answered(ClientError),
+    Unanswered(ClientError),
+}
+
 fn protocol(what: &str, e: &io::Error) -> ClientError {
     ClientError::Protocol(format!("{what}: {e}"))
 }
 
 impl Conn {
+    /// Writes the request and reads the answer's head.
+    async fn exchange(&mut self, head: [&[u8]; 3]) -> Result<Head, Exchange> {
+        self.out.clear();
+        for part in head {
+            self.out.extend_from_slice(part);
+        }
+        if let Err(e) = self.stream.write_all(&self.out).await {
+            return Err(Exchange::Unanswered(protocol(
+                "the request could not be sent",
+                &e,
+            )));
+        }
+        let empty = self.buf.is_empty();
+        self.read_head().await.map_err(|e| {
+            if empty && self.buf.is_empty() && !self.answered {
+                Exchange::Unanswered(e)
+            } else {
+                Exchange::Answered(e)
+            }
+        })
+    }
+
     /// An idle connection is open when reading it would block: nothing was sent on it
     /// since its last answer, not even the end of the stream.
     fn still_open(&self) -> bool {
@@ -336,9 +384,11 @@ impl Conn {
     /// Reads and parses the answer's head, skipping interim (1xx) heads, and leaves the
     /// bytes after it in the buffer.
     async fn read_head(&mut self) -> Result<Head, ClientError> {
+        self.answered = false;
         loop {
             match parse_head(&self.buf)? {
                 Some((len, head)) => {
+                    self.answered = true;
                     self.buf.advance(len);
                     match head {
                         Some(head) => return Ok(head),
@@ -444,7 +494,14 @@ impl Conn {
 fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, ClientError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf) {
+    // RFC 9112 §5.2: a client replaces obsolete line folding (a header line continued on
+    // the next line, which starts with a space or tab) by spaces. httparse then leaves the
+    // CRLF and the indentation in the value; every value read below is split into tokens
+    // that are trimmed of ASCII whitespace, which CR and LF are, so it reads as spaces.
+    let parsed = httparse::ParserConfig::default()
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .parse_response(&mut response, buf);
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => {
@@ -503,7 +560,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Option<Head>)>, ClientError> 
             (None, None) => Framing::Close,
         }
     };
-    if framing == Framing::Close {
+    // A close-delimited body ends the connection; an answer framed by both
+    // Transfer-Encoding and Content-Length may be an attempt at response splitting, and
+    // RFC 9112 §6.1 says to close the connection after it (the encoding decides the body).
+    if framing == Framing::Close || (chunked.is_some() && length.is_some()) {
         keep_alive = false;
     }
     Ok(Some((
@@ -551,7 +611,15 @@ mod tests {
         let (_, h) = head(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
         );
-        assert_eq!(h.unwrap().framing, Framing::Chunked);
+        let h = h.unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, false));
+
+        // Folded lines read as spaces.
+        let (_, h) = head(
+            "HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\r\nContent-Length:\r\n 12\r\nConnection: keep-alive,\r\n\tclose\r\n\r\n",
+        );
+        let h = h.unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(12), false));
 
         let (_, h) = head("HTTP/1.1 200 OK\r\n\r\n");
         let h = h.unwrap();
