@@ -41,11 +41,11 @@ use keel_scraper::lease::TickKind;
 use keel_scraper::probe::{ProbeOutcome, Prober};
 use keel_scraper::registry::REGISTRY_KEY;
 use keel_scraper::route::{read_status, rewrite_status, route_key};
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::memory::MemoryStore;
 use keel_scraper::store::{Concurrency, Save, Store, StoreKind};
 use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
 use keel_scraper::worker;
+use keel_test_support::sim::{Behavior, PluginSim};
 
 use support::procs::{on_path, RedisServer, Tied};
 use support::{Row, Stats, Target, Unit};

@@ -18,9 +18,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Store, StoreKind};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{
     exists, keel, raw_version, route_status, seed, seed_registry, seed_route, Keel, Output,

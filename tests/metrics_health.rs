@@ -17,7 +17,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use chrono::Timelike;
-use keel_scraper::sim::{Behavior, PluginSim};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{keel, Events};
 use support::live::{self, http_get, is, Worker};

@@ -9,8 +9,8 @@ use keel_scraper::probe::{
     ErrorKind, ProbeFailure, ProbeOutcome, ProbeSettings, ProbeSetupError, Prober, BODY_LIMIT,
 };
 use keel_scraper::secret::Secret;
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::status::RouteStatus;
+use keel_test_support::sim::{Behavior, PluginSim};
 use tokio::time::Instant;
 
 const TOKEN: &str = "tok-3f9c1e-never-print-me";

@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Duration;
 
-use keel_scraper::sim::{Behavior, PluginSim};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::keel;
 use support::live::{http_get, is, Worker};

@@ -14,7 +14,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use keel_scraper::sim::{Behavior, PluginSim};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::live::{is, run_args, Worker};
 use support::redis_server::{free_port, RedisServer};

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use keel_scraper::sim::Behavior;
+use keel_test_support::sim::Behavior;
 use serde_json::Value;
 
 use crate::bounded;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use keel_scraper::sim::PluginSim;
+use keel_test_support::sim::PluginSim;
 
 use super::binary::{Events, BIN};
 use super::redis_server::RedisServer;
