@@ -47,7 +47,8 @@ use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
 use keel_scraper::worker;
 use keel_test_support::sim::{Behavior, PluginSim};
 
-use support::procs::{on_path, RedisServer, Tied};
+use keel_test_support::process::{on_path, Proc};
+use keel_test_support::redis_server::RedisServer;
 use support::{Row, Stats, Target, Unit};
 
 /// The worker's default concurrency, used by the worker and the limit alike.
@@ -456,7 +457,7 @@ fn once_process(bin: &Path, args: &[String], dir: &Path) -> Result<OnceRun> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path)?);
     let started = Instant::now();
-    let mut child = Tied::spawn_group(&mut cmd)?;
+    let mut child = Proc::spawn_group(cmd)?;
     let exited = child.wait_measured(started, ONCE_LIMIT)?;
     if exited.code != 0 {
         let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
@@ -806,7 +807,9 @@ fn run() -> Result<bool> {
         let _entered = sim_rt.enter();
         PluginSim::start().context("start the plugin simulator")?
     };
-    let redis = RedisServer::start()?;
+    let redis = RedisServer::builder()
+        .with_args(&["--loglevel", "warning"])
+        .try_start()?;
     let bench = Bench {
         worker_rt,
         _sim_rt: sim_rt,

@@ -2,7 +2,6 @@
 //! `error_kind`, retries, deadlines, the concurrency bound, connection reuse and where the
 //! Dapr API token may go.
 
-use std::future::Future;
 use std::time::Duration;
 
 use keel_scraper::probe::{
@@ -10,17 +9,14 @@ use keel_scraper::probe::{
 };
 use keel_scraper::secret::Secret;
 use keel_scraper::status::RouteStatus;
+use keel_test_support::process::{bounded, free_port};
 use keel_test_support::sim::{Behavior, PluginSim};
 use tokio::time::Instant;
 
 const TOKEN: &str = "tok-3f9c1e-never-print-me";
 
 /// Every test's body runs under this bound, so a hang fails instead of blocking CI.
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .expect("the test did not finish within 60 s")
-}
+const TEST_BOUND: Duration = Duration::from_secs(60);
 
 fn settings(template: String) -> ProbeSettings {
     ProbeSettings {
@@ -46,17 +42,9 @@ fn failed(outcome: ProbeOutcome) -> ProbeFailure {
     }
 }
 
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_plugins_of_both_generations_are_reported() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("a", Behavior::v0("ACTIVE"));
         sim.set("b", Behavior::v0("STOPPED"));
@@ -91,8 +79,8 @@ async fn healthy_plugins_of_both_generations_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_port_is_connect_and_is_retried() {
-    bounded(async {
-        let template = format!("http://127.0.0.1:{}/{{plugin_id}}/v1/status", closed_port());
+    bounded(TEST_BOUND, async {
+        let template = format!("http://127.0.0.1:{}/{{plugin_id}}/v1/status", free_port());
         let p = prober(ProbeSettings {
             retries: 2,
             ..settings(template)
@@ -112,7 +100,7 @@ async fn a_closed_port_is_connect_and_is_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_that_does_not_resolve_is_connect() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let p = prober(settings(
             "http://no-such-plugin.invalid:8080/{plugin_id}/v1/status".to_owned(),
         ));
@@ -124,7 +112,7 @@ async fn a_name_that_does_not_resolve_is_connect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_slower_than_the_timeout_is_timeout_after_every_attempt() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set(
             "slow",
@@ -150,7 +138,7 @@ async fn an_answer_slower_than_the_timeout_is_timeout_after_every_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_is_cut_at_the_timeout() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("loris", Behavior::Slowloris);
         let p = prober(ProbeSettings {
@@ -171,7 +159,7 @@ async fn a_slowloris_is_cut_at_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_goes_away_is_connect_and_can_come_back() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let addr = sim.addr();
         // One retry: the first attempt may still go out on the pooled keep-alive
@@ -228,7 +216,7 @@ async fn a_plugin_that_goes_away_is_connect_and_can_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_that_is_not_http_is_protocol() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("garbage", Behavior::NotHttp);
         let p = prober(settings(sim.url_template()));
@@ -241,7 +229,7 @@ async fn a_reply_that_is_not_http_is_protocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_connection_is_protocol_and_is_retried() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("reset", Behavior::Reset);
         let p = prober(ProbeSettings {
@@ -258,7 +246,7 @@ async fn a_reset_connection_is_protocol_and_is_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_cut_short_is_protocol() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("cut", Behavior::Truncated);
         let p = prober(settings(sim.url_template()));
@@ -270,7 +258,7 @@ async fn a_body_cut_short_is_protocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_2xx_is_http_status_and_only_5xx_is_retried() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("missing", Behavior::Unknown404);
         sim.set("unavailable", Behavior::raw(503, "{}"));
@@ -306,7 +294,7 @@ async fn non_2xx_is_http_status_and_only_5xx_is_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_loop_is_http_status_and_is_not_followed() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("loop", Behavior::RedirectLoop);
         let p = prober(ProbeSettings {
@@ -330,7 +318,7 @@ async fn a_redirect_loop_is_http_status_and_is_not_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_body_is_too_large_without_being_read() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("huge", Behavior::Huge(10 * 1024 * 1024));
         let p = prober(ProbeSettings {
@@ -364,7 +352,7 @@ fn padded_body(len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_body_cap_is_exactly_64_kib() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("at-limit", Behavior::raw(200, padded_body(BODY_LIMIT)));
         sim.set(
@@ -384,7 +372,7 @@ async fn the_body_cap_is_exactly_64_kib() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_are_not_json_objects_are_bad_body_and_not_retried() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("utf8", Behavior::InvalidUtf8);
         sim.set("array", Behavior::raw(200, r#"[{"status":"ACTIVE"}]"#));
@@ -405,7 +393,7 @@ async fn bodies_that_are_not_json_objects_are_bad_body_and_not_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_reporting_an_error_is_plugin_error() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set(
             "v0",
@@ -436,7 +424,7 @@ async fn a_plugin_reporting_an_error_is_plugin_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_outside_the_vocabulary_is_unknown_status() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("v0", Behavior::v0("WEIRD"));
         sim.set("v1", Behavior::v1("UNKNOWN"));
@@ -454,7 +442,7 @@ const DAPR_ERROR: &str = r#"{"errorCode":"ERR_DIRECT_INVOKE","message":"fail to 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_error_is_sidecar_invoke_in_dapr_mode_and_is_retried() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("a", Behavior::raw(500, DAPR_ERROR));
         let p = prober(ProbeSettings {
@@ -474,7 +462,7 @@ async fn a_sidecar_error_is_sidecar_invoke_in_dapr_mode_and_is_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_500_is_http_status_when_not_going_through_dapr() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("a", Behavior::raw(500, DAPR_ERROR));
         let p = prober(settings(sim.url_template()));
@@ -491,7 +479,7 @@ async fn the_same_500_is_http_status_when_not_going_through_dapr() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_dapr_mode_only_a_500_with_an_err_code_is_the_sidecars() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("plain", Behavior::raw(500, "internal error"));
         sim.set("other-code", Behavior::raw(500, r#"{"errorCode":"OOPS"}"#));
@@ -523,7 +511,7 @@ async fn in_dapr_mode_only_a_500_with_an_err_code_is_the_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_in_flight_never_exceed_the_concurrency() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set_default(Behavior::delay(
             Duration::from_millis(40),
@@ -550,7 +538,7 @@ async fn probes_in_flight_never_exceed_the_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_reused_across_probes_and_calls() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = prober(ProbeSettings {
             concurrency: 4,
@@ -582,7 +570,7 @@ async fn connections_are_reused_across_probes_and_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_probes_reuse_one_or_two_connections() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = prober(settings(sim.url_template()));
         for i in 0..100 {
@@ -600,7 +588,7 @@ async fn sequential_probes_reuse_one_or_two_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_idle_connection_is_kept_when_every_plugin_is_its_own_host() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         // The id lands in the authority (here: the host), so each plugin is a host.
         let template = format!("http://{{plugin_id}}:{}/x/v1/status", sim.addr().port());
@@ -619,7 +607,7 @@ async fn no_idle_connection_is_kept_when_every_plugin_is_its_own_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_goes_to_the_sidecar_origin() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = sim();
         sidecar.record_requests(true);
         let p = prober(ProbeSettings {
@@ -650,7 +638,7 @@ async fn the_token_goes_to_the_sidecar_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_never_goes_to_another_origin() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = sim();
         let elsewhere = sim();
         elsewhere.record_requests(true);
@@ -690,7 +678,7 @@ async fn the_token_never_goes_to_another_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_never_appears_in_failures_or_debug_output() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = sim();
         sidecar.set("sidecar-error", Behavior::raw(500, DAPR_ERROR));
         sidecar.set("down", Behavior::raw(503, TOKEN));
@@ -714,7 +702,7 @@ async fn the_token_never_appears_in_failures_or_debug_output() {
             assert!(!format!("{outcome:?} {f}").contains(TOKEN), "{outcome:?}");
         }
 
-        let closed = format!("http://127.0.0.1:{}", closed_port());
+        let closed = format!("http://127.0.0.1:{}", free_port());
         let p = prober(ProbeSettings {
             dapr_api_token: Some(Secret::new(TOKEN)),
             sidecar_origin: Some(closed.clone()),
@@ -737,7 +725,7 @@ async fn the_token_never_appears_in_failures_or_debug_output() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_cut_by_the_deadline_is_cut_off_not_failed() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set(
             "slow",
@@ -779,7 +767,7 @@ async fn a_probe_cut_by_the_deadline_is_cut_off_not_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_not_started_by_the_deadline_send_nothing() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = prober(settings(sim.url_template()));
         let got = p.probe_all(&["a", "b", "c"], Instant::now()).await;
@@ -791,7 +779,7 @@ async fn probes_not_started_by_the_deadline_send_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_plugins_fewer_than_the_concurrency_do_not_hold_up_the_others() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let slow = ["p10", "p50", "p90"];
         for id in slow {
@@ -846,7 +834,7 @@ async fn slow_plugins_fewer_than_the_concurrency_do_not_hold_up_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_come_back_in_the_order_of_the_ids() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let statuses = ["ACTIVE", "STOPPED", "STARTING", "FAILED", "STOPPING"];
         let mut ids = Vec::new();
@@ -926,7 +914,7 @@ fn settings_the_prober_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prober_can_be_shared_across_spawned_tasks() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = std::sync::Arc::new(prober(settings(sim.url_template())));
         let ids: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
