@@ -35,6 +35,23 @@ fn sim() -> PluginSim {
     PluginSim::start().expect("the simulator starts")
 }
 
+/// `p0`, `p1`, ... `p{n-1}`.
+fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("p{i}")).collect()
+}
+
+/// Probes `ids` (a 30 s deadline) and checks every one was reported ACTIVE.
+async fn all_active(p: &Prober, ids: &[String]) {
+    let got = p
+        .probe_all(ids, Instant::now() + Duration::from_secs(30))
+        .await;
+    assert!(
+        got.iter()
+            .all(|o| *o == ProbeOutcome::Reported(RouteStatus::Active)),
+        "{got:?}"
+    );
+}
+
 fn failed(outcome: ProbeOutcome) -> ProbeFailure {
     match outcome {
         ProbeOutcome::Failed(failure) => failure,
@@ -305,7 +322,7 @@ async fn every_failure_has_its_error_kind_and_only_transient_ones_are_retried() 
         let slow = Behavior::delay(Duration::from_secs(5), Behavior::v0("ACTIVE"));
         let ms = Duration::from_millis;
         use ErrorKind::*;
-        let cases = [
+        let mut cases = vec![
             // Nothing listens, or no such host: connect (retried); no URL in the details.
             failing("closed-port", Behavior::v0("ACTIVE"), Connect)
                 .template(closed)
@@ -358,23 +375,6 @@ async fn every_failure_has_its_error_kind_and_only_transient_ones_are_retried() 
                 .retries(2)
                 .attempts(1)
                 .took(Duration::ZERO..Duration::from_secs(2)),
-            // Bodies that are not JSON objects: bad_body, not retried.
-            failing("utf8", Behavior::InvalidUtf8, BadBody)
-                .retries(2)
-                .attempts(1)
-                .requests(1),
-            failing(
-                "array",
-                Behavior::raw(200, r#"[{"status":"ACTIVE"}]"#),
-                BadBody,
-            )
-            .retries(2)
-            .attempts(1)
-            .requests(1),
-            failing("text", Behavior::raw(200, "ACTIVE"), BadBody)
-                .retries(2)
-                .attempts(1)
-                .requests(1),
             // A plugin reporting an error: plugin_error, not retried.
             failing(
                 "v0-error",
@@ -417,40 +417,37 @@ async fn every_failure_has_its_error_kind_and_only_transient_ones_are_retried() 
             failing("direct-500", Behavior::raw(500, DAPR_ERROR), HttpStatus)
                 .http_status(Some(500))
                 .dapr_error_code(None),
-            // In Dapr mode, only a 500 with an error code is the sidecar's.
-            failing("plain", Behavior::raw(500, "internal error"), HttpStatus)
-                .dapr_invoke()
-                .http_status(Some(500))
-                .dapr_error_code(None),
-            failing(
-                "other-code",
-                Behavior::raw(500, r#"{"errorCode":"OOPS"}"#),
-                HttpStatus,
-            )
-            .dapr_invoke()
-            .http_status(Some(500))
-            .dapr_error_code(None),
-            failing(
-                "not-object",
-                Behavior::raw(500, r#"["ERR_DIRECT_INVOKE"]"#),
-                HttpStatus,
-            )
-            .dapr_invoke()
-            .http_status(Some(500))
-            .dapr_error_code(None),
-            failing(
-                "code-as-number",
-                Behavior::raw(500, r#"{"errorCode":5}"#),
-                HttpStatus,
-            )
-            .dapr_invoke()
-            .http_status(Some(500))
-            .dapr_error_code(None),
-            failing("503", Behavior::raw(503, DAPR_ERROR), HttpStatus)
-                .dapr_invoke()
-                .http_status(Some(503))
-                .dapr_error_code(None),
         ];
+        // Bodies that are not JSON objects: bad_body, not retried.
+        cases.extend(
+            [
+                ("utf8", Behavior::InvalidUtf8),
+                ("array", Behavior::raw(200, r#"[{"status":"ACTIVE"}]"#)),
+                ("text", Behavior::raw(200, "ACTIVE")),
+            ]
+            .map(|(id, behavior)| {
+                failing(id, behavior, BadBody)
+                    .retries(2)
+                    .attempts(1)
+                    .requests(1)
+            }),
+        );
+        // In Dapr mode, only a 500 with an error code is the sidecar's.
+        cases.extend(
+            [
+                ("plain", 500, "internal error"),
+                ("other-code", 500, r#"{"errorCode":"OOPS"}"#),
+                ("not-object", 500, r#"["ERR_DIRECT_INVOKE"]"#),
+                ("code-as-number", 500, r#"{"errorCode":5}"#),
+                ("503", 503, DAPR_ERROR),
+            ]
+            .map(|(id, code, body)| {
+                failing(id, Behavior::raw(code, body), HttpStatus)
+                    .dapr_invoke()
+                    .http_status(Some(code))
+                    .dapr_error_code(None)
+            }),
+        );
         let sim = sim();
         for case in cases {
             case.check(&sim).await;
@@ -471,13 +468,7 @@ async fn probes_in_flight_never_exceed_the_concurrency() {
             concurrency: 6,
             ..settings(sim.url_template())
         });
-        let ids: Vec<String> = (0..60).map(|i| format!("p{i}")).collect();
-        let got = p
-            .probe_all(&ids, Instant::now() + Duration::from_secs(30))
-            .await;
-        assert!(got
-            .iter()
-            .all(|o| *o == ProbeOutcome::Reported(RouteStatus::Active)));
+        all_active(&p, &ids(60)).await;
         assert_eq!(sim.total_requests(), 60);
         let max = sim.max_in_flight();
         assert!(max <= 6, "{max} in flight with concurrency 6");
@@ -494,13 +485,8 @@ async fn connections_are_reused_across_probes_and_calls() {
             concurrency: 4,
             ..settings(sim.url_template())
         });
-        let ids: Vec<String> = (0..200).map(|i| format!("p{i}")).collect();
-        let got = p
-            .probe_all(&ids, Instant::now() + Duration::from_secs(30))
-            .await;
-        assert!(got
-            .iter()
-            .all(|o| *o == ProbeOutcome::Reported(RouteStatus::Active)));
+        let ids = ids(200);
+        all_active(&p, &ids).await;
         let first = sim.connections();
         assert!(
             first <= 8,
@@ -750,7 +736,7 @@ async fn slow_plugins_fewer_than_the_concurrency_do_not_hold_up_the_others() {
             concurrency: 8,
             ..settings(sim.url_template())
         });
-        let ids: Vec<String> = (0..300).map(|i| format!("p{i}")).collect();
+        let ids = ids(300);
         let started = Instant::now();
         let got = p
             .probe_all_timed(&ids, Instant::now() + Duration::from_secs(30))
@@ -867,7 +853,7 @@ async fn a_prober_can_be_shared_across_spawned_tasks() {
     bounded(TEST_BOUND, async {
         let sim = sim();
         let p = std::sync::Arc::new(prober(settings(sim.url_template())));
-        let ids: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+        let ids = ids(10);
         let deadline = Instant::now() + Duration::from_secs(10);
         let tasks: Vec<_> = (0..3)
             .map(|_| {
