@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::keel;
+use support::binary::{dapr_backend, keel, redis_backend};
 use support::live::{http_get, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 use support::sidecar::{SidecarConfig, SidecarDouble};
@@ -115,18 +115,6 @@ async fn sidecar(redis: &RedisServer, token: &str, sim: &PluginSim) -> SidecarDo
             .with_invoke_base(&sim.origin()),
     )
     .await
-}
-
-/// The `dapr` backend through a sidecar at these endpoints.
-fn dapr_at<'a>(grpc: &'a str, http: &'a str) -> [&'a str; 6] {
-    [
-        "--backend",
-        "dapr",
-        "--dapr-grpc-endpoint",
-        grpc,
-        "--dapr-http-endpoint",
-        http,
-    ]
 }
 
 /// Whether the server refuses a client that does not authenticate.
@@ -272,7 +260,7 @@ async fn no_secret_is_printed_on_the_dapr_path() {
     let double = sidecar(&redis, &token, &sim).await;
     let grpc = double.grpc_endpoint();
     let http = double.http_endpoint();
-    let common = dapr_at(&grpc, &http);
+    let common = dapr_backend(&grpc, &http);
     let env = run_env(&token);
     let mut printed = Printed::default();
 
@@ -307,27 +295,18 @@ async fn no_secret_is_printed_when_the_store_or_the_sidecar_refuses_or_is_unreac
     let double = sidecar(&redis, &token, &sim).await;
     let (grpc, http) = (double.grpc_endpoint(), double.http_endpoint());
     let wrong_env = run_env(&wrong_token);
-    let dapr = dapr_at(&grpc, &http);
+    let dapr = dapr_backend(&grpc, &http);
     // No sidecar at all: start-up gives up after --sidecar-wait.
     let (h, g) = (
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
     );
-    let no_sidecar = [&dapr_at(&g, &h)[..], &["--sidecar-wait", "1s"]].concat();
+    let no_sidecar = [&dapr_backend(&g, &h)[..], &["--sidecar-wait", "1s"]].concat();
 
     // Redis refuses the password, or is not there at all.
     let wrong = format!("redis://:{wrong_password}@127.0.0.1:{}/", redis.port());
     let closed = format!("redis://:{password}@127.0.0.1:{}/", free_port());
-    let stores = [&wrong, &closed].map(|url| {
-        [
-            "--backend",
-            "redis",
-            "--redis-url",
-            url.as_str(),
-            "--status-url",
-            template.as_str(),
-        ]
-    });
+    let stores = [&wrong, &closed].map(|url| redis_backend(url, &template));
     let mut runs: Vec<Run> = Vec::new();
     for store in &stores {
         for cmd in [&["once"][..], &["routes", "--json"]] {

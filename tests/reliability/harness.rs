@@ -27,6 +27,7 @@ use keel_test_support::process::{self, chomp, lock, Proc, Spawn};
 use serde_json::Value;
 
 use crate::figures::Scenario;
+use crate::support::binary::dapr_backend;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_keel-scraper");
@@ -436,14 +437,7 @@ impl Spec {
     /// The `dapr` backend through a sidecar at these endpoints (status calls go through its
     /// service invocation, the default).
     pub fn dapr(self, grpc: &str, http: &str) -> Spec {
-        self.args(&[
-            "--backend",
-            "dapr",
-            "--dapr-grpc-endpoint",
-            grpc,
-            "--dapr-http-endpoint",
-            http,
-        ])
+        self.args(&dapr_backend(grpc, http))
     }
 
     pub fn schedule(self, cron: &str) -> Spec {

@@ -84,14 +84,7 @@ impl Keel {
 
     /// `--backend redis --redis-url <url> --status-url <template>`.
     pub fn redis(self, url: &str, status_url: &str) -> Self {
-        self.args([
-            "--backend",
-            "redis",
-            "--redis-url",
-            url,
-            "--status-url",
-            status_url,
-        ])
+        self.args(redis_backend(url, status_url))
     }
 
     /// Runs the binary to its end (or kills it at the timeout). Blocking.
@@ -118,6 +111,30 @@ impl Keel {
             .await
             .expect("the binary runner panicked")
     }
+}
+
+/// `--backend redis --redis-url <url> --status-url <template>`.
+pub fn redis_backend<'a>(url: &'a str, status_url: &'a str) -> [&'a str; 6] {
+    [
+        "--backend",
+        "redis",
+        "--redis-url",
+        url,
+        "--status-url",
+        status_url,
+    ]
+}
+
+/// `--backend dapr` through a sidecar at these endpoints.
+pub fn dapr_backend<'a>(grpc: &'a str, http: &'a str) -> [&'a str; 6] {
+    [
+        "--backend",
+        "dapr",
+        "--dapr-grpc-endpoint",
+        grpc,
+        "--dapr-http-endpoint",
+        http,
+    ]
 }
 
 /// What one run of the binary did.
