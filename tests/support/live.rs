@@ -20,29 +20,22 @@ use serde_json::Value;
 
 use keel_test_support::sim::PluginSim;
 
-use super::binary::{Events, BIN};
+use super::binary::{redis_backend, Events, BIN};
 use super::redis_server::RedisServer;
 
 /// `run` on the `redis` backend against `redis` and the simulator, ticking every second,
 /// without retries, on a free port; `extra` appended.
 pub fn run_args(redis: &RedisServer, sim: &PluginSim, extra: &[&str]) -> Vec<String> {
     let (url, template) = (redis.url(), sim.url_template());
-    let base = [
-        "run",
-        "--backend",
-        "redis",
-        "--redis-url",
-        &url,
-        "--status-url",
-        &template,
-        "--listen",
-        "127.0.0.1:0",
-        "--schedule",
-        "* * * * * *",
-        "--retries",
-        "0",
-    ];
-    base.iter().chain(extra).map(|s| s.to_string()).collect()
+    let every_second = ["--listen", "127.0.0.1:0", "--schedule", "* * * * * *"];
+    ["run"]
+        .into_iter()
+        .chain(redis_backend(&url, &template))
+        .chain(every_second)
+        .chain(["--retries", "0"])
+        .chain(extra.iter().copied())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Whether `e` is the event named `name`.

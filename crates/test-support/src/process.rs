@@ -161,11 +161,14 @@ impl Captured {
     }
 }
 
+/// What a reader thread does with each line.
+type OnLine = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Where one of the child's output streams goes.
 enum Sink {
     Null,
     Capture,
-    Lines(Box<dyn FnMut(&[u8]) + Send>),
+    Lines(OnLine),
 }
 
 /// A command line to start as a [`Proc`].
@@ -476,7 +479,7 @@ impl Proc {
     }
 
     /// Waits until its output has been read to the end (after it exited: its pipes are
-    /// then closed, unless a child of its own still holds them).
+    /// then closed, unless a child of its own still holds them, which this waits for).
     pub fn join_readers(&mut self) {
         for r in self.readers.drain(..) {
             let _ = r.join();
@@ -565,8 +568,9 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
-        // The pipes close with the process; the readers then end.
-        self.join_readers();
+        // The readers end by themselves when the pipes close: with the process, or later
+        // when a child it started and that still holds them ends. Not joined here, so a
+        // drop never waits on such a child.
     }
 }
 
