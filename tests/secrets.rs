@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::{dapr_backend, keel, redis_backend};
+use support::binary::{dapr_backend, keel, raw_put, redis_backend};
 use support::live::{http_get, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 use support::sidecar::{SidecarConfig, SidecarDouble};
@@ -61,29 +61,17 @@ impl Printed {
     }
 }
 
-/// Writes `key` in Dapr's `state.redis` layout (a HASH with `data` and `version`).
-fn put(redis: &RedisServer, key: &str, data: &str) {
-    redis.query::<()>(
-        redis::cmd("HSET")
-            .arg(key)
-            .arg("data")
-            .arg(data)
-            .arg("version")
-            .arg(1),
-    );
-}
-
 /// Two plugins: `up` (healthy) and `down` (404), both routed ACTIVE.
 fn seed(redis: &RedisServer, sim: &PluginSim) {
     sim.set("up", Behavior::v0("ACTIVE"));
     sim.set("down", Behavior::Unknown404);
-    put(
+    raw_put(
         redis,
         "plugins||all_registered_plugin",
         r#"{"up":"true","down":"true"}"#,
     );
     for id in ["up", "down"] {
-        put(
+        raw_put(
             redis,
             &format!("plugin_route_{id}"),
             r#"{"status":"ACTIVE"}"#,

@@ -454,6 +454,19 @@ pub async fn seed_route(store: &dyn Store, id: &str, status: &str) {
     .await;
 }
 
+/// Writes `redis_key` in Dapr's `state.redis` layout (a HASH with `data` and `version` 1)
+/// with raw Redis commands.
+pub fn raw_put(server: &RedisServer, redis_key: &str, data: &str) {
+    server.query::<()>(
+        redis::cmd("HSET")
+            .arg(redis_key)
+            .arg("data")
+            .arg(data)
+            .arg("version")
+            .arg(1),
+    );
+}
+
 /// The `data` field of a Dapr state hash, read with raw Redis commands.
 pub fn raw_data(server: &RedisServer, redis_key: &str) -> Option<Vec<u8>> {
     server
