@@ -50,13 +50,14 @@ use keel_scraper::lease::TickKind;
 use keel_scraper::probe::{HttpStack, ProbeOutcome, Prober};
 use keel_scraper::registry::REGISTRY_KEY;
 use keel_scraper::route::{read_status, rewrite_status, route_key};
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::memory::MemoryStore;
 use keel_scraper::store::{Concurrency, Save, Store, StoreKind};
 use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
 use keel_scraper::worker;
+use keel_test_support::sim::{Behavior, PluginSim};
 
-use support::procs::{on_path, RedisServer, Tied};
+use keel_test_support::process::{on_path, Proc};
+use keel_test_support::redis_server::RedisServer;
 use support::{Row, Stats, Target, Unit};
 
 /// The worker's default concurrency, used by the worker and the limit alike.
@@ -532,7 +533,7 @@ fn once_process(bin: &Path, args: &[String], dir: &Path) -> Result<OnceRun> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path)?);
     let started = Instant::now();
-    let mut child = Tied::spawn_group(&mut cmd)?;
+    let mut child = Proc::spawn_group(cmd)?;
     let exited = child.wait_measured(started, ONCE_LIMIT)?;
     if exited.code != 0 {
         let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
@@ -656,7 +657,9 @@ impl<'r> Bench<'r> {
             let _entered = sim_rt.enter();
             PluginSim::start().context("start the plugin simulator")?
         };
-        let redis = RedisServer::start()?;
+        let redis = RedisServer::builder()
+            .with_args(&["--loglevel", "warning"])
+            .try_start()?;
         println!(
             "  redis-server pid {} at {}, simulator at {}",
             redis.pid().unwrap_or(0),

@@ -15,11 +15,13 @@ use crate::lease::{Lease, TickKind};
 use crate::probe::{ProbeSettings, Prober};
 use crate::registry::REGISTRY_KEY;
 use crate::route::route_key;
-use crate::sim::{Behavior, PluginSim};
 use crate::store::memory::MemoryStore;
 use crate::store::{Save, Store, StoreKind};
 use crate::tick::{TickOutcome, Ticker};
 use crate::worker::{route_table, Exit, RouteRow};
+use plugins::{Plugin, Plugins};
+
+mod plugins;
 
 const TICKS: usize = 6;
 /// The tick after which the crashing plugin stops answering.
@@ -46,14 +48,11 @@ pub async fn run(s: &Settings) -> (Exit, Option<String>) {
 }
 
 async fn demo(s: &Settings) -> Result<(), String> {
-    let sim = PluginSim::start().map_err(|e| format!("cannot start the plugin simulator: {e}"))?;
-    sim.set("iothub", Behavior::v0("ACTIVE"));
-    sim.set("rudder", Behavior::v1("RUNNING"));
-    sim.set("console", Behavior::v0("ACTIVE"));
-    sim.set(
-        "tenant-admin",
-        Behavior::raw(200, "<html>502 Bad Gateway</html>"),
-    );
+    let sim = Plugins::start().map_err(|e| format!("cannot start the plugin simulator: {e}"))?;
+    sim.set("iothub", Plugin::HealthyV0);
+    sim.set("rudder", Plugin::HealthyV1);
+    sim.set("console", Plugin::HealthyV0);
+    sim.set("tenant-admin", Plugin::Garbage);
 
     let store = Arc::new(MemoryStore::new(&s.public_store, &s.private_store));
     let registry = br#"{"iothub":"true","rudder":"true","console":"true","tenant-admin":"true"}"#;
@@ -118,7 +117,7 @@ async fn demo(s: &Settings) -> Result<(), String> {
     let mut changes = Vec::new();
     for n in 1..=TICKS {
         if n == CRASH_AFTER + 1 {
-            sim.set("console", Behavior::Reset);
+            sim.set("console", Plugin::Crashed);
         }
         let slot = Utc::now().trunc_subsecs(0);
         let (outcome, _) = ticker.tick(TickKind::Scheduled(slot)).await;
@@ -141,7 +140,7 @@ async fn demo(s: &Settings) -> Result<(), String> {
         let to_next = 1000 - u64::from(Utc::now().timestamp_subsec_millis()).min(999);
         tokio::time::sleep(Duration::from_millis(to_next + 5)).await;
     }
-    sim.shutdown();
+    drop(sim);
 
     println!("\nkeel-scraper demo: {TICKS} ticks against 4 simulated plugins");
     println!("  iothub: healthy (v0)   rudder: healthy (v1)");

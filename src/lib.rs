@@ -20,7 +20,6 @@ pub mod registry;
 pub mod route;
 pub mod schedule;
 pub mod secret;
-pub mod sim;
 pub mod status;
 pub mod store;
 pub mod telemetry;

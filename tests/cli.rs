@@ -6,9 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Save, StoreKind};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::{json, Value};
 use support::binary::{
     exists, keel, raw_data, raw_version, redis_store, route_status, seed, seed_registry,

@@ -457,12 +457,12 @@ fn scraper_log_filters_events_and_rust_log_applies_only_when_it_is_unset() {
     }
 }
 
-/// Running the real binary to its end: a clean environment, output collected, bounded.
+/// Running the real binary to its end (the shared runner: `PATH` and the environment
+/// given, output collected, bounded), its output as lines.
 mod harness {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
-    use std::thread::JoinHandle;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+
+    use keel_test_support::process::Spawn;
 
     pub struct Finished {
         pub code: Option<i32>,
@@ -480,49 +480,20 @@ mod harness {
         }
     }
 
-    fn read_all(mut stream: impl Read + Send + 'static) -> JoinHandle<Vec<String>> {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = stream.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf)
-                .lines()
-                .map(str::to_string)
-                .collect()
-        })
-    }
-
     /// Runs `keel-scraper args` with only the environment given; killed after `timeout`.
     pub fn run_to_end(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Finished {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keel-scraper"))
-            .env_clear()
+        let run = Spawn::new(env!("CARGO_BIN_EXE_keel-scraper"))
             .args(args)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start keel-scraper");
-        let out = read_all(child.stdout.take().expect("piped stdout"));
-        let err = read_all(child.stderr.take().expect("piped stderr"));
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Ok(Some(s)) = child.try_wait() {
-                break Some(s);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+            .run(timeout);
+        let lines = |text: &str| text.lines().map(str::to_string).collect();
         let finished = Finished {
-            code: status.and_then(|s| s.code()),
-            stdout: out.join().unwrap_or_default(),
-            stderr: err.join().unwrap_or_default(),
+            code: run.code(),
+            stdout: lines(&run.stdout),
+            stderr: lines(&run.stderr),
         };
         assert!(
-            status.is_some(),
+            !run.timed_out,
             "{args:?} did not exit within {timeout:?}{}",
             finished.dump()
         );

@@ -6,9 +6,9 @@ mod support;
 
 use chrono::Utc;
 use keel_scraper::lease::TickKind;
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::StoreKind;
 use keel_scraper::tick::TickOutcome;
+use keel_test_support::sim::{Behavior, PluginSim};
 use support::binary::{
     redis_ticker, route_status, seed, seed_registry, seed_route, Capture, ReplicaOptions,
 };

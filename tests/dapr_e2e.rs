@@ -14,13 +14,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Store, StoreKind};
+use keel_test_support::process::{bounded, free_port};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{
     exists, keel, raw_version, route_status, seed, seed_registry, seed_route, Keel, Output,
@@ -33,12 +33,6 @@ const TEST_BOUND: Duration = Duration::from_secs(60);
 
 /// The holder id every run uses, so lock records compare across backends.
 const HOLDER: &str = "e2e-replica";
-
-async fn bounded<T>(test: impl Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_BOUND, test)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {TEST_BOUND:?}"))
-}
 
 /// A sidecar double (with its own Redis), the plugin simulator it invokes, and a store
 /// on the double's Redis with the double's component names and prefix, for seeding the
@@ -143,19 +137,13 @@ fn assert_not_printed(out: &Output, secret: &str) {
     );
 }
 
-/// A loopback port nothing listens on (bound, then released).
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    listener.local_addr().expect("local address").port()
-}
-
 // ---------------------------------------------------------------------------------------
 // Routes through the sidecar
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_through_the_sidecar_changes_exactly_the_routes_whose_status_changed() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let s = &*rig.seeder;
         seed_registry(s, &["steady", "starting", "stopping", "running-v1"]).await;
@@ -215,7 +203,7 @@ async fn once_through_the_sidecar_changes_exactly_the_routes_whose_status_change
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_through_dapr_leaves_redis_byte_identical_to_the_same_tick_through_redis() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let direct = RedisServer::start();
         let direct_store: Arc<dyn Store> = Arc::new(
@@ -306,7 +294,7 @@ const TOKEN: &str = "e2e-T0ken-7f3a9c1b";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_reaches_the_sidecar_on_both_surfaces_and_no_other_host_and_is_never_printed() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig_with(|_| SidecarConfig::default().with_token(TOKEN)).await;
         let s = &*rig.seeder;
         seed_registry(s, &["alpha", "broken"]).await;
@@ -378,7 +366,7 @@ async fn the_token_reaches_the_sidecar_on_both_surfaces_and_no_other_host_and_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_exits_1_saying_it_was_rejected_and_writes_nothing() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig_with(|_| SidecarConfig::default().with_token(TOKEN)).await;
         let s = &*rig.seeder;
         seed_registry(s, &["alpha"]).await;
@@ -410,7 +398,7 @@ async fn a_wrong_token_exits_1_saying_it_was_rejected_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_waits_for_a_sidecar_that_becomes_ready_late() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig_with(|_| SidecarConfig::default().ready_after(Duration::from_secs(2))).await;
         let s = &*rig.seeder;
         seed_registry(s, &["alpha"]).await;
@@ -446,7 +434,7 @@ async fn once_waits_for_a_sidecar_that_becomes_ready_late() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_gives_up_on_a_sidecar_that_never_becomes_ready_naming_the_health_endpoint() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let s = &*rig.seeder;
         seed_registry(s, &["alpha"]).await;
@@ -487,7 +475,7 @@ async fn once_gives_up_on_a_sidecar_that_never_becomes_ready_naming_the_health_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_waits_for_the_sidecar_and_gives_up_naming_the_health_endpoint() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let s = &*rig.seeder;
         seed_registry(s, &["alpha", "beta"]).await;
@@ -536,8 +524,8 @@ async fn routes_waits_for_the_sidecar_and_gives_up_naming_the_health_endpoint() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecars_invoke_failure_is_sidecar_invoke_and_a_plugins_error_status_is_http_status() {
-    bounded(async {
-        let closed = closed_port();
+    bounded(TEST_BOUND, async {
+        let closed = free_port();
         let rig = rig_with(|sim| {
             let origin = sim.origin();
             SidecarConfig::default().with_invoke_target(move |id, method| match id {
@@ -607,7 +595,7 @@ async fn the_sidecars_invoke_failure_is_sidecar_invoke_and_a_plugins_error_statu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_deleted_while_its_probe_is_in_flight_is_deleted_again_after_dapr_recreates_it() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let s = &*rig.seeder;
         seed_registry(s, &["doomed", "kept"]).await;
@@ -684,7 +672,7 @@ async fn a_route_deleted_while_its_probe_is_in_flight_is_deleted_again_after_dap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_empty_names_the_private_component_whose_key_prefix_decides_the_key() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         // The worker's private component without `keyPrefix: plugins`: Dapr prefixes
         // with the worker's own app id, while Plugins wrote under `plugins`.
         let rig = rig_with(|_| {
@@ -741,7 +729,7 @@ async fn registry_empty_names_the_private_component_whose_key_prefix_decides_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_key_prefix_does_not_apply_under_dapr() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let s = &*rig.seeder;
         seed_registry(s, &["alpha"]).await;

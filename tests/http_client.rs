@@ -7,21 +7,17 @@
 //! worker's status calls, and hyper's connection-level client, which the benchmark
 //! measures beside it), and the error kinds of both must be the same.
 
-use std::future::Future;
 use std::time::Duration;
 
 use keel_scraper::probe::{ErrorKind, HttpStack, ProbeOutcome, ProbeSettings, Prober};
-use keel_scraper::sim::{Behavior, Framing, PluginSim};
 use keel_scraper::status::RouteStatus;
-
-const STACKS: [HttpStack; 2] = [HttpStack::Lean, HttpStack::Hyper];
+use keel_test_support::process::bounded;
+use keel_test_support::sim::{Behavior, Framing, PluginSim};
 
 /// Every test's body runs under this bound, so a hang fails instead of blocking CI.
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .expect("the test did not finish within 60 s")
-}
+const BOUND: Duration = Duration::from_secs(60);
+
+const STACKS: [HttpStack; 2] = [HttpStack::Lean, HttpStack::Hyper];
 
 fn prober(sim: &PluginSim, stack: HttpStack, retries: u32) -> Prober {
     Prober::new(ProbeSettings {
@@ -52,7 +48,7 @@ async fn sequential(sim: &PluginSim, stack: HttpStack, id: &str, times: usize) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_answers_are_decoded_and_the_connection_is_reused() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             // 1-byte and 7-byte chunks, an extension on the first, a trailer field.
@@ -77,7 +73,7 @@ async fn chunked_answers_are_decoded_and_the_connection_is_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_close_answers_are_read_and_their_connection_is_not_reused() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             sim.set_default(Behavior::framed(
@@ -92,7 +88,7 @@ async fn connection_close_answers_are_read_and_their_connection_is_not_reused() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_ends_with_the_connection_is_read() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             sim.set_default(Behavior::framed(
@@ -107,7 +103,7 @@ async fn a_body_that_ends_with_the_connection_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn folded_header_lines_read_as_spaces() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             // Content-Length is on a continuation line: read as a length, the answer
@@ -125,7 +121,7 @@ async fn folded_header_lines_read_as_spaces() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_framed_by_both_transfer_encoding_and_content_length_is_not_pooled() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             // The simulator keeps the connection open; the client must not reuse it.
@@ -141,7 +137,7 @@ async fn an_answer_framed_by_both_transfer_encoding_and_content_length_is_not_po
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_connection_that_answers_nothing_is_resent_once_without_a_retry() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             let p = prober(&sim, stack, 0);
@@ -158,7 +154,7 @@ async fn a_reused_connection_that_answers_nothing_is_resent_once_without_a_retry
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resend_happens_once_and_does_not_spend_a_retry() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             let p = prober(&sim, stack, 0);
@@ -190,7 +186,7 @@ async fn the_resend_happens_once_and_does_not_spend_a_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_closed_at_random_moments_fail_no_probe() {
-    bounded(async {
+    bounded(BOUND, async {
         for stack in STACKS {
             let sim = sim();
             sim.close_idle_connections(Some((Duration::ZERO, Duration::from_millis(3))));
@@ -221,7 +217,7 @@ struct Case {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_clients_map_failures_to_the_same_kinds() {
-    bounded(async {
+    bounded(BOUND, async {
         let cases = [
             Case {
                 behavior: Behavior::NotHttp,

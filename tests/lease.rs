@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use keel_scraper::lease::{TickKind, LOCK_KEY};
 use keel_scraper::schedule::tick_id;
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::{Entry, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
 use keel_scraper::tick::{SkipReason, TickOutcome, Ticker};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{
     keel, pttl, raw_data, raw_json, raw_version, redis_store, redis_ticker, seed_registry,

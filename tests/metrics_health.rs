@@ -17,9 +17,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use chrono::Timelike;
-use keel_scraper::sim::{Behavior, PluginSim};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::{keel, Events};
+use support::binary::{keel, raw_put, Events};
 use support::live::{self, http_get, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 
@@ -28,31 +28,19 @@ fn run_args(redis: &RedisServer, sim: &PluginSim) -> Vec<String> {
     live::run_args(redis, sim, &["--probe-timeout", "1s"])
 }
 
-/// Writes `key` in Dapr's `state.redis` layout (a HASH with `data` and `version`).
-fn put(redis: &RedisServer, key: &str, data: &str) {
-    redis.query::<()>(
-        redis::cmd("HSET")
-            .arg(key)
-            .arg("data")
-            .arg(data)
-            .arg("version")
-            .arg(1),
-    );
-}
-
 /// Registers `ids` and gives each `(id, status)` a route.
 fn seed(redis: &RedisServer, ids: &[&str], routes: &[(&str, &str)]) {
     let registry: serde_json::Map<String, Value> = ids
         .iter()
         .map(|id| (id.to_string(), Value::String("true".into())))
         .collect();
-    put(
+    raw_put(
         redis,
         "plugins||all_registered_plugin",
         &Value::Object(registry).to_string(),
     );
     for (id, status) in routes {
-        put(
+        raw_put(
             redis,
             &format!("plugin_route_{id}"),
             &serde_json::json!({ "status": status, "tkeel_version": "v0.2.0" }).to_string(),
@@ -589,7 +577,7 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
 async fn tick_failed_carries_alert_when_the_registry_is_malformed() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    put(
+    raw_put(
         &redis,
         "plugins||all_registered_plugin",
         "[\"not\", \"an object\"]",

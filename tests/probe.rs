@@ -2,25 +2,21 @@
 //! `error_kind`, retries, deadlines, the concurrency bound, connection reuse and where the
 //! Dapr API token may go.
 
-use std::future::Future;
 use std::time::Duration;
 
 use keel_scraper::probe::{
     ErrorKind, ProbeFailure, ProbeOutcome, ProbeSettings, ProbeSetupError, Prober, BODY_LIMIT,
 };
 use keel_scraper::secret::Secret;
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::status::RouteStatus;
+use keel_test_support::process::{bounded, free_port};
+use keel_test_support::sim::{Behavior, PluginSim};
 use tokio::time::Instant;
 
 const TOKEN: &str = "tok-3f9c1e-never-print-me";
 
 /// Every test's body runs under this bound, so a hang fails instead of blocking CI.
-async fn bounded<F: Future>(fut: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(60), fut)
-        .await
-        .expect("the test did not finish within 60 s")
-}
+const TEST_BOUND: Duration = Duration::from_secs(60);
 
 fn settings(template: String) -> ProbeSettings {
     ProbeSettings {
@@ -39,6 +35,23 @@ fn sim() -> PluginSim {
     PluginSim::start().expect("the simulator starts")
 }
 
+/// `p0`, `p1`, ... `p{n-1}`.
+fn ids(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("p{i}")).collect()
+}
+
+/// Probes `ids` (a 30 s deadline) and checks every one was reported ACTIVE.
+async fn all_active(p: &Prober, ids: &[String]) {
+    let got = p
+        .probe_all(ids, Instant::now() + Duration::from_secs(30))
+        .await;
+    assert!(
+        got.iter()
+            .all(|o| *o == ProbeOutcome::Reported(RouteStatus::Active)),
+        "{got:?}"
+    );
+}
+
 fn failed(outcome: ProbeOutcome) -> ProbeFailure {
     match outcome {
         ProbeOutcome::Failed(failure) => failure,
@@ -46,17 +59,9 @@ fn failed(outcome: ProbeOutcome) -> ProbeFailure {
     }
 }
 
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_plugins_of_both_generations_are_reported() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("a", Behavior::v0("ACTIVE"));
         sim.set("b", Behavior::v0("STOPPED"));
@@ -90,88 +95,8 @@ async fn healthy_plugins_of_both_generations_are_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_closed_port_is_connect_and_is_retried() {
-    bounded(async {
-        let template = format!("http://127.0.0.1:{}/{{plugin_id}}/v1/status", closed_port());
-        let p = prober(ProbeSettings {
-            retries: 2,
-            ..settings(template)
-        });
-        let f = failed(p.probe_one("a").await);
-        assert_eq!(f.kind, ErrorKind::Connect, "{f}");
-        assert_eq!(f.attempts, 3);
-        assert_eq!(f.http_status, None);
-        assert!(
-            !f.detail.contains("127.0.0.1"),
-            "no URL in details: {}",
-            f.detail
-        );
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_name_that_does_not_resolve_is_connect() {
-    bounded(async {
-        let p = prober(settings(
-            "http://no-such-plugin.invalid:8080/{plugin_id}/v1/status".to_owned(),
-        ));
-        let f = failed(p.probe_one("a").await);
-        assert_eq!(f.kind, ErrorKind::Connect, "{f}");
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_slower_than_the_timeout_is_timeout_after_every_attempt() {
-    bounded(async {
-        let sim = sim();
-        sim.set(
-            "slow",
-            Behavior::delay(Duration::from_secs(5), Behavior::v0("ACTIVE")),
-        );
-        let p = prober(ProbeSettings {
-            timeout: Duration::from_millis(200),
-            retries: 1,
-            ..settings(sim.url_template())
-        });
-        let started = Instant::now();
-        let f = failed(p.probe_one("slow").await);
-        let took = started.elapsed();
-        assert_eq!(f.kind, ErrorKind::Timeout, "{f}");
-        assert_eq!(f.attempts, 2);
-        assert_eq!(sim.requests("slow"), 2);
-        // timeout * (retries + 1) plus one backoff delay of at most 2 * 100 ms.
-        assert!(took >= Duration::from_millis(400), "{took:?}");
-        assert!(took < Duration::from_millis(400 + 200 + 300), "{took:?}");
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slowloris_is_cut_at_the_timeout() {
-    bounded(async {
-        let sim = sim();
-        sim.set("loris", Behavior::Slowloris);
-        let p = prober(ProbeSettings {
-            timeout: Duration::from_millis(300),
-            ..settings(sim.url_template())
-        });
-        let started = Instant::now();
-        let f = failed(p.probe_one("loris").await);
-        assert_eq!(f.kind, ErrorKind::Timeout, "{f}");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_goes_away_is_connect_and_can_come_back() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let addr = sim.addr();
         // One retry: the first attempt may still go out on the pooled keep-alive
@@ -226,131 +151,6 @@ async fn a_plugin_that_goes_away_is_connect_and_can_come_back() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_that_is_not_http_is_protocol() {
-    bounded(async {
-        let sim = sim();
-        sim.set("garbage", Behavior::NotHttp);
-        let p = prober(settings(sim.url_template()));
-        let f = failed(p.probe_one("garbage").await);
-        assert_eq!(f.kind, ErrorKind::Protocol, "{f}");
-        assert_eq!(f.http_status, None);
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reset_connection_is_protocol_and_is_retried() {
-    bounded(async {
-        let sim = sim();
-        sim.set("reset", Behavior::Reset);
-        let p = prober(ProbeSettings {
-            retries: 1,
-            ..settings(sim.url_template())
-        });
-        let f = failed(p.probe_one("reset").await);
-        assert_eq!(f.kind, ErrorKind::Protocol, "{f}");
-        assert_eq!(f.attempts, 2);
-        assert_eq!(sim.requests("reset"), 2);
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_cut_short_is_protocol() {
-    bounded(async {
-        let sim = sim();
-        sim.set("cut", Behavior::Truncated);
-        let p = prober(settings(sim.url_template()));
-        let f = failed(p.probe_one("cut").await);
-        assert_eq!(f.kind, ErrorKind::Protocol, "{f}");
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_2xx_is_http_status_and_only_5xx_is_retried() {
-    bounded(async {
-        let sim = sim();
-        sim.set("missing", Behavior::Unknown404);
-        sim.set("unavailable", Behavior::raw(503, "{}"));
-        sim.set("busy", Behavior::raw(429, ""));
-        let p = prober(ProbeSettings {
-            retries: 2,
-            ..settings(sim.url_template())
-        });
-
-        let f = failed(p.probe_one("missing").await);
-        assert_eq!(
-            (f.kind, f.http_status, f.attempts),
-            (ErrorKind::HttpStatus, Some(404), 1)
-        );
-        assert_eq!(sim.requests("missing"), 1);
-
-        let f = failed(p.probe_one("unavailable").await);
-        assert_eq!(
-            (f.kind, f.http_status, f.attempts),
-            (ErrorKind::HttpStatus, Some(503), 3)
-        );
-        assert_eq!(sim.requests("unavailable"), 3);
-
-        let f = failed(p.probe_one("busy").await);
-        assert_eq!(
-            (f.kind, f.http_status, f.attempts),
-            (ErrorKind::HttpStatus, Some(429), 3)
-        );
-        assert_eq!(sim.requests("busy"), 3);
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redirect_loop_is_http_status_and_is_not_followed() {
-    bounded(async {
-        let sim = sim();
-        sim.set("loop", Behavior::RedirectLoop);
-        let p = prober(ProbeSettings {
-            retries: 2,
-            ..settings(sim.url_template())
-        });
-        let f = failed(p.probe_one("loop").await);
-        assert_eq!(
-            (f.kind, f.http_status),
-            (ErrorKind::HttpStatus, Some(302)),
-            "{f}"
-        );
-        assert_eq!(
-            sim.requests("loop"),
-            1,
-            "redirects are neither followed nor retried"
-        );
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_huge_body_is_too_large_without_being_read() {
-    bounded(async {
-        let sim = sim();
-        sim.set("huge", Behavior::Huge(10 * 1024 * 1024));
-        let p = prober(ProbeSettings {
-            timeout: Duration::from_secs(20),
-            retries: 2,
-            ..settings(sim.url_template())
-        });
-        let started = Instant::now();
-        let f = failed(p.probe_one("huge").await);
-        assert_eq!(f.kind, ErrorKind::TooLarge, "{f}");
-        assert_eq!(f.attempts, 1, "too_large is not retried");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
-    })
-    .await;
-}
-
 /// A `{"status":"ACTIVE","pad":"xx..."}` body of exactly `len` bytes.
 fn padded_body(len: usize) -> Vec<u8> {
     let head = br#"{"status":"ACTIVE","pad":""#;
@@ -364,7 +164,7 @@ fn padded_body(len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_body_cap_is_exactly_64_kib() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set("at-limit", Behavior::raw(200, padded_body(BODY_LIMIT)));
         sim.set(
@@ -382,140 +182,275 @@ async fn the_body_cap_is_exactly_64_kib() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_that_are_not_json_objects_are_bad_body_and_not_retried() {
-    bounded(async {
-        let sim = sim();
-        sim.set("utf8", Behavior::InvalidUtf8);
-        sim.set("array", Behavior::raw(200, r#"[{"status":"ACTIVE"}]"#));
-        sim.set("text", Behavior::raw(200, "ACTIVE"));
-        let p = prober(ProbeSettings {
-            retries: 2,
-            ..settings(sim.url_template())
-        });
-        for id in ["utf8", "array", "text"] {
-            let f = failed(p.probe_one(id).await);
-            assert_eq!(f.kind, ErrorKind::BadBody, "{id}: {f}");
-            assert_eq!(f.attempts, 1, "{id}");
-            assert_eq!(sim.requests(id), 1, "{id}");
-        }
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_reporting_an_error_is_plugin_error() {
-    bounded(async {
-        let sim = sim();
-        sim.set(
-            "v0",
-            Behavior::raw(200, r#"{"ret":3,"msg":"db down","status":"ACTIVE"}"#),
-        );
-        sim.set(
-            "v1",
-            Behavior::raw(
-                200,
-                r#"{"res":{"ret":"INTERNAL_ERROR"},"status":"RUNNING"}"#,
-            ),
-        );
-        let p = prober(ProbeSettings {
-            retries: 1,
-            ..settings(sim.url_template())
-        });
-        for id in ["v0", "v1"] {
-            let f = failed(p.probe_one(id).await);
-            assert_eq!(
-                (f.kind, f.attempts),
-                (ErrorKind::PluginError, 1),
-                "{id}: {f}"
-            );
-        }
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_status_outside_the_vocabulary_is_unknown_status() {
-    bounded(async {
-        let sim = sim();
-        sim.set("v0", Behavior::v0("WEIRD"));
-        sim.set("v1", Behavior::v1("UNKNOWN"));
-        sim.set("v1-number", Behavior::raw(200, r#"{"res":{},"status":9}"#));
-        let p = prober(settings(sim.url_template()));
-        for id in ["v0", "v1", "v1-number"] {
-            let f = failed(p.probe_one(id).await);
-            assert_eq!(f.kind, ErrorKind::UnknownStatus, "{id}: {f}");
-        }
-    })
-    .await;
-}
-
 const DAPR_ERROR: &str = r#"{"errorCode":"ERR_DIRECT_INVOKE","message":"fail to invoke, id: a, err: connection refused"}"#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_error_is_sidecar_invoke_in_dapr_mode_and_is_retried() {
-    bounded(async {
-        let sim = sim();
-        sim.set("a", Behavior::raw(500, DAPR_ERROR));
-        let p = prober(ProbeSettings {
-            dapr_invoke: true,
-            retries: 1,
-            ..settings(sim.url_template())
-        });
-        let f = failed(p.probe_one("a").await);
-        assert_eq!(f.kind, ErrorKind::SidecarInvoke, "{f}");
-        assert_eq!(f.dapr_error_code.as_deref(), Some("ERR_DIRECT_INVOKE"));
-        assert_eq!(f.http_status, Some(500));
-        assert_eq!(f.attempts, 2);
-        assert_eq!(sim.requests("a"), 2);
-    })
-    .await;
+/// One way a probe fails: the plugin's behaviour, the prober's settings, and what the
+/// failure must be. Only what a case names is checked (`None`: not checked).
+struct Failing {
+    /// The plugin id it is served under (and the case's name in messages).
+    id: &'static str,
+    behavior: Behavior,
+    /// A status URL template of its own (a closed port, a name that does not resolve)
+    /// instead of the simulator's.
+    template: Option<String>,
+    retries: u32,
+    timeout: Duration,
+    dapr_invoke: bool,
+    kind: ErrorKind,
+    /// `Some(None)`: the failure carries no HTTP status.
+    http_status: Option<Option<u16>>,
+    attempts: Option<u32>,
+    /// Requests the plugin received.
+    requests: Option<u64>,
+    /// `Some(None)`: the failure carries no Dapr error code.
+    dapr_error_code: Option<Option<&'static str>>,
+    /// How long the probe may take.
+    took: Option<std::ops::Range<Duration>>,
+    /// Text the failure's detail must not contain.
+    detail_without: Option<&'static str>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_500_is_http_status_when_not_going_through_dapr() {
-    bounded(async {
-        let sim = sim();
-        sim.set("a", Behavior::raw(500, DAPR_ERROR));
-        let p = prober(settings(sim.url_template()));
-        let f = failed(p.probe_one("a").await);
-        assert_eq!(
-            (f.kind, f.http_status),
-            (ErrorKind::HttpStatus, Some(500)),
-            "{f}"
-        );
-        assert_eq!(f.dapr_error_code, None);
-    })
-    .await;
+/// Probing `id` with `behavior` fails with `kind` (no retries, the default timeout).
+fn failing(id: &'static str, behavior: Behavior, kind: ErrorKind) -> Failing {
+    Failing {
+        id,
+        behavior,
+        template: None,
+        retries: 0,
+        timeout: settings(String::new()).timeout,
+        dapr_invoke: false,
+        kind,
+        http_status: None,
+        attempts: None,
+        requests: None,
+        dapr_error_code: None,
+        took: None,
+        detail_without: None,
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_dapr_mode_only_a_500_with_an_err_code_is_the_sidecars() {
-    bounded(async {
-        let sim = sim();
-        sim.set("plain", Behavior::raw(500, "internal error"));
-        sim.set("other-code", Behavior::raw(500, r#"{"errorCode":"OOPS"}"#));
-        sim.set("not-object", Behavior::raw(500, r#"["ERR_DIRECT_INVOKE"]"#));
-        sim.set("code-as-number", Behavior::raw(500, r#"{"errorCode":5}"#));
-        sim.set("503", Behavior::raw(503, DAPR_ERROR));
+impl Failing {
+    fn template(mut self, template: String) -> Self {
+        self.template = Some(template);
+        self
+    }
+    fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+    fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+    fn dapr_invoke(mut self) -> Self {
+        self.dapr_invoke = true;
+        self
+    }
+    fn http_status(mut self, status: Option<u16>) -> Self {
+        self.http_status = Some(status);
+        self
+    }
+    fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = Some(attempts);
+        self
+    }
+    fn requests(mut self, requests: u64) -> Self {
+        self.requests = Some(requests);
+        self
+    }
+    fn dapr_error_code(mut self, code: Option<&'static str>) -> Self {
+        self.dapr_error_code = Some(code);
+        self
+    }
+    fn took(mut self, took: std::ops::Range<Duration>) -> Self {
+        self.took = Some(took);
+        self
+    }
+    fn detail_without(mut self, text: &'static str) -> Self {
+        self.detail_without = Some(text);
+        self
+    }
+
+    /// Probes the case's plugin on `sim` and checks the failure.
+    async fn check(self, sim: &PluginSim) {
+        let id = self.id;
+        sim.set(id, self.behavior.clone());
+        let template = self.template.clone().unwrap_or_else(|| sim.url_template());
         let p = prober(ProbeSettings {
-            dapr_invoke: true,
-            ..settings(sim.url_template())
+            retries: self.retries,
+            timeout: self.timeout,
+            dapr_invoke: self.dapr_invoke,
+            ..settings(template)
         });
-        for (id, code) in [
-            ("plain", 500),
-            ("other-code", 500),
-            ("not-object", 500),
-            ("code-as-number", 500),
-            ("503", 503),
-        ] {
-            let f = failed(p.probe_one(id).await);
-            assert_eq!(
-                (f.kind, f.http_status),
-                (ErrorKind::HttpStatus, Some(code)),
-                "{id}: {f}"
+        let started = Instant::now();
+        let f = failed(p.probe_one(id).await);
+        let took = started.elapsed();
+        assert_eq!(f.kind, self.kind, "{id}: {f}");
+        if let Some(status) = self.http_status {
+            assert_eq!(f.http_status, status, "{id}: {f}");
+        }
+        if let Some(attempts) = self.attempts {
+            assert_eq!(f.attempts, attempts, "{id}: {f}");
+        }
+        if let Some(requests) = self.requests {
+            assert_eq!(sim.requests(id), requests, "{id}: requests received");
+        }
+        if let Some(code) = self.dapr_error_code {
+            assert_eq!(f.dapr_error_code.as_deref(), code, "{id}: {f}");
+        }
+        if let Some(range) = self.took {
+            assert!(
+                range.contains(&took),
+                "{id}: took {took:?}, not in {range:?}"
             );
-            assert_eq!(f.dapr_error_code, None, "{id}");
+        }
+        if let Some(text) = self.detail_without {
+            assert!(
+                !f.detail.contains(text),
+                "{id}: {text} in details: {}",
+                f.detail
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failure_has_its_error_kind_and_only_transient_ones_are_retried() {
+    bounded(TEST_BOUND, async {
+        let closed = format!("http://127.0.0.1:{}/{{plugin_id}}/v1/status", free_port());
+        let unresolvable = "http://no-such-plugin.invalid:8080/{plugin_id}/v1/status";
+        let slow = Behavior::delay(Duration::from_secs(5), Behavior::v0("ACTIVE"));
+        let ms = Duration::from_millis;
+        use ErrorKind::*;
+        let mut cases = vec![
+            // Nothing listens, or no such host: connect (retried); no URL in the details.
+            failing("closed-port", Behavior::v0("ACTIVE"), Connect)
+                .template(closed)
+                .retries(2)
+                .attempts(3)
+                .http_status(None)
+                .detail_without("127.0.0.1"),
+            failing("unresolvable", Behavior::v0("ACTIVE"), Connect)
+                .template(unresolvable.to_owned()),
+            // timeout * (retries + 1) plus one backoff delay of at most 2 * 100 ms.
+            failing("slow", slow, Timeout)
+                .timeout(ms(200))
+                .retries(1)
+                .attempts(2)
+                .requests(2)
+                .took(ms(400)..ms(400 + 200 + 300)),
+            failing("loris", Behavior::Slowloris, Timeout)
+                .timeout(ms(300))
+                .took(Duration::ZERO..Duration::from_secs(1)),
+            failing("garbage", Behavior::NotHttp, Protocol).http_status(None),
+            failing("reset", Behavior::Reset, Protocol)
+                .retries(1)
+                .attempts(2)
+                .requests(2),
+            failing("cut", Behavior::Truncated, Protocol),
+            // Non-2xx is http_status; only 5xx and 429 are retried.
+            failing("missing", Behavior::Unknown404, HttpStatus)
+                .retries(2)
+                .http_status(Some(404))
+                .attempts(1)
+                .requests(1),
+            failing("unavailable", Behavior::raw(503, "{}"), HttpStatus)
+                .retries(2)
+                .http_status(Some(503))
+                .attempts(3)
+                .requests(3),
+            failing("busy", Behavior::raw(429, ""), HttpStatus)
+                .retries(2)
+                .http_status(Some(429))
+                .attempts(3)
+                .requests(3),
+            // Redirects are neither followed nor retried.
+            failing("loop", Behavior::RedirectLoop, HttpStatus)
+                .retries(2)
+                .http_status(Some(302))
+                .requests(1),
+            // Cut at the cap without reading the rest, and not retried.
+            failing("huge", Behavior::Huge(10 * 1024 * 1024), TooLarge)
+                .timeout(Duration::from_secs(20))
+                .retries(2)
+                .attempts(1)
+                .took(Duration::ZERO..Duration::from_secs(2)),
+            // A plugin reporting an error: plugin_error, not retried.
+            failing(
+                "v0-error",
+                Behavior::raw(200, r#"{"ret":3,"msg":"db down","status":"ACTIVE"}"#),
+                PluginError,
+            )
+            .retries(1)
+            .attempts(1),
+            failing(
+                "v1-error",
+                Behavior::raw(
+                    200,
+                    r#"{"res":{"ret":"INTERNAL_ERROR"},"status":"RUNNING"}"#,
+                ),
+                PluginError,
+            )
+            .retries(1)
+            .attempts(1),
+            // A status outside the vocabulary.
+            failing("v0-weird", Behavior::v0("WEIRD"), UnknownStatus),
+            failing("v1-unknown", Behavior::v1("UNKNOWN"), UnknownStatus),
+            failing(
+                "v1-number",
+                Behavior::raw(200, r#"{"res":{},"status":9}"#),
+                UnknownStatus,
+            ),
+            // In Dapr mode a 500 with an `ERR_` code is the sidecar's, and is retried.
+            failing(
+                "sidecar-error",
+                Behavior::raw(500, DAPR_ERROR),
+                SidecarInvoke,
+            )
+            .dapr_invoke()
+            .retries(1)
+            .dapr_error_code(Some("ERR_DIRECT_INVOKE"))
+            .http_status(Some(500))
+            .attempts(2)
+            .requests(2),
+            // The same 500 is http_status when not going through Dapr.
+            failing("direct-500", Behavior::raw(500, DAPR_ERROR), HttpStatus)
+                .http_status(Some(500))
+                .dapr_error_code(None),
+        ];
+        // Bodies that are not JSON objects: bad_body, not retried.
+        cases.extend(
+            [
+                ("utf8", Behavior::InvalidUtf8),
+                ("array", Behavior::raw(200, r#"[{"status":"ACTIVE"}]"#)),
+                ("text", Behavior::raw(200, "ACTIVE")),
+            ]
+            .map(|(id, behavior)| {
+                failing(id, behavior, BadBody)
+                    .retries(2)
+                    .attempts(1)
+                    .requests(1)
+            }),
+        );
+        // In Dapr mode, only a 500 with an error code is the sidecar's.
+        cases.extend(
+            [
+                ("plain", 500, "internal error"),
+                ("other-code", 500, r#"{"errorCode":"OOPS"}"#),
+                ("not-object", 500, r#"["ERR_DIRECT_INVOKE"]"#),
+                ("code-as-number", 500, r#"{"errorCode":5}"#),
+                ("503", 503, DAPR_ERROR),
+            ]
+            .map(|(id, code, body)| {
+                failing(id, Behavior::raw(code, body), HttpStatus)
+                    .dapr_invoke()
+                    .http_status(Some(code))
+                    .dapr_error_code(None)
+            }),
+        );
+        let sim = sim();
+        for case in cases {
+            case.check(&sim).await;
         }
     })
     .await;
@@ -523,7 +458,7 @@ async fn in_dapr_mode_only_a_500_with_an_err_code_is_the_sidecars() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_in_flight_never_exceed_the_concurrency() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set_default(Behavior::delay(
             Duration::from_millis(40),
@@ -533,13 +468,7 @@ async fn probes_in_flight_never_exceed_the_concurrency() {
             concurrency: 6,
             ..settings(sim.url_template())
         });
-        let ids: Vec<String> = (0..60).map(|i| format!("p{i}")).collect();
-        let got = p
-            .probe_all(&ids, Instant::now() + Duration::from_secs(30))
-            .await;
-        assert!(got
-            .iter()
-            .all(|o| *o == ProbeOutcome::Reported(RouteStatus::Active)));
+        all_active(&p, &ids(60)).await;
         assert_eq!(sim.total_requests(), 60);
         let max = sim.max_in_flight();
         assert!(max <= 6, "{max} in flight with concurrency 6");
@@ -550,19 +479,14 @@ async fn probes_in_flight_never_exceed_the_concurrency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_reused_across_probes_and_calls() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = prober(ProbeSettings {
             concurrency: 4,
             ..settings(sim.url_template())
         });
-        let ids: Vec<String> = (0..200).map(|i| format!("p{i}")).collect();
-        let got = p
-            .probe_all(&ids, Instant::now() + Duration::from_secs(30))
-            .await;
-        assert!(got
-            .iter()
-            .all(|o| *o == ProbeOutcome::Reported(RouteStatus::Active)));
+        let ids = ids(200);
+        all_active(&p, &ids).await;
         let first = sim.connections();
         assert!(
             first <= 8,
@@ -582,7 +506,7 @@ async fn connections_are_reused_across_probes_and_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_probes_reuse_one_or_two_connections() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = prober(settings(sim.url_template()));
         for i in 0..100 {
@@ -600,7 +524,7 @@ async fn sequential_probes_reuse_one_or_two_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_idle_connection_is_kept_when_every_plugin_is_its_own_host() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         // The id lands in the authority (here: the host), so each plugin is a host.
         let template = format!("http://{{plugin_id}}:{}/x/v1/status", sim.addr().port());
@@ -619,7 +543,7 @@ async fn no_idle_connection_is_kept_when_every_plugin_is_its_own_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_goes_to_the_sidecar_origin() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = sim();
         sidecar.record_requests(true);
         let p = prober(ProbeSettings {
@@ -650,7 +574,7 @@ async fn the_token_goes_to_the_sidecar_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_never_goes_to_another_origin() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = sim();
         let elsewhere = sim();
         elsewhere.record_requests(true);
@@ -690,7 +614,7 @@ async fn the_token_never_goes_to_another_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_never_appears_in_failures_or_debug_output() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = sim();
         sidecar.set("sidecar-error", Behavior::raw(500, DAPR_ERROR));
         sidecar.set("down", Behavior::raw(503, TOKEN));
@@ -714,7 +638,7 @@ async fn the_token_never_appears_in_failures_or_debug_output() {
             assert!(!format!("{outcome:?} {f}").contains(TOKEN), "{outcome:?}");
         }
 
-        let closed = format!("http://127.0.0.1:{}", closed_port());
+        let closed = format!("http://127.0.0.1:{}", free_port());
         let p = prober(ProbeSettings {
             dapr_api_token: Some(Secret::new(TOKEN)),
             sidecar_origin: Some(closed.clone()),
@@ -737,7 +661,7 @@ async fn the_token_never_appears_in_failures_or_debug_output() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_cut_by_the_deadline_is_cut_off_not_failed() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         sim.set(
             "slow",
@@ -779,7 +703,7 @@ async fn a_probe_cut_by_the_deadline_is_cut_off_not_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_not_started_by_the_deadline_send_nothing() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = prober(settings(sim.url_template()));
         let got = p.probe_all(&["a", "b", "c"], Instant::now()).await;
@@ -791,7 +715,7 @@ async fn probes_not_started_by_the_deadline_send_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_plugins_fewer_than_the_concurrency_do_not_hold_up_the_others() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let slow = ["p10", "p50", "p90"];
         for id in slow {
@@ -812,7 +736,7 @@ async fn slow_plugins_fewer_than_the_concurrency_do_not_hold_up_the_others() {
             concurrency: 8,
             ..settings(sim.url_template())
         });
-        let ids: Vec<String> = (0..300).map(|i| format!("p{i}")).collect();
+        let ids = ids(300);
         let started = Instant::now();
         let got = p
             .probe_all_timed(&ids, Instant::now() + Duration::from_secs(30))
@@ -846,7 +770,7 @@ async fn slow_plugins_fewer_than_the_concurrency_do_not_hold_up_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_come_back_in_the_order_of_the_ids() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let statuses = ["ACTIVE", "STOPPED", "STARTING", "FAILED", "STOPPING"];
         let mut ids = Vec::new();
@@ -926,10 +850,10 @@ fn settings_the_prober_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prober_can_be_shared_across_spawned_tasks() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sim = sim();
         let p = std::sync::Arc::new(prober(settings(sim.url_template())));
-        let ids: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+        let ids = ids(10);
         let deadline = Instant::now() + Duration::from_secs(10);
         let tasks: Vec<_> = (0..3)
             .map(|_| {

@@ -23,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_scraper::sim::{Behavior, PluginSim};
+use keel_test_support::process::spawn_tied;
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::live::{self, is, Worker};
 use support::redis_server::{free_port, RedisServer};
-use support::tied::spawn_tied;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// Prometheus 2.42's scrape `Accept` header.

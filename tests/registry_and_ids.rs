@@ -5,8 +5,8 @@
 
 mod support;
 
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::{Save, StoreKind};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{
     keel, raw_version, redis_store, route_status, seed, seed_registry, seed_route, Output,

@@ -4,7 +4,7 @@
 //! events on stdout read line by line), a real `redis-server` that requires a password,
 //! and plugin simulators on loopback; one multi-replica run goes through the Dapr sidecar
 //! double instead. What each scenario proves, and the figures it prints, are described in
-//! `tests/README-reliability.md`:
+//! the README (section "Reliability under faults"):
 //!
 //! 1. three replicas on a 1 s schedule complete every tick exactly once (and the Dapr
 //!    backend does the same through the sidecar double);
@@ -46,13 +46,6 @@ mod security;
 #[path = "reliability/world.rs"]
 mod world;
 
-use std::future::Future;
-use std::time::Duration;
-
-/// Runs a scenario, failing it when it overstays `bound` (every wait inside is bounded
+/// Runs a scenario, failing it when it overstays its bound (every wait inside is bounded
 /// too; this is the last line of defence). Dropping the scenario kills its processes.
-pub async fn bounded<T>(bound: Duration, scenario: impl Future<Output = T>) -> T {
-    tokio::time::timeout(bound, scenario)
-        .await
-        .unwrap_or_else(|_| panic!("the scenario did not finish within {bound:?}"))
-}
+pub use keel_test_support::process::bounded;

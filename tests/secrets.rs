@@ -12,9 +12,9 @@ mod support;
 
 use std::time::Duration;
 
-use keel_scraper::sim::{Behavior, PluginSim};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::keel;
+use support::binary::{dapr_backend, keel, raw_put, redis_backend};
 use support::live::{http_get, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 use support::sidecar::{SidecarConfig, SidecarDouble};
@@ -61,34 +61,48 @@ impl Printed {
     }
 }
 
-/// Writes `key` in Dapr's `state.redis` layout (a HASH with `data` and `version`).
-fn put(redis: &RedisServer, key: &str, data: &str) {
-    redis.query::<()>(
-        redis::cmd("HSET")
-            .arg(key)
-            .arg("data")
-            .arg(data)
-            .arg("version")
-            .arg(1),
-    );
-}
-
 /// Two plugins: `up` (healthy) and `down` (404), both routed ACTIVE.
 fn seed(redis: &RedisServer, sim: &PluginSim) {
     sim.set("up", Behavior::v0("ACTIVE"));
     sim.set("down", Behavior::Unknown404);
-    put(
+    raw_put(
         redis,
         "plugins||all_registered_plugin",
         r#"{"up":"true","down":"true"}"#,
     );
     for id in ["up", "down"] {
-        put(
+        raw_put(
             redis,
             &format!("plugin_route_{id}"),
             r#"{"status":"ACTIVE"}"#,
         );
     }
+}
+
+/// A fresh password and token, a Redis that requires the password, and the two plugins
+/// of [`seed`].
+fn setup() -> (String, String, RedisServer, PluginSim) {
+    let password = secret("pw");
+    let redis = RedisServer::builder().with_password(&password).start();
+    let sim = PluginSim::start().expect("simulator");
+    seed(&redis, &sim);
+    (password, secret("tok"), redis, sim)
+}
+
+/// The environment of every run: `token` as `DAPR_API_TOKEN`, every log level on.
+fn run_env(token: &str) -> [(&'static str, &str); 2] {
+    [("DAPR_API_TOKEN", token), ("SCRAPER_LOG", "trace")]
+}
+
+/// A sidecar double on `redis` that requires `token` and invokes `sim`.
+async fn sidecar(redis: &RedisServer, token: &str, sim: &PluginSim) -> SidecarDouble {
+    SidecarDouble::start(
+        SidecarConfig::default()
+            .with_redis_url(&redis.url())
+            .with_token(token)
+            .with_invoke_base(&sim.origin()),
+    )
+    .await
 }
 
 /// Whether the server refuses a client that does not authenticate.
@@ -106,7 +120,7 @@ fn redis_refuses_without_the_password(redis: &RedisServer) -> bool {
 }
 
 /// A run's arguments for the search report, URLs (which may carry a password) left out.
-fn label(args: &[&str]) -> String {
+fn label(args: &[String]) -> String {
     args.iter()
         .map(|a| if a.contains('@') { "<url>" } else { a })
         .collect::<Vec<_>>()
@@ -114,7 +128,7 @@ fn label(args: &[&str]) -> String {
 }
 
 /// Runs a one-shot command, records its output and returns its exit code.
-fn one_shot(printed: &mut Printed, args: &[&str], env: &[(&str, &str)]) -> Option<i32> {
+fn one_shot(printed: &mut Printed, args: &[String], env: &[(&str, &str)]) -> Option<i32> {
     let out = keel()
         .args(args)
         .envs(env)
@@ -134,11 +148,45 @@ fn one_shot(printed: &mut Printed, args: &[&str], env: &[(&str, &str)]) -> Optio
     out.code
 }
 
+/// One one-shot run: its arguments, its environment and the exit code it must end with.
+type Run<'a> = (Vec<String>, &'a [(&'a str, &'a str)], i32);
+
+/// `parts` joined into one command line.
+fn argv(parts: &[&[&str]]) -> Vec<String> {
+    parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// `run` with `store`'s options, ticking every second, its server on a free port.
+fn run_every_second(store: &[&str]) -> Vec<String> {
+    argv(&[
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--schedule",
+            "* * * * * *",
+        ],
+        store,
+    ])
+}
+
+/// Runs each one-shot command, recording its output, and checks its exit code.
+fn one_shots(printed: &mut Printed, runs: &[Run]) {
+    for (args, env, code) in runs {
+        let got = one_shot(printed, args, env);
+        assert_eq!(got, Some(*code), "{}: {}", label(args), printed.text);
+    }
+}
+
 /// Runs `run` until an event matching `until`, scrapes `/metrics`, stops it with SIGTERM
 /// and records everything it printed (the metrics included).
 fn run_briefly(
     printed: &mut Printed,
-    args: &[&str],
+    args: &[String],
     env: &[(&str, &str)],
     until: impl Fn(&Value) -> bool,
 ) {
@@ -154,82 +202,34 @@ fn run_briefly(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_is_printed_on_the_redis_path() {
-    let password = secret("pw");
-    let token = secret("tok");
-    let redis = RedisServer::builder().with_password(&password).start();
-    let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &sim);
+    let (password, token, redis, sim) = setup();
     let url = redis.url();
     let template = sim.url_template();
     // The token is configured but has no sidecar to go to on this path.
     let common = ["--backend", "redis", "--status-url", &template];
-    let env = [("DAPR_API_TOKEN", token.as_str()), ("SCRAPER_LOG", "trace")];
+    let env = run_env(&token);
     let env_url = [
         ("DAPR_API_TOKEN", token.as_str()),
         ("SCRAPER_LOG", "trace"),
         ("REDIS_URL", url.as_str()),
     ];
-    let with = |cmd: &'static str, more: &[&'static str]| -> Vec<String> {
-        let mut v = vec![cmd.to_string()];
-        v.extend(common.iter().map(|s| s.to_string()));
-        v.extend(more.iter().map(|s| s.to_string()));
-        v
-    };
+    let flag = ["--redis-url", url.as_str()];
     let mut printed = Printed::default();
 
-    let args = with("once", &[]);
-    let mut flag_args: Vec<&str> = args.iter().map(String::as_str).collect();
-    flag_args.extend(["--redis-url", &url]);
-    assert_eq!(
-        one_shot(&mut printed, &flag_args, &env),
-        Some(0),
-        "{}",
-        printed.text
-    );
-    let env_args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_eq!(
-        one_shot(&mut printed, &env_args, &env_url),
-        Some(0),
-        "{}",
-        printed.text
-    );
+    // Each command with the URL as a flag and as `REDIS_URL`.
+    let mut runs: Vec<Run> = Vec::new();
+    for cmd in [&["once"][..], &["routes"], &["config"]] {
+        runs.push((argv(&[cmd, &common, &flag]), &env, 0));
+        runs.push((argv(&[cmd, &common]), &env_url, 0));
+    }
+    runs.push((argv(&[&["routes"], &common, &["--json"]]), &env_url, 0));
+    runs.push((argv(&[&["routes"], &common, &["--json"], &flag]), &env, 0));
+    runs.push((argv(&[&["--help"]]), &env_url, 0));
+    runs.push((argv(&[&["run", "--help"]]), &env_url, 0));
+    one_shots(&mut printed, &runs);
 
-    let args = with(
-        "run",
-        &["--listen", "127.0.0.1:0", "--schedule", "* * * * * *"],
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let args = run_every_second(&common);
     run_briefly(&mut printed, &args, &env_url, |e| is(e, "tick_completed"));
-
-    for cmd in [
-        with("routes", &[]),
-        with("routes", &["--json"]),
-        with("config", &[]),
-    ] {
-        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        assert_eq!(
-            one_shot(&mut printed, &args, &env_url),
-            Some(0),
-            "{}",
-            printed.text
-        );
-        let mut flag_args = args.clone();
-        flag_args.extend(["--redis-url", &url]);
-        assert_eq!(
-            one_shot(&mut printed, &flag_args, &env),
-            Some(0),
-            "{}",
-            printed.text
-        );
-    }
-    for help in [&["--help"][..], &["run", "--help"][..]] {
-        assert_eq!(
-            one_shot(&mut printed, help, &env_url),
-            Some(0),
-            "{}",
-            printed.text
-        );
-    }
 
     assert!(
         redis_refuses_without_the_password(&redis),
@@ -244,56 +244,22 @@ async fn no_secret_is_printed_on_the_redis_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_is_printed_on_the_dapr_path() {
-    let password = secret("pw");
-    let token = secret("tok");
-    let redis = RedisServer::builder().with_password(&password).start();
-    let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &sim);
-    let double = SidecarDouble::start(
-        SidecarConfig::default()
-            .with_redis_url(&redis.url())
-            .with_token(&token)
-            .with_invoke_base(&sim.origin()),
-    )
-    .await;
+    let (password, token, redis, sim) = setup();
+    let double = sidecar(&redis, &token, &sim).await;
     let grpc = double.grpc_endpoint();
     let http = double.http_endpoint();
-    let common = [
-        "--backend",
-        "dapr",
-        "--dapr-grpc-endpoint",
-        &grpc,
-        "--dapr-http-endpoint",
-        &http,
-    ];
-    let env = [("DAPR_API_TOKEN", token.as_str()), ("SCRAPER_LOG", "trace")];
-    let args = |cmd: &'static str, more: &[&'static str]| -> Vec<String> {
-        let mut v = vec![cmd.to_string()];
-        v.extend(common.iter().map(|s| s.to_string()));
-        v.extend(more.iter().map(|s| s.to_string()));
-        v
-    };
+    let common = dapr_backend(&grpc, &http);
+    let env = run_env(&token);
     let mut printed = Printed::default();
 
-    for cmd in [
-        args("once", &[]),
-        args("routes", &["--json"]),
-        args("config", &[]),
-    ] {
-        let a: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        assert_eq!(
-            one_shot(&mut printed, &a, &env),
-            Some(0),
-            "{}",
-            printed.text
-        );
-    }
-    let a = args(
-        "run",
-        &["--listen", "127.0.0.1:0", "--schedule", "* * * * * *"],
-    );
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    run_briefly(&mut printed, &a, &env, |e| is(e, "tick_completed"));
+    let runs: Vec<Run> = vec![
+        (argv(&[&["once"], &common]), &env, 0),
+        (argv(&[&["routes"], &common, &["--json"]]), &env, 0),
+        (argv(&[&["config"], &common]), &env, 0),
+    ];
+    one_shots(&mut printed, &runs);
+    let args = run_every_second(&common);
+    run_briefly(&mut printed, &args, &env, |e| is(e, "tick_completed"));
 
     assert!(double.saw_token(), "the token was sent to the sidecar");
     assert!(
@@ -306,138 +272,60 @@ async fn no_secret_is_printed_on_the_dapr_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_is_printed_when_the_store_or_the_sidecar_refuses_or_is_unreachable() {
-    let password = secret("pw");
+    let (password, token, redis, sim) = setup();
     let wrong_password = secret("wrongpw");
-    let token = secret("tok");
     let wrong_token = secret("wrongtok");
-    let redis = RedisServer::builder().with_password(&password).start();
-    let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &sim);
     let template = sim.url_template();
-    let env = [("DAPR_API_TOKEN", token.as_str()), ("SCRAPER_LOG", "trace")];
+    let env = run_env(&token);
     let mut printed = Printed::default();
 
-    // Redis refuses the password, or is not there at all.
-    let wrong = format!("redis://:{wrong_password}@127.0.0.1:{}/", redis.port());
-    let closed = format!("redis://:{password}@127.0.0.1:{}/", free_port());
-    for url in [&wrong, &closed] {
-        for cmd in [&["once"][..], &["routes", "--json"][..]] {
-            let mut a = cmd.to_vec();
-            a.extend([
-                "--backend",
-                "redis",
-                "--redis-url",
-                url,
-                "--status-url",
-                &template,
-            ]);
-            assert_eq!(
-                one_shot(&mut printed, &a, &env),
-                Some(1),
-                "{}",
-                printed.text
-            );
-        }
-        run_briefly(
-            &mut printed,
-            &[
-                "run",
-                "--backend",
-                "redis",
-                "--redis-url",
-                url,
-                "--status-url",
-                &template,
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            &env,
-            |e| is(e, "store_error"),
-        );
-    }
-    // Not a Redis URL: refused at start, exit 2, the URL named without its password.
-    let http_url = format!("http://:{password}@127.0.0.1:6379/");
-    let mut a = vec!["config", "--backend", "redis", "--redis-url", &http_url];
-    assert_eq!(
-        one_shot(&mut printed, &a, &env),
-        Some(2),
-        "{}",
-        printed.text
-    );
-    a[0] = "once";
-    assert_eq!(
-        one_shot(&mut printed, &a, &env),
-        Some(2),
-        "{}",
-        printed.text
-    );
-
-    // The sidecar refuses the token.
-    let double = SidecarDouble::start(
-        SidecarConfig::default()
-            .with_redis_url(&redis.url())
-            .with_token(&token)
-            .with_invoke_base(&sim.origin()),
-    )
-    .await;
+    // The sidecar that will refuse the token.
+    let double = sidecar(&redis, &token, &sim).await;
     let (grpc, http) = (double.grpc_endpoint(), double.http_endpoint());
-    let wrong_env = [
-        ("DAPR_API_TOKEN", wrong_token.as_str()),
-        ("SCRAPER_LOG", "trace"),
-    ];
-    let dapr = [
-        "--backend",
-        "dapr",
-        "--dapr-grpc-endpoint",
-        &grpc,
-        "--dapr-http-endpoint",
-        &http,
-    ];
-    for cmd in [&["once"][..], &["routes"][..]] {
-        let mut a = cmd.to_vec();
-        a.extend(dapr);
-        assert_eq!(
-            one_shot(&mut printed, &a, &wrong_env),
-            Some(1),
-            "{}",
-            printed.text
-        );
-    }
-    let mut a = vec![
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--schedule",
-        "* * * * * *",
-    ];
-    a.extend(dapr);
-    run_briefly(&mut printed, &a, &wrong_env, |e| {
-        is(e, "tick_failed") || is(e, "store_error")
-    });
-    assert!(double.saw_token(), "the wrong token reached the sidecar");
-
+    let wrong_env = run_env(&wrong_token);
+    let dapr = dapr_backend(&grpc, &http);
     // No sidecar at all: start-up gives up after --sidecar-wait.
     let (h, g) = (
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
     );
-    let a = [
-        "once",
-        "--backend",
-        "dapr",
-        "--dapr-http-endpoint",
-        &h,
-        "--dapr-grpc-endpoint",
-        &g,
-        "--sidecar-wait",
-        "1s",
-    ];
-    assert_eq!(
-        one_shot(&mut printed, &a, &env),
-        Some(1),
-        "{}",
-        printed.text
-    );
+    let no_sidecar = [&dapr_backend(&g, &h)[..], &["--sidecar-wait", "1s"]].concat();
+
+    // Redis refuses the password, or is not there at all.
+    let wrong = format!("redis://:{wrong_password}@127.0.0.1:{}/", redis.port());
+    let closed = format!("redis://:{password}@127.0.0.1:{}/", free_port());
+    let stores = [&wrong, &closed].map(|url| redis_backend(url, &template));
+    let mut runs: Vec<Run> = Vec::new();
+    for store in &stores {
+        for cmd in [&["once"][..], &["routes", "--json"]] {
+            runs.push((argv(&[cmd, store]), &env, 1));
+        }
+    }
+    // Not a Redis URL: refused at start, exit 2, the URL named without its password.
+    let http_url = format!("http://:{password}@127.0.0.1:6379/");
+    for cmd in ["config", "once"] {
+        runs.push((
+            argv(&[&[cmd], &["--backend", "redis", "--redis-url", &http_url]]),
+            &env,
+            2,
+        ));
+    }
+    // The sidecar refuses the token.
+    for cmd in ["once", "routes"] {
+        runs.push((argv(&[&[cmd], &dapr]), &wrong_env, 1));
+    }
+    runs.push((argv(&[&["once"], &no_sidecar]), &env, 1));
+    one_shots(&mut printed, &runs);
+
+    for store in &stores {
+        let a = argv(&[&["run"], store, &["--listen", "127.0.0.1:0"]]);
+        run_briefly(&mut printed, &a, &env, |e| is(e, "store_error"));
+    }
+    let args = run_every_second(&dapr);
+    run_briefly(&mut printed, &args, &wrong_env, |e| {
+        is(e, "tick_failed") || is(e, "store_error")
+    });
+    assert!(double.saw_token(), "the wrong token reached the sidecar");
 
     printed.assert_free_of(&[&password, &wrong_password, &token, &wrong_token]);
 }

@@ -14,22 +14,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use keel_scraper::sim::{Behavior, PluginSim};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
+use support::binary::raw_put;
 use support::live::{is, run_args, Worker};
 use support::redis_server::{free_port, RedisServer};
-
-/// Writes `key` in Dapr's `state.redis` layout (a HASH with `data` and `version`).
-fn put(redis: &RedisServer, key: &str, data: &str) {
-    redis.query::<()>(
-        redis::cmd("HSET")
-            .arg(key)
-            .arg("data")
-            .arg(data)
-            .arg("version")
-            .arg(1),
-    );
-}
 
 /// Registers each `(id, status)` and gives it a route with that status.
 fn seed(redis: &RedisServer, routes: &[(&str, &str)]) {
@@ -37,13 +26,13 @@ fn seed(redis: &RedisServer, routes: &[(&str, &str)]) {
         .iter()
         .map(|(id, _)| (id.to_string(), Value::String("true".into())))
         .collect();
-    put(
+    raw_put(
         redis,
         "plugins||all_registered_plugin",
         &Value::Object(registry).to_string(),
     );
     for (id, status) in routes {
-        put(
+        raw_put(
             redis,
             &format!("plugin_route_{id}"),
             &serde_json::json!({ "status": status }).to_string(),

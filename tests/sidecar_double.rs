@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -19,18 +18,13 @@ use dapr::dapr::proto::runtime::v1::{
     PublishEventRequest, SaveStateRequest,
 };
 use keel_scraper::store::StoreKind;
+use keel_test_support::process::{bounded, free_port};
 use support::sidecar::{SidecarConfig, SidecarDouble};
 use tonic::transport::Channel;
 use tonic::Code;
 
 /// Every test finishes within this, or fails.
 const TEST_BOUND: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(test: impl Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_BOUND, test)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {TEST_BOUND:?}"))
-}
 
 async fn client(sidecar: &SidecarDouble) -> DaprClient<Channel> {
     let channel = tonic::transport::Endpoint::from_shared(sidecar.grpc_endpoint())
@@ -102,16 +96,6 @@ fn http() -> reqwest::Client {
         .expect("build reqwest client")
 }
 
-/// A loopback port nothing listens on.
-async fn closed_port() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
-    port
-}
-
 /// A stand-in app on loopback: `/a/v1/status` answers 200 JSON, `/b/v1/status` 503 text.
 /// Records whether any request reached it carrying a Dapr token.
 struct App {
@@ -173,7 +157,7 @@ async fn start_app() -> App {
 
 #[tokio::test]
 async fn methods_other_than_the_four_state_calls_are_unimplemented() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = SidecarDouble::start(SidecarConfig::default()).await;
         let mut client = client(&sidecar).await;
 
@@ -204,7 +188,7 @@ async fn methods_other_than_the_four_state_calls_are_unimplemented() {
 
 #[tokio::test]
 async fn a_refused_first_write_save_without_etag_is_internal_and_with_one_aborted() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = SidecarDouble::start(SidecarConfig::default()).await;
         let mut client = client(&sidecar).await;
         let store = sidecar.public_store().to_string();
@@ -246,7 +230,7 @@ async fn a_refused_first_write_save_without_etag_is_internal_and_with_one_aborte
 
 #[tokio::test]
 async fn a_wrong_etag_is_aborted_and_the_right_one_succeeds() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = SidecarDouble::start(SidecarConfig::default()).await;
         let mut client = client(&sidecar).await;
         let store = sidecar.public_store().to_string();
@@ -313,7 +297,7 @@ async fn a_wrong_etag_is_aborted_and_the_right_one_succeeds() {
 
 #[tokio::test]
 async fn an_invalid_etag_and_an_unknown_store_are_invalid_argument() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = SidecarDouble::start(SidecarConfig::default()).await;
         let mut client = client(&sidecar).await;
 
@@ -343,7 +327,7 @@ async fn an_invalid_etag_and_an_unknown_store_are_invalid_argument() {
 
 #[tokio::test]
 async fn state_lands_in_redis_in_dapr_layout_under_each_component_prefix() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar =
             SidecarDouble::start(SidecarConfig::default().with_private_key_prefix("Plugins")).await;
         let mut client = client(&sidecar).await;
@@ -398,7 +382,7 @@ async fn state_lands_in_redis_in_dapr_layout_under_each_component_prefix() {
 
 #[tokio::test]
 async fn missing_keys_read_empty_and_ttl_is_reported_as_ttl_expire_time() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = SidecarDouble::start(SidecarConfig::default()).await;
         let mut client = client(&sidecar).await;
         let store = sidecar.private_store().to_string();
@@ -471,7 +455,7 @@ async fn missing_keys_read_empty_and_ttl_is_reported_as_ttl_expire_time() {
 
 #[tokio::test]
 async fn service_invocation_passes_status_and_body_through() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let app = start_app().await;
         let sidecar =
             SidecarDouble::start(SidecarConfig::default().with_invoke_base(&app.base)).await;
@@ -526,8 +510,8 @@ async fn service_invocation_passes_status_and_body_through() {
 
 #[tokio::test]
 async fn an_unreachable_app_gets_dapr_500_with_err_direct_invoke() {
-    bounded(async {
-        let port = closed_port().await;
+    bounded(TEST_BOUND, async {
+        let port = free_port();
         let sidecar = SidecarDouble::start(
             SidecarConfig::default().with_invoke_base(&format!("http://127.0.0.1:{port}")),
         )
@@ -585,7 +569,7 @@ async fn health(sidecar: &SidecarDouble) -> u16 {
 
 #[tokio::test]
 async fn readiness_can_be_delayed_and_toggled() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar =
             SidecarDouble::start(SidecarConfig::default().ready_after(Duration::from_millis(700)))
                 .await;
@@ -624,7 +608,7 @@ async fn readiness_can_be_delayed_and_toggled() {
 
 #[tokio::test]
 async fn the_api_token_is_enforced_on_both_surfaces_except_health() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let app = start_app().await;
         let sidecar = SidecarDouble::start(
             SidecarConfig::default()
@@ -697,7 +681,7 @@ async fn the_api_token_is_enforced_on_both_surfaces_except_health() {
 
 #[tokio::test]
 async fn without_a_configured_token_every_call_passes_and_none_is_recorded() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = SidecarDouble::start(SidecarConfig::default()).await;
         let mut client = client(&sidecar).await;
         client
@@ -720,7 +704,7 @@ async fn without_a_configured_token_every_call_passes_and_none_is_recorded() {
 
 #[tokio::test]
 async fn a_dropped_double_stops_answering_even_on_open_connections() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let app = start_app().await;
         let sidecar =
             SidecarDouble::start(SidecarConfig::default().with_invoke_base(&app.base)).await;

@@ -17,17 +17,12 @@ use keel_scraper::secret::Secret;
 use keel_scraper::store::dapr::DaprStore;
 use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Concurrency, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
+use keel_test_support::process::bounded;
 use support::conformance::{self, Caps};
 use support::sidecar::{SidecarConfig, SidecarDouble};
 
 /// Every test finishes within this, or fails.
 const TEST_BOUND: Duration = Duration::from_secs(120);
-
-async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_BOUND, test)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {TEST_BOUND:?}"))
-}
 
 /// Bound on one conformance case.
 const CASE_BOUND: Duration = Duration::from_secs(60);
@@ -78,7 +73,7 @@ async fn connect(sidecar: &SidecarDouble, token: Option<&str>) -> DaprStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dapr_store_passes_the_conformance_suite_over_the_sidecar_double() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (_sidecar, store) = start().await;
         let caps = dapr_caps();
         let selected: Vec<_> = conformance::cases()
@@ -128,7 +123,7 @@ async fn dapr_store_passes_the_conformance_suite_over_the_sidecar_double() {
 
 #[tokio::test]
 async fn keys_containing_the_dapr_separator_are_refused_and_other_keys_are_opaque() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (_sidecar, store) = start().await;
         for kind in [StoreKind::Public, StoreKind::Private] {
             let err = store
@@ -158,7 +153,7 @@ async fn keys_containing_the_dapr_separator_are_refused_and_other_keys_are_opaqu
 
 #[tokio::test]
 async fn ttl_is_reported_to_the_second() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (_sidecar, store) = start().await;
         let kind = StoreKind::Private;
         store
@@ -208,7 +203,7 @@ async fn ttl_is_reported_to_the_second() {
 
 #[tokio::test]
 async fn a_value_written_through_dapr_is_byte_identical_in_redis_to_the_redis_backend() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (sidecar, dapr) = start().await;
         let redis_store = RedisStore::connect(
             sidecar.redis_url(),
@@ -307,7 +302,7 @@ async fn a_value_written_through_dapr_is_byte_identical_in_redis_to_the_redis_ba
 
 #[tokio::test]
 async fn the_private_prefix_is_applied_and_the_public_store_is_bare() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (sidecar, store) = start().await;
         let redis = sidecar.redis().expect("own redis");
         store
@@ -361,7 +356,7 @@ async fn the_private_prefix_is_applied_and_the_public_store_is_bare() {
 
 #[tokio::test]
 async fn the_api_token_is_required_and_never_shown() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (sidecar, good) = start_with(
             SidecarConfig::default().with_token("t0ken-right"),
             Some("t0ken-right"),
@@ -413,7 +408,7 @@ async fn the_api_token_is_required_and_never_shown() {
 
 #[tokio::test]
 async fn no_token_is_sent_when_none_is_configured() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (sidecar, store) = start().await;
         store.ping().await.expect("ping");
         store
@@ -429,7 +424,7 @@ async fn no_token_is_sent_when_none_is_configured() {
 
 #[tokio::test]
 async fn errors_name_the_store_and_key_and_come_within_seconds() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let sidecar = SidecarDouble::start(SidecarConfig::default()).await;
 
         // A component the sidecar does not have.
@@ -504,7 +499,7 @@ async fn errors_name_the_store_and_key_and_come_within_seconds() {
 
 #[tokio::test]
 async fn update_existing_re_creates_a_deleted_route_as_dapr_does() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (sidecar, store) = start().await;
         let kind = StoreKind::Public;
         store
@@ -568,7 +563,7 @@ async fn update_existing_re_creates_a_deleted_route_as_dapr_does() {
 
 #[tokio::test]
 async fn large_bulk_reads_are_split_into_calls_and_keep_the_order() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (sidecar, store) = start().await;
         let kind = StoreKind::Public;
         let keys: Vec<String> = (0..2100).map(|i| format!("plugin_route_{i}")).collect();
@@ -600,7 +595,7 @@ async fn large_bulk_reads_are_split_into_calls_and_keep_the_order() {
 
 #[tokio::test]
 async fn a_hung_sidecar_is_an_error_within_the_call_timeout() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (sidecar, store) = start().await;
         store.ping().await.expect("ping");
         sidecar.set_stalled(true);

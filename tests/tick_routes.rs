@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use keel_scraper::lease::TickKind;
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::{Save, Store, StoreKind};
 use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
+use keel_test_support::sim::{Behavior, PluginSim};
 use std::sync::Arc;
 use support::binary::{
     exists, keel, raw_data, raw_json, raw_version, redis_store, redis_ticker, route_status, seed,

@@ -1,7 +1,7 @@
-//! Support for the scale benchmark: child processes, the `wrk` limit, sample statistics,
-//! the machine description and the result table.
+//! Support for the scale benchmark: the `wrk` limit, sample statistics, the machine
+//! description and the result table. Child processes and Redis come from the
+//! `keel-test-support` crate, shared with the tests.
 
-pub mod procs;
 pub mod wrk;
 
 use std::fmt::Write as _;

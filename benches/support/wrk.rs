@@ -10,12 +10,10 @@
 //! wrk does no per-answer work in Lua); its `done` hook prints the exact counts.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-
-use super::procs::run_bounded;
+use keel_test_support::process::{Exited, Spawn};
 
 /// One timed run.
 #[derive(Clone, Copy, Debug)]
@@ -78,7 +76,7 @@ pub fn timed(
     let path = dir.join(format!("status-{n}.lua"));
     std::fs::write(&path, script(n, id_format)).context("write the wrk script")?;
     let (out, exited) = run_bounded(
-        Command::new("wrk")
+        Spawn::new("wrk")
             .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
             .args(["--timeout", "5s", "-s"])
             .arg(&path)
@@ -102,4 +100,22 @@ pub fn timed(
         errors,
         cpu: exited.cpu,
     })
+}
+
+/// Runs a child to completion within `limit`, returning its stdout and how it ended
+/// (stderr is added to the error when it fails).
+fn run_bounded(spawn: Spawn, limit: Duration) -> Result<(String, Exited)> {
+    let mut child = spawn.capture().start()?;
+    let exited = child.wait_measured(Instant::now(), limit)?;
+    child.join_readers();
+    let stdout = child.stdout();
+    if exited.code != 0 {
+        bail!(
+            "exit code {}: {}{}",
+            exited.code,
+            stdout.trim(),
+            child.stderr().trim()
+        );
+    }
+    Ok((stdout, exited))
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use keel_scraper::sim::Behavior;
+use keel_test_support::sim::Behavior;
 
 use crate::bounded;
 use crate::figures::Scenario;

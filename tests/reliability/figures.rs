@@ -10,7 +10,7 @@
 use std::fmt::Display;
 use std::io::Write;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Every scenario of the suite, in the order of the summary table. A scenario not listed
 /// here still prints its own rows; the summary waits for all of these.
@@ -54,6 +54,14 @@ impl Scenario {
             rows: Vec::new(),
             passed: false,
         }
+    }
+
+    /// Runs scenario `name`: `body` within `bound_secs` seconds ([`crate::bounded`]),
+    /// then [`Scenario::pass`] when it returns.
+    pub async fn run(name: &'static str, bound_secs: u64, body: impl AsyncFnOnce(&mut Scenario)) {
+        let mut sc = Scenario::start(name);
+        crate::bounded(Duration::from_secs(bound_secs), body(&mut sc)).await;
+        sc.pass();
     }
 
     /// Marks the scenario passed: called as its last statement, so a scenario that

@@ -4,31 +4,30 @@
 //!   own `--holder-id`, JSON logs) with a clean environment that holds only `PATH`, the
 //!   store settings and a `DAPR_API_TOKEN`, optionally under Debian's `faketime` to skew its
 //!   wall clock from outside.
-//! * [`Replica`] is the running process. Two reader threads take its stdout and stderr line
-//!   by line into a [`Journal`] shared by every replica of a scenario, so the test sees one
-//!   merged, timestamped stream of events. A replica can be told to signal itself the
-//!   moment a given event appears (a crash "in the middle of a tick" is then a matter of a
-//!   pipe read, not of a sleep). It is killed when dropped, and, because it is forked from
-//!   a thread that lives as long as the test process with `PR_SET_PDEATHSIG`, when the
-//!   test process dies however it dies.
+//! * [`Replica`] is the running process (a [`Proc`]: tied to the test process, killed
+//!   when dropped). Its reader threads take its stdout and stderr line by line into a
+//!   [`Journal`] shared by every replica of a scenario, so the test sees one merged,
+//!   timestamped stream of events. A replica can be told to signal itself the moment a
+//!   given event appears (a crash "in the middle of a tick" is then a matter of a pipe
+//!   read, not of a sleep).
 //! * [`Journal`] answers the questions the scenarios ask (which replica completed which
 //!   tick, which events came from whom) and checks that nothing printed holds a secret.
 //! * [`wait_until`] is the only way the suite waits for something: every wait is bounded
 //!   and fails with the tail of the journal.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use keel_test_support::process::{self, chomp, lock, Proc, Spawn};
 use serde_json::Value;
 
 use crate::figures::Scenario;
-use crate::support::tied::spawn_tied;
+use crate::support::binary::dapr_backend;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_keel-scraper");
@@ -41,11 +40,6 @@ pub const DAPR_TOKEN: &str = "rel-token-9c2f7a31e6";
 
 /// How long a replica may take to exit after SIGTERM (its tick's grace included).
 pub const EXIT_BOUND: Duration = Duration::from_secs(15);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking test thread may poison a lock; the data is still what it was.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 // ---------------------------------------------------------------------------------------
 // The journal
@@ -443,14 +437,7 @@ impl Spec {
     /// The `dapr` backend through a sidecar at these endpoints (status calls go through its
     /// service invocation, the default).
     pub fn dapr(self, grpc: &str, http: &str) -> Spec {
-        self.args(&[
-            "--backend",
-            "dapr",
-            "--dapr-grpc-endpoint",
-            grpc,
-            "--dapr-http-endpoint",
-            http,
-        ])
+        self.args(&dapr_backend(grpc, http))
     }
 
     pub fn schedule(self, cron: &str) -> Spec {
@@ -470,63 +457,33 @@ impl Spec {
     }
 
     pub fn spawn(self, journal: &Arc<Journal>) -> Replica {
-        let mut cmd = match &self.faketime {
-            Some(offset) => {
-                let mut c = Command::new("faketime");
-                // faketime forks the program; setpriv ties the worker's life to faketime's
-                // (which is tied to this process), so no worker outlives the suite.
-                c.args(["-f", offset, "setpriv", "--pdeathsig", "KILL", BIN]);
-                c
-            }
-            None => Command::new(BIN),
+        let spawn = match &self.faketime {
+            // faketime forks the program; setpriv ties the worker's life to faketime's
+            // (which is tied to this process), so no worker outlives the suite.
+            Some(offset) => Spawn::new("faketime")
+                .args(["-f", offset, "setpriv", "--pdeathsig", "KILL", BIN])
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            None => Spawn::new(BIN),
         };
-        cmd.args(&self.args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if self.faketime.is_some() {
-            cmd.env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-        }
-        for (k, v) in &self.envs {
-            cmd.env(k, v);
-        }
-        let mut child = spawn_tied(cmd)
-            .unwrap_or_else(|e| panic!("cannot start replica {} ({BIN}): {e}", self.name));
         let worker_pid = Arc::new(AtomicU32::new(0));
-        if self.faketime.is_none() {
-            worker_pid.store(child.id(), Ordering::SeqCst);
-        }
         let triggers: Arc<Mutex<Vec<Trigger>>> = Arc::default();
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(reader(
-                out,
-                "stdout",
-                &self.name,
-                journal,
-                &triggers,
-                &worker_pid,
-            ));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(reader(
-                err,
-                "stderr",
-                &self.name,
-                journal,
-                &triggers,
-                &worker_pid,
-            ));
+        let on_line = |stream| on_line(stream, &self.name, journal, &triggers, &worker_pid);
+        let proc = spawn
+            .name(&self.name)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .on_stdout(on_line("stdout"))
+            .on_stderr(on_line("stderr"))
+            .start()
+            .unwrap_or_else(|e| panic!("cannot start replica {} ({BIN}): {e}", self.name));
+        if self.faketime.is_none() {
+            worker_pid.store(proc.pid(), Ordering::SeqCst);
         }
         let mut replica = Replica {
             name: self.name,
-            child,
+            proc,
             worker_pid,
             triggers,
-            readers,
-            status: None,
             faked: self.faketime.is_some(),
         };
         if replica.faked {
@@ -557,74 +514,54 @@ impl Fired {
     }
 }
 
-fn reader<R: Read + Send + 'static>(
-    pipe: R,
+/// What a replica's reader thread does with each line of `stream`: journal it and, on an
+/// event, fire the first trigger that matches.
+fn on_line(
     stream: &'static str,
     name: &str,
     journal: &Arc<Journal>,
     triggers: &Arc<Mutex<Vec<Trigger>>>,
     pid: &Arc<AtomicU32>,
-) -> thread::JoinHandle<()> {
+) -> impl FnMut(&[u8]) + Send + 'static {
     let (name, journal, triggers, pid) = (
         name.to_owned(),
         Arc::clone(journal),
         Arc::clone(triggers),
         Arc::clone(pid),
     );
-    thread::Builder::new()
-        .name(format!("{name}-{stream}"))
-        .spawn(move || {
-            let mut lines = BufReader::new(pipe);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match lines.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                if line.last() == Some(&b'\n') {
-                    line.pop();
-                }
-                let Some(event) = journal.push(&name, stream, &line) else {
-                    continue;
-                };
-                let mut triggers = lock(&triggers);
-                if let Some(i) = triggers.iter().position(|t| (t.matches)(&event)) {
-                    let t = triggers.remove(i);
-                    (t.action)(pid.load(Ordering::SeqCst));
-                    *lock(&t.fired.0) = Some((Instant::now(), event));
-                }
-            }
-        })
-        .unwrap_or_else(|e| panic!("cannot start a reader thread: {e}"))
+    move |line| {
+        let Some(event) = journal.push(&name, stream, chomp(line)) else {
+            return;
+        };
+        let mut triggers = lock(&triggers);
+        if let Some(i) = triggers.iter().position(|t| (t.matches)(&event)) {
+            let t = triggers.remove(i);
+            (t.action)(pid.load(Ordering::SeqCst));
+            *lock(&t.fired.0) = Some((Instant::now(), event));
+        }
+    }
 }
 
 /// A running `keel-scraper run` (killed on drop).
 pub struct Replica {
     pub name: String,
-    child: Child,
+    proc: Proc,
     worker_pid: Arc<AtomicU32>,
     triggers: Arc<Mutex<Vec<Trigger>>>,
-    readers: Vec<thread::JoinHandle<()>>,
-    status: Option<ExitStatus>,
     faked: bool,
 }
 
 impl Replica {
     /// Under faketime the worker is faketime's child: find its pid.
     fn resolve_worker_pid(&mut self) {
-        let parent = self.child.id();
-        let path = format!("/proc/{parent}/task/{parent}/children");
+        let parent = self.proc.pid();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(pid) = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-            {
+            if let Some(&pid) = process::children(parent).first() {
                 self.worker_pid.store(pid, Ordering::SeqCst);
                 return;
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.proc.status() {
                 panic!(
                     "faketime exited ({status}) before starting replica {}",
                     self.name
@@ -646,10 +583,10 @@ impl Replica {
 
     /// Sends `signal` to the worker now.
     pub fn signal(&self, signal: libc::c_int) {
-        if self.status.is_some() {
+        if self.proc.reaped() {
             return;
         }
-        // SAFETY: kill(2) on the worker we started and have not reaped (status is None).
+        // SAFETY: kill(2) on the worker we started and have not reaped.
         unsafe {
             libc::kill(self.pid() as libc::pid_t, signal);
         }
@@ -691,28 +628,12 @@ impl Replica {
 
     /// Whether the process still runs.
     pub fn is_running(&mut self) -> bool {
-        if self.status.is_some() {
-            return false;
-        }
-        match self.child.try_wait() {
-            Ok(Some(s)) => {
-                self.status = Some(s);
-                false
-            }
-            _ => true,
-        }
+        self.proc.is_running()
     }
 
     /// Waits for the process to exit, at most `bound`; `None` when it is still running.
     pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + bound;
-        while self.is_running() {
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.status
+        self.proc.wait_exit(bound)
     }
 
     /// SIGTERM, then the exit code; panics (with the journal) when it does not exit within
@@ -731,24 +652,16 @@ impl Replica {
 
     /// The worker's peak resident set (`VmHWM`), in KiB.
     pub fn vm_hwm_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        process::vm_hwm_kib(self.pid())
     }
 }
 
 impl Drop for Replica {
     fn drop(&mut self) {
+        // Under faketime the worker is not the child: kill it first. The child itself is
+        // killed, and its readers joined, when `proc` drops.
         if self.is_running() {
             self.signal(libc::SIGKILL);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // The pipes close with the process; the readers then end.
-        for r in self.readers.drain(..) {
-            let _ = r.join();
         }
     }
 }
@@ -762,58 +675,12 @@ pub fn run_once(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    let out = out.join().unwrap_or_default();
-    let err = err.join().unwrap_or_default();
-    journal.record_output(who, "stdout", &out);
-    journal.record_output(who, "stderr", &err);
-    assert!(status.is_some(), "{who}: {BIN} {args:?} overstayed 30 s");
-    (
-        status.and_then(|s| s.code()),
-        String::from_utf8_lossy(&out).into_owned(),
-        String::from_utf8_lossy(&err).into_owned(),
-    )
+    let run = Spawn::new(BIN)
+        .args(args)
+        .envs(envs.iter().copied())
+        .run(Duration::from_secs(30));
+    journal.record_output(who, "stdout", run.stdout.as_bytes());
+    journal.record_output(who, "stderr", run.stderr.as_bytes());
+    assert!(!run.timed_out, "{who}: {BIN} {args:?} overstayed 30 s");
+    (run.code(), run.stdout, run.stderr)
 }

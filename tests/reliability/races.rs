@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use keel_scraper::route::route_key;
-use keel_scraper::sim::Behavior;
 use keel_scraper::store::{Save, Store, StoreError, StoreKind};
+use keel_test_support::sim::Behavior;
 use serde_json::value::RawValue;
 
 use crate::bounded;

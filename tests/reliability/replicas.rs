@@ -8,14 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use keel_scraper::sim::Behavior;
+use keel_test_support::sim::Behavior;
 use serde_json::Value;
 
-use crate::bounded;
 use crate::figures::Scenario;
 use crate::harness::{
     ms, sleep_until_wall, slot_at_or_after, wait_first_fired, wait_more_ticks, wait_until, Journal,
-    Replica, Spec, DAPR_TOKEN,
+    Replica, Spec, TickAudit, DAPR_TOKEN,
 };
 use crate::support::sidecar::{SidecarConfig, SidecarDouble};
 use crate::world::{escaping_ids, ids, route_json, Flapper, World, LOCK_REDIS_KEY};
@@ -62,6 +61,44 @@ pub async fn settle_after(journal: &Journal, last: DateTime<Utc>) {
     .await;
 }
 
+/// Scenario 1's world: `n` plugins named `prefix`... and the ids built to escape the
+/// status URL, every one registered with an ACTIVE route.
+async fn world_with_escaping_ids(prefix: &str, n: usize) -> (World, Vec<String>, Vec<String>) {
+    let w = World::start(false).await;
+    let valid = ids(prefix, n);
+    let escaping = escaping_ids();
+    w.create_routes(&valid, "ACTIVE").await;
+    w.create_routes(&escaping, "ACTIVE").await;
+    let registry: Vec<String> = valid.iter().chain(&escaping).cloned().collect();
+    w.set_registry(&registry).await;
+    (w, valid, escaping)
+}
+
+/// The route of `id`, which must still exist.
+async fn existing_route(w: &World, id: &str) -> keel_scraper::store::Entry {
+    w.route(id)
+        .await
+        .unwrap_or_else(|| panic!("route {id:?} is gone"))
+}
+
+/// Once every replica ticks, audits the next `ticks` slots of a 1 s schedule: the first
+/// and last slot, and who completed each.
+async fn audit_next_ticks(
+    journal: &Journal,
+    replicas: &[Replica],
+    ticks: i32,
+) -> (DateTime<Utc>, DateTime<Utc>, TickAudit) {
+    wait_ticking(journal, replicas).await;
+    let first = slot_at_or_after(Utc::now() + SECOND, 1);
+    let last = first + SECOND * (ticks - 1);
+    settle_after(journal, last).await;
+    (
+        first,
+        last,
+        journal.audit(first, last, Duration::from_secs(1)),
+    )
+}
+
 /// The replica that completed the latest two consecutive ticks, and the latest of them.
 fn steady_holder(journal: &Journal, step: chrono::TimeDelta) -> Option<(String, DateTime<Utc>)> {
     let done = journal.completions();
@@ -77,6 +114,25 @@ fn steady_holder(journal: &Journal, step: chrono::TimeDelta) -> Option<(String, 
     })
 }
 
+/// Waits until every replica ticks and one of them has completed two consecutive ticks
+/// `step` apart (within `bound`); returns the later of them.
+async fn wait_steady(
+    journal: &Journal,
+    replicas: &[Replica],
+    step: chrono::TimeDelta,
+    bound: Duration,
+) -> DateTime<Utc> {
+    wait_ticking(journal, replicas).await;
+    let (_, latest) = wait_until(
+        bound,
+        "a holder completing two ticks in a row",
+        journal,
+        || steady_holder(journal, step),
+    )
+    .await;
+    latest
+}
+
 /// A predicate that matches `event` on whichever replica sees it first, and then never
 /// again on any replica sharing `once`.
 fn first_of(once: &Arc<AtomicBool>, event: &'static str) -> impl Fn(&Value) -> bool + Send {
@@ -89,6 +145,29 @@ fn index_of(replicas: &[Replica], name: &str) -> usize {
         .iter()
         .position(|r| r.name == name)
         .unwrap_or_else(|| panic!("no replica named {name}"))
+}
+
+/// A world whose `n` plugins, named `prefix`..., have ACTIVE routes and answer ACTIVE
+/// (after `answer_after`, when given).
+async fn seeded_world(
+    prefix: &str,
+    n: usize,
+    answer_after: Option<Duration>,
+) -> (World, Vec<String>) {
+    let w = World::start(false).await;
+    let plugins = ids(prefix, n);
+    w.seed(&plugins, "ACTIVE").await;
+    if let Some(delay) = answer_after {
+        w.sim
+            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
+    }
+    (w, plugins)
+}
+
+/// The end of every scenario: [`stop_all`], then the secrets figure.
+fn finish(replicas: &mut [Replica], w: &World, sc: &mut Scenario) {
+    stop_all(replicas, &w.journal);
+    w.figure_no_secrets(sc);
 }
 
 /// Stops every replica with SIGTERM and checks each exits 0 and printed only JSON events.
@@ -118,15 +197,8 @@ fn stop_all(replicas: &mut [Replica], journal: &Journal) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_complete_every_tick_exactly_once() {
-    let mut sc = Scenario::start("1-three-replicas-redis");
-    bounded(Duration::from_secs(150), async {
-        let w = World::start(false).await;
-        let valid = ids("p", 8);
-        let escaping = escaping_ids();
-        w.create_routes(&valid, "ACTIVE").await;
-        w.create_routes(&escaping, "ACTIVE").await;
-        let registry: Vec<String> = valid.iter().chain(&escaping).cloned().collect();
-        w.set_registry(&registry).await;
+    Scenario::run("1-three-replicas-redis", 150, async |sc| {
+        let (w, valid, escaping) = world_with_escaping_ids("p", 8).await;
         w.sim.record_requests(true);
         let flapping = &valid[4..];
         let flapper = Flapper::start(
@@ -142,13 +214,8 @@ async fn three_replicas_complete_every_tick_exactly_once() {
         );
 
         let mut replicas = w.spawn_replicas(&["r1", "r2", "r3"], "* * * * * *");
-        wait_ticking(&w.journal, &replicas).await;
-        let first = slot_at_or_after(Utc::now() + SECOND, 1);
-        let last = first + SECOND * 29;
-        settle_after(&w.journal, last).await;
-
-        let audit = w.journal.audit(first, last, Duration::from_secs(1));
-        audit.figures(&mut sc);
+        let (first, last, audit) = audit_next_ticks(&w.journal, &replicas, 30).await;
+        audit.figures(sc);
         sc.figure("lock_lost events", w.journal.count("lock_lost"));
         sc.figure("tick_failed events", w.journal.count("tick_failed"));
         // How late after its slot each tick took the lock (the scheduler's firing delay).
@@ -202,10 +269,7 @@ async fn three_replicas_complete_every_tick_exactly_once() {
             "each escaping id is logged as invalid_plugin_id: {logged:?}"
         );
         for id in &escaping {
-            let route = w
-                .route(id)
-                .await
-                .unwrap_or_else(|| panic!("route {id:?} is gone"));
+            let route = existing_route(&w, id).await;
             assert_eq!(
                 (route.etag.as_str(), route.data.as_slice()),
                 ("1", route_json(id, "ACTIVE").as_bytes()),
@@ -228,11 +292,9 @@ async fn three_replicas_complete_every_tick_exactly_once() {
             };
             assert_eq!(statuses[id], want, "route of {id}");
         }
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+        finish(&mut replicas, &w, sc);
     })
     .await;
-    sc.pass();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -241,15 +303,8 @@ async fn three_replicas_complete_every_tick_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_dapr_replicas_complete_every_tick_exactly_once() {
-    let mut sc = Scenario::start("1d-three-replicas-dapr");
-    bounded(Duration::from_secs(120), async {
-        let w = World::start(false).await;
-        let valid = ids("d", 6);
-        let escaping = escaping_ids();
-        w.create_routes(&valid, "ACTIVE").await;
-        w.create_routes(&escaping, "ACTIVE").await;
-        let registry: Vec<String> = valid.iter().chain(&escaping).cloned().collect();
-        w.set_registry(&registry).await;
+    Scenario::run("1d-three-replicas-dapr", 120, async |sc| {
+        let (w, valid, escaping) = world_with_escaping_ids("d", 6).await;
         w.sim.set(valid[0].clone(), Behavior::v0("STOPPED"));
         w.sim.set(valid[1].clone(), Behavior::v1("WAIT_RUNNING"));
 
@@ -280,13 +335,8 @@ async fn three_dapr_replicas_complete_every_tick_exactly_once() {
                     .spawn(&w.journal)
             })
             .collect();
-        wait_ticking(&w.journal, &replicas).await;
-        let first = slot_at_or_after(Utc::now() + SECOND, 1);
-        let last = first + SECOND * 14;
-        settle_after(&w.journal, last).await;
-
-        let audit = w.journal.audit(first, last, Duration::from_secs(1));
-        audit.figures(&mut sc);
+        let (_, _, audit) = audit_next_ticks(&w.journal, &replicas, 15).await;
+        audit.figures(sc);
         sc.figure("lock_lost events", w.journal.count("lock_lost"));
         audit.assert_exactly_once(&w.journal);
 
@@ -318,10 +368,7 @@ async fn three_dapr_replicas_complete_every_tick_exactly_once() {
         );
         assert!(sidecar.saw_token());
         for id in &escaping {
-            let route = w
-                .route(id)
-                .await
-                .unwrap_or_else(|| panic!("route {id:?} is gone"));
+            let route = existing_route(&w, id).await;
             assert_eq!(
                 route.etag, "1",
                 "the route of the invalid id {id:?} was written"
@@ -332,12 +379,10 @@ async fn three_dapr_replicas_complete_every_tick_exactly_once() {
         assert_eq!(statuses[&valid[1]], "STARTING");
         assert_eq!(statuses[&valid[2]], "ACTIVE");
 
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+        finish(&mut replicas, &w, sc);
         drop(sidecar);
     })
     .await;
-    sc.pass();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -346,24 +391,12 @@ async fn three_dapr_replicas_complete_every_tick_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
-    let mut sc = Scenario::start("2-sigkill-holder");
-    bounded(Duration::from_secs(120), async {
-        let w = World::start(false).await;
-        let plugins = ids("k", 120);
-        w.seed(&plugins, "ACTIVE").await;
+    Scenario::run("2-sigkill-holder", 120, async |sc| {
         let probe_delay = Duration::from_millis(300);
-        w.sim
-            .set_default(Behavior::delay(probe_delay, Behavior::v0("ACTIVE")));
+        let (w, plugins) = seeded_world("k", 120, Some(probe_delay)).await;
         let step = chrono::TimeDelta::seconds(2);
         let mut replicas = w.spawn_replicas(&["r1", "r2", "r3"], "*/2 * * * * *");
-        wait_ticking(&w.journal, &replicas).await;
-        let (_, steady) = wait_until(
-            Duration::from_secs(30),
-            "a holder completing two ticks in a row",
-            &w.journal,
-            || steady_holder(&w.journal, step),
-        )
-        .await;
+        let steady = wait_steady(&w.journal, &replicas, step, Duration::from_secs(30)).await;
 
         // Every plugin now stops: the next tick writes all 120 routes. Whoever writes the
         // first of them is killed on the spot, in the middle of its write phase.
@@ -506,124 +539,167 @@ async fn a_holder_killed_mid_tick_is_taken_over_after_its_lease() {
             "the killed tick was scraped again"
         );
 
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+        finish(&mut replicas, &w, sc);
     })
     .await;
-    sc.pass();
 }
 
 // ---------------------------------------------------------------------------------------
-// 2p. SIGSTOP the lock holder in the middle of its writes, past its lease
+// 2p, 2n. The lock holder cut off in the middle of its writes, past its lease
 // ---------------------------------------------------------------------------------------
 
-/// A holder paused past its lease (a stalled VM, CPU starvation, SIGSTOP) must not write
-/// anything decided from its stale tick once it resumes: by then another replica holds the
-/// lease and has observed newer answers.
+/// How scenarios 2p and 2n cut the holder off in the middle of its writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CutOff {
+    /// SIGSTOP, then SIGCONT (a stalled VM, CPU starvation).
+    Pause,
+    /// Its connection to Redis stalls, then heals (a partition).
+    Network,
+}
+
+/// A holder cut off past its lease (`cut`) must not write anything decided from its stale
+/// tick once it is back: by then another replica holds the lease and has observed newer
+/// answers. Two replicas on a 2 s schedule over 120 plugins named `prefix`...
+async fn a_holder_cut_off_mid_write_lands_nothing_stale(
+    sc: &mut Scenario,
+    prefix: &str,
+    cut: CutOff,
+) {
+    let delay = Duration::from_millis(300);
+    let (w, plugins) = seeded_world(prefix, 120, Some(delay)).await;
+    let failing = || Behavior::delay(delay, Behavior::raw(500, r#"{"ret":-1,"msg":"down"}"#));
+    let step = chrono::TimeDelta::seconds(2);
+    let mut proxies = Vec::new();
+    let mut replicas = Vec::new();
+    for name in ["r1", "r2"] {
+        let spec = match cut {
+            CutOff::Pause => w.spec(name),
+            CutOff::Network => {
+                let proxy = crate::world::StallProxy::start(w.redis.port()).await;
+                let spec = Spec::run(name).redis(&proxy.url(), &w.sim.url_template());
+                proxies.push(proxy);
+                spec
+            }
+        };
+        replicas.push(spec.schedule("*/2 * * * * *").spawn(&w.journal));
+    }
+    wait_steady(&w.journal, &replicas, step, Duration::from_secs(30)).await;
+
+    // Every plugin fails until every route is FAILED.
+    w.sim.set_default(failing());
+    w.wait_all_failed(&plugins).await;
+
+    // They all answer ACTIVE: the next tick writes 120 routes back to ACTIVE. Its holder
+    // is cut off right after its first write; the plugins fail again at once.
+    let once = Arc::new(AtomicBool::new(false));
+    let armed = w.journal.events().len();
+    w.sim
+        .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
+    let first_write = || first_of(&once, "plugin_status_changed");
+    let fired: Vec<_> = match cut {
+        CutOff::Pause => replicas
+            .iter()
+            .map(|r| r.signal_on(libc::SIGSTOP, first_write()))
+            .collect(),
+        CutOff::Network => replicas
+            .iter()
+            .zip(&proxies)
+            .map(|(r, p)| {
+                let switch = p.switch();
+                r.on_event(first_write(), move |_| {
+                    let _ = switch.send(true);
+                })
+            })
+            .collect(),
+    };
+    let (victim, cut_at, _) = wait_first_fired(
+        &w.journal,
+        &fired,
+        "the holder's first write back to ACTIVE",
+    )
+    .await;
+    w.sim.set_default(failing());
+    let victim_name = replicas[victim].name.clone();
+    let written_before = w.journal.events()[armed..]
+        .iter()
+        .filter(|e| e.replica == victim_name && e.name() == "plugin_status_changed")
+        .count();
+
+    // The other replica takes over after the lease and sees two failing ticks: every
+    // route is FAILED again.
+    let other = replicas[1 - victim].name.clone();
+    wait_more_ticks(&w.journal, &other, 2, "two ticks by the other replica").await;
+    w.assert_none_passing(&plugins).await;
+
+    // The old holder comes back. Nothing it decided before it was cut off may land now.
+    let back_at = Instant::now();
+    let seq_at_back = w.journal.events().len();
+    match cut {
+        CutOff::Pause => replicas[victim].signal(libc::SIGCONT),
+        CutOff::Network => {
+            let _ = proxies[victim].switch().send(false);
+        }
+    }
+    let stale = w
+        .watch_stale(&plugins, back_at, Duration::from_millis(1500))
+        .await;
+    match cut {
+        CutOff::Pause => {
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for e in &w.journal.events()[seq_at_back..] {
+                if e.replica == victim_name {
+                    *counts.entry(e.name().to_owned()).or_default() += 1;
+                }
+            }
+            sc.figure("paused for", ms(back_at.duration_since(cut_at)));
+            sc.figure(
+                "routes the holder wrote before the pause",
+                format!("{written_before}/{}", plugins.len()),
+            );
+            sc.figure("stale routes after it resumed", stale.len());
+            sc.figure(
+                "its events after resuming",
+                counts
+                    .iter()
+                    .map(|(n, c)| format!("{n}:{c}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+        CutOff::Network => {
+            sc.figure("stalled for", ms(back_at.duration_since(cut_at)));
+            sc.figure("stale routes after the network healed", stale.len());
+            sc.figure(
+                "its store errors while cut off",
+                w.journal.of(&victim_name, "store_error").len(),
+            );
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "once back, the holder cut off before its lease ran out ({}) wrote routes decided \
+         before, against {} newer failing ticks: {} routes turned passing again, e.g. {:?}\n{}",
+        if cut == CutOff::Pause {
+            "paused"
+        } else {
+            "its connection stalled"
+        },
+        2,
+        stale.len(),
+        stale.iter().take(5).collect::<Vec<_>>(),
+        w.journal.tail(20)
+    );
+
+    finish(&mut replicas, &w, sc);
+}
+
+/// A holder paused past its lease (SIGSTOP) writes nothing stale once it resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
-    let mut sc = Scenario::start("2p-sigstop-holder");
-    bounded(Duration::from_secs(120), async {
-        let w = World::start(false).await;
-        let plugins = ids("z", 120);
-        w.seed(&plugins, "ACTIVE").await;
-        let delay = Duration::from_millis(300);
-        let failing = || Behavior::delay(delay, Behavior::raw(500, r#"{"ret":-1,"msg":"down"}"#));
-        w.sim
-            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
-        let step = chrono::TimeDelta::seconds(2);
-        let mut replicas = w.spawn_replicas(&["r1", "r2"], "*/2 * * * * *");
-        wait_ticking(&w.journal, &replicas).await;
-        wait_until(
-            Duration::from_secs(30),
-            "a steady holder",
-            &w.journal,
-            || steady_holder(&w.journal, step),
-        )
-        .await;
-
-        // Every plugin fails until every route is FAILED.
-        w.sim.set_default(failing());
-        w.wait_all_failed(&plugins).await;
-
-        // They all answer ACTIVE: the next tick writes 120 routes back to ACTIVE. Its holder
-        // is frozen right after its first write; the plugins fail again at once.
-        let once = Arc::new(AtomicBool::new(false));
-        let armed = w.journal.events().len();
-        w.sim
-            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
-        let fired: Vec<_> = replicas
-            .iter()
-            .map(|r| r.signal_on(libc::SIGSTOP, first_of(&once, "plugin_status_changed")))
-            .collect();
-        let (victim, stopped_at, _) = wait_first_fired(
-            &w.journal,
-            &fired,
-            "the holder's first write back to ACTIVE",
-        )
-        .await;
-        w.sim.set_default(failing());
-        let victim_name = replicas[victim].name.clone();
-        let written_before = w.journal.events()[armed..]
-            .iter()
-            .filter(|e| e.replica == victim_name && e.name() == "plugin_status_changed")
-            .count();
-
-        // The other replica takes over after the lease and sees two failing ticks: every
-        // route is FAILED again.
-        let other = replicas
-            .iter()
-            .find(|r| r.name != victim_name)
-            .map(|r| r.name.clone())
-            .unwrap_or_default();
-        wait_more_ticks(&w.journal, &other, 2, "two ticks by the other replica").await;
-        w.assert_none_passing(&plugins).await;
-
-        // Thaw the old holder. Nothing it decided before the pause may land now.
-        let resumed_at = Instant::now();
-        let seq_at_resume = w.journal.events().len();
-        replicas[victim].signal(libc::SIGCONT);
-        let stale = w
-            .watch_stale(&plugins, resumed_at, Duration::from_millis(1500))
-            .await;
-        let after: Vec<String> = w.journal.events()[seq_at_resume..]
-            .iter()
-            .filter(|e| e.replica == victim_name)
-            .map(|e| e.name().to_owned())
-            .collect();
-        sc.figure("paused for", ms(resumed_at.duration_since(stopped_at)));
-        sc.figure(
-            "routes the holder wrote before the pause",
-            format!("{written_before}/{}", plugins.len()),
-        );
-        sc.figure("stale routes after it resumed", stale.len());
-        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-        for name in after {
-            *counts.entry(name).or_default() += 1;
-        }
-        sc.figure(
-            "its events after resuming",
-            counts
-                .iter()
-                .map(|(n, c)| format!("{n}:{c}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-        );
-        assert!(
-            stale.is_empty(),
-            "after resuming, the paused holder wrote routes decided before its pause, against \
-             {} newer failing ticks: {} routes turned passing again, e.g. {:?}\n{}",
-            2,
-            stale.len(),
-            stale.iter().take(5).collect::<Vec<_>>(),
-            w.journal.tail(20)
-        );
-
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+    Scenario::run("2p-sigstop-holder", 120, async |sc| {
+        a_holder_cut_off_mid_write_lands_nothing_stale(sc, "z", CutOff::Pause).await
     })
     .await;
-    sc.pass();
 }
 
 /// The same through the network: the holder's connection to Redis stalls in the middle of
@@ -632,92 +708,10 @@ async fn a_holder_paused_past_its_lease_writes_nothing_stale() {
 /// must not land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_cut_off_from_redis_mid_write_lands_nothing_stale() {
-    let mut sc = Scenario::start("2n-network-stall-holder");
-    bounded(Duration::from_secs(120), async {
-        let w = World::start(false).await;
-        let plugins = ids("n", 120);
-        w.seed(&plugins, "ACTIVE").await;
-        let delay = Duration::from_millis(300);
-        let failing = || Behavior::delay(delay, Behavior::raw(500, r#"{"ret":-1,"msg":"down"}"#));
-        w.sim
-            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
-        let step = chrono::TimeDelta::seconds(2);
-        let mut proxies = Vec::new();
-        let mut replicas = Vec::new();
-        for name in ["r1", "r2"] {
-            let proxy = crate::world::StallProxy::start(w.redis.port()).await;
-            replicas.push(
-                Spec::run(name)
-                    .redis(&proxy.url(), &w.sim.url_template())
-                    .schedule("*/2 * * * * *")
-                    .spawn(&w.journal),
-            );
-            proxies.push(proxy);
-        }
-        wait_ticking(&w.journal, &replicas).await;
-        wait_until(
-            Duration::from_secs(30),
-            "a steady holder",
-            &w.journal,
-            || steady_holder(&w.journal, step),
-        )
-        .await;
-        w.sim.set_default(failing());
-        w.wait_all_failed(&plugins).await;
-
-        // Back to ACTIVE: the next tick rewrites 120 routes. At its first write, the
-        // holder's connection stalls; the plugins fail again at once.
-        let once = Arc::new(AtomicBool::new(false));
-        w.sim
-            .set_default(Behavior::delay(delay, Behavior::v0("ACTIVE")));
-        let fired: Vec<_> = replicas
-            .iter()
-            .zip(&proxies)
-            .map(|(r, p)| {
-                let switch = p.switch();
-                r.on_event(first_of(&once, "plugin_status_changed"), move |_| {
-                    let _ = switch.send(true);
-                })
-            })
-            .collect();
-        let (victim, stalled_at, _) = wait_first_fired(
-            &w.journal,
-            &fired,
-            "the holder's first write back to ACTIVE",
-        )
-        .await;
-        w.sim.set_default(failing());
-        let victim_name = replicas[victim].name.clone();
-        let other = replicas[1 - victim].name.clone();
-        wait_more_ticks(&w.journal, &other, 2, "two ticks by the other replica").await;
-        w.assert_none_passing(&plugins).await;
-
-        // The network heals.
-        let healed_at = Instant::now();
-        let _ = proxies[victim].switch().send(false);
-        let stale = w
-            .watch_stale(&plugins, healed_at, Duration::from_millis(1500))
-            .await;
-        sc.figure("stalled for", ms(healed_at.duration_since(stalled_at)));
-        sc.figure("stale routes after the network healed", stale.len());
-        sc.figure(
-            "its store errors while cut off",
-            w.journal.of(&victim_name, "store_error").len(),
-        );
-        assert!(
-            stale.is_empty(),
-            "writes the cut-off holder had sent before its lease ran out landed afterwards, \
-             over {} failing ticks of the new holder: {} routes passing again, e.g. {:?}",
-            2,
-            stale.len(),
-            stale.iter().take(5).collect::<Vec<_>>()
-        );
-
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+    Scenario::run("2n-network-stall-holder", 120, async |sc| {
+        a_holder_cut_off_mid_write_lands_nothing_stale(sc, "n", CutOff::Network).await
     })
     .await;
-    sc.pass();
 }
 
 /// Waits for the next tick completed after `after`, lets the holder idle a moment (the
@@ -790,24 +784,10 @@ async fn completed(journal: &Journal, slot: DateTime<Utc>) -> (String, Instant) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
-    let mut sc = Scenario::start("3-sigterm-holder");
-    bounded(Duration::from_secs(120), async {
-        let w = World::start(false).await;
-        let plugins = ids("t", 10);
-        w.seed(&plugins, "ACTIVE").await;
-        w.sim.set_default(Behavior::delay(
-            Duration::from_millis(300),
-            Behavior::v0("ACTIVE"),
-        ));
+    Scenario::run("3-sigterm-holder", 120, async |sc| {
+        let (w, plugins) = seeded_world("t", 10, Some(Duration::from_millis(300))).await;
         let mut replicas = w.spawn_replicas(&["r1", "r2", "r3"], "* * * * * *");
-        wait_ticking(&w.journal, &replicas).await;
-        let (_, start) = wait_until(
-            Duration::from_secs(20),
-            "a holder completing two ticks in a row",
-            &w.journal,
-            || steady_holder(&w.journal, SECOND),
-        )
-        .await;
+        let start = wait_steady(&w.journal, &replicas, SECOND, Duration::from_secs(20)).await;
 
         // Between ticks: the holder releases; the next tick is another replica's.
         let (first, last, sent) =
@@ -864,15 +844,13 @@ async fn a_holder_stopped_with_sigterm_hands_the_next_tick_over() {
         let end = its_tick + SECOND * 4;
         settle_after(&w.journal, end).await;
         let audit = w.journal.audit(start, end, Duration::from_secs(1));
-        audit.figures(&mut sc);
+        audit.figures(sc);
         audit.assert_exactly_once(&w.journal);
         w.statuses(&plugins).await;
 
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+        finish(&mut replicas, &w, sc);
     })
     .await;
-    sc.pass();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -896,16 +874,9 @@ fn require_faketime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
-    let mut sc = Scenario::start("8-clock-skew");
     require_faketime();
-    bounded(Duration::from_secs(150), async {
-        let w = World::start(false).await;
-        let plugins = ids("c", 10);
-        w.seed(&plugins, "ACTIVE").await;
-        w.sim.set_default(Behavior::delay(
-            Duration::from_millis(100),
-            Behavior::v0("ACTIVE"),
-        ));
+    Scenario::run("8-clock-skew", 150, async |sc| {
+        let (w, _) = seeded_world("c", 10, Some(Duration::from_millis(100))).await;
         // Clocks 0, +0.3 s and +0.6 s: a third of the 2 s interval apart at most.
         let skews: [(&str, &str, i64); 3] =
             [("c0", "+0.0", 0), ("c3", "+0.3", 300), ("c6", "+0.6", 600)];
@@ -957,7 +928,7 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
         );
 
         let audit = w.journal.audit(start, end, Duration::from_secs(2));
-        audit.figures(&mut sc);
+        audit.figures(sc);
         sc.figure(
             "already_scraped skips",
             w.journal
@@ -973,11 +944,9 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
             audit.holders()
         );
 
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+        finish(&mut replicas, &w, sc);
     })
     .await;
-    sc.pass();
 }
 
 /// The same promise with a `--lease` shorter than the interval (the option allows any
@@ -985,12 +954,9 @@ async fn replicas_with_skewed_clocks_still_scrape_each_tick_once() {
 /// still find the tick it fires for already scraped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_lease_still_scrapes_each_tick_once_under_skew() {
-    let mut sc = Scenario::start("8b-clock-skew-short-lease");
     require_faketime();
-    bounded(Duration::from_secs(90), async {
-        let w = World::start(false).await;
-        let plugins = ids("b", 4);
-        w.seed(&plugins, "ACTIVE").await;
+    Scenario::run("8b-clock-skew-short-lease", 90, async |sc| {
+        let (w, _) = seeded_world("b", 4, None).await;
         // A 6 s schedule, a 1 s lease; b15's clock is 1.5 s behind (a quarter of 6 s).
         let mut replicas: Vec<Replica> = [("b0", "+0.0"), ("b15", "-1.5")]
             .iter()
@@ -1009,12 +975,10 @@ async fn a_short_lease_still_scrapes_each_tick_once_under_skew() {
         settle_after(&w.journal, end + chrono::TimeDelta::seconds(2)).await;
 
         let audit = w.journal.audit(start, end, Duration::from_secs(6));
-        audit.figures(&mut sc);
+        audit.figures(sc);
         audit.assert_exactly_once(&w.journal);
 
-        stop_all(&mut replicas, &w.journal);
-        w.figure_no_secrets(&mut sc);
+        finish(&mut replicas, &w, sc);
     })
     .await;
-    sc.pass();
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_scraper::route::route_key;
-use keel_scraper::sim::{Behavior, PluginSim};
 use keel_scraper::store::{Entry, Save, Store, StoreKind, ABSENT_ETAG};
+use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::task::JoinHandle;

@@ -11,11 +11,9 @@
 //!   [`raw_version`] put and read Dapr-layout values in the test Redis.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_scraper::decision::Thresholds;
 use keel_scraper::lease::Lease;
@@ -23,6 +21,7 @@ use keel_scraper::probe::{ProbeSettings, Prober};
 use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Save, Store, StoreKind, ABSENT_ETAG};
 use keel_scraper::tick::Ticker;
+use keel_test_support::process::Spawn;
 use serde_json::Value;
 use tracing::instrument::WithSubscriber;
 
@@ -85,59 +84,22 @@ impl Keel {
 
     /// `--backend redis --redis-url <url> --status-url <template>`.
     pub fn redis(self, url: &str, status_url: &str) -> Self {
-        self.args([
-            "--backend",
-            "redis",
-            "--redis-url",
-            url,
-            "--status-url",
-            status_url,
-        ])
+        self.args(redis_backend(url, status_url))
     }
 
     /// Runs the binary to its end (or kills it at the timeout). Blocking.
     pub fn run(self) -> Output {
-        let mut cmd = Command::new(BIN);
-        cmd.args(&self.args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (name, value) in &self.envs {
-            cmd.env(name, value);
-        }
-        let started = Instant::now();
-        let mut child = KillOnDrop(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}")),
-        );
-        let pid = child.0.id();
-        let stdout = drain(child.0.stdout.take());
-        let stderr = drain(child.0.stderr.take());
-        let mut timed_out = false;
-        let status = loop {
-            match child.0.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if started.elapsed() < self.timeout => {
-                    thread::sleep(Duration::from_millis(10))
-                }
-                Ok(None) => {
-                    timed_out = true;
-                    let _ = child.0.kill();
-                    break child.0.wait().ok();
-                }
-                Err(e) => panic!("waiting for {BIN}: {e}"),
-            }
-        };
-        let elapsed = started.elapsed();
+        let run = Spawn::new(BIN)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(n, v)| (n, v)))
+            .run(self.timeout);
         Output {
-            code: status.and_then(|s| s.code()),
-            stdout: stdout.join().unwrap_or_default(),
-            stderr: stderr.join().unwrap_or_default(),
-            pid,
-            elapsed,
-            timed_out,
+            code: run.code(),
+            stdout: run.stdout,
+            stderr: run.stderr,
+            pid: run.pid,
+            elapsed: run.elapsed,
+            timed_out: run.timed_out,
             args: self.args,
         }
     }
@@ -151,26 +113,28 @@ impl Keel {
     }
 }
 
-/// Kills the child if the runner unwinds before it was reaped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+/// `--backend redis --redis-url <url> --status-url <template>`.
+pub fn redis_backend<'a>(url: &'a str, status_url: &'a str) -> [&'a str; 6] {
+    [
+        "--backend",
+        "redis",
+        "--redis-url",
+        url,
+        "--status-url",
+        status_url,
+    ]
 }
 
-fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_end(&mut bytes);
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
+/// `--backend dapr` through a sidecar at these endpoints.
+pub fn dapr_backend<'a>(grpc: &'a str, http: &'a str) -> [&'a str; 6] {
+    [
+        "--backend",
+        "dapr",
+        "--dapr-grpc-endpoint",
+        grpc,
+        "--dapr-http-endpoint",
+        http,
+    ]
 }
 
 /// What one run of the binary did.
@@ -488,6 +452,19 @@ pub async fn seed_route(store: &dyn Store, id: &str, status: &str) {
         &route,
     )
     .await;
+}
+
+/// Writes `redis_key` in Dapr's `state.redis` layout (a HASH with `data` and `version` 1)
+/// with raw Redis commands.
+pub fn raw_put(server: &RedisServer, redis_key: &str, data: &str) {
+    server.query::<()>(
+        redis::cmd("HSET")
+            .arg(redis_key)
+            .arg("data")
+            .arg(data)
+            .arg("version")
+            .arg(1),
+    );
 }
 
 /// The `data` field of a Dapr state hash, read with raw Redis commands.

@@ -1,49 +1,41 @@
 //! Driving a live `keel-scraper` process (`run`, or a `once` to be interfered with while it
 //! works) and talking to it while it runs.
 //!
-//! * [`Worker`] starts the real binary with only the environment given, reads its stdout
-//!   and stderr line by line in background threads (so the pipes never fill up and block
-//!   it), lets a test wait, with a bound, for events or for its exit, sends it signals,
-//!   and kills it when dropped, however the test ends.
+//! * [`Worker`] starts the real binary as a [`Proc`] (only `PATH` and the environment
+//!   given, stdout and stderr read line by line in background threads so the pipes never
+//!   fill up and block it), lets a test wait, with a bound, for events or for its exit,
+//!   sends it signals, and kills it when dropped, however the test ends.
 //! * [`http_get`] asks its metrics and health server one question, bounded.
 //!
 //! Running a command to its end is [`super::binary::keel`]'s job; this module is for the
 //! processes a test has to watch or act on while they run.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use keel_test_support::process::{Proc, Spawn};
 use serde_json::Value;
 
-use keel_scraper::sim::PluginSim;
+use keel_test_support::sim::PluginSim;
 
-use super::binary::{Events, BIN};
+use super::binary::{redis_backend, Events, BIN};
 use super::redis_server::RedisServer;
 
 /// `run` on the `redis` backend against `redis` and the simulator, ticking every second,
 /// without retries, on a free port; `extra` appended.
 pub fn run_args(redis: &RedisServer, sim: &PluginSim, extra: &[&str]) -> Vec<String> {
     let (url, template) = (redis.url(), sim.url_template());
-    let base = [
-        "run",
-        "--backend",
-        "redis",
-        "--redis-url",
-        &url,
-        "--status-url",
-        &template,
-        "--listen",
-        "127.0.0.1:0",
-        "--schedule",
-        "* * * * * *",
-        "--retries",
-        "0",
-    ];
-    base.iter().chain(extra).map(|s| s.to_string()).collect()
+    let every_second = ["--listen", "127.0.0.1:0", "--schedule", "* * * * * *"];
+    ["run"]
+        .into_iter()
+        .chain(redis_backend(&url, &template))
+        .chain(every_second)
+        .chain(["--retries", "0"])
+        .chain(extra.iter().copied())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Whether `e` is the event named `name`.
@@ -51,65 +43,27 @@ pub fn is(e: &Value, name: &str) -> bool {
     e["event"] == name
 }
 
-/// The lines one pipe delivered so far, shared with the thread reading it.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-/// Reads `stream` to its end on a thread of its own, one line at a time (trailing
-/// whitespace trimmed), so every line is visible to the test as soon as it is complete.
-fn collect(stream: impl Read + Send + 'static) -> (Lines, JoinHandle<()>) {
-    let lines: Lines = Arc::default();
-    let sink = lines.clone();
-    let handle = std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut buf = Vec::new();
-        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-            buf.clear();
-        }
-    });
-    (lines, handle)
-}
-
-fn snapshot(lines: &Lines) -> Vec<String> {
-    lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
 /// A running `keel-scraper`.
 pub struct Worker {
-    child: Child,
-    stdout: Lines,
-    stderr: Lines,
-    readers: Vec<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
+    proc: Proc,
 }
 
 impl Worker {
-    /// Starts the binary with `args` and only the environment given (nothing from the
-    /// shell that runs the tests leaks in, not even `PATH`).
+    /// Starts the binary with `args` and, besides `PATH`, only the environment given
+    /// (nothing else from the shell that runs the tests leaks in).
     pub fn spawn<S: AsRef<str>>(args: &[S], env: &[(&str, &str)]) -> Worker {
-        let mut cmd = Command::new(BIN);
-        cmd.env_clear()
+        let proc = Spawn::new(BIN)
             .args(args.iter().map(|a| a.as_ref()))
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start keel-scraper");
-        let (stdout, out_reader) = collect(child.stdout.take().expect("piped stdout"));
-        let (stderr, err_reader) = collect(child.stderr.take().expect("piped stderr"));
-        Worker {
-            child,
-            stdout,
-            stderr,
-            readers: vec![out_reader, err_reader],
-            exited: None,
-        }
+            .capture()
+            .start()
+            .expect("start keel-scraper");
+        Worker { proc }
     }
 
     /// The stdout lines printed so far.
     pub fn stdout_lines(&self) -> Vec<String> {
-        snapshot(&self.stdout)
+        self.proc.stdout_lines()
     }
 
     /// The JSON lines printed on stdout so far, in order. Lenient ([`Events::lenient`]):
@@ -123,8 +77,8 @@ impl Worker {
     pub fn dump(&self) -> String {
         format!(
             "\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            snapshot(&self.stdout).join("\n"),
-            snapshot(&self.stderr).join("\n")
+            self.proc.stdout_lines().join("\n"),
+            self.proc.stderr_lines().join("\n")
         )
     }
 
@@ -169,46 +123,20 @@ impl Worker {
     /// cannot belong to another process).
     pub fn signal(&self, signal: libc::c_int) {
         assert!(
-            self.exited.is_none(),
+            !self.proc.reaped(),
             "the process already exited{}",
             self.dump()
         );
-        // SAFETY: kill(2) on our own child's pid; the child has not been reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({signal}) failed");
+        self.proc.signal(signal);
     }
 
     /// Waits for the process to exit, then for its output to be read to the end.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.exited {
-                break s;
-            }
-            if let Ok(Some(s)) = self.child.try_wait() {
-                self.exited = Some(s);
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the process did not exit within {timeout:?}{}",
-                self.dump()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = self.proc.wait_exit(timeout) else {
+            panic!("the process did not exit within {timeout:?}{}", self.dump());
         };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
+        self.proc.join_readers();
         status
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 

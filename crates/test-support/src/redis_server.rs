@@ -13,13 +13,13 @@
 //! directory, so with persistence the data survives) simulate outages; `pause`/`resume`
 //! (SIGSTOP/SIGCONT) simulate a Redis that hangs.
 
-use std::net::TcpListener;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::tied::spawn_tied;
+pub use crate::process::free_port;
+use crate::process::{Proc, Spawn};
 
 /// How long a server may take to answer `PING` after it was spawned.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,15 +59,17 @@ impl RedisServerBuilder {
     /// Spawns the server and waits until it answers `PING`. Panics (failing the test)
     /// with the server's log when it does not come up within ten seconds.
     pub fn start(self) -> RedisServer {
-        let dir = tempfile::Builder::new()
-            .prefix("keel-redis-")
-            .tempdir()
-            .expect("create a temp dir for redis-server");
+        self.try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`RedisServerBuilder::start`], returning what went wrong instead of panicking.
+    pub fn try_start(self) -> io::Result<RedisServer> {
+        let dir = tempfile::Builder::new().prefix("keel-redis-").tempdir()?;
         let mut server = RedisServer {
             dir,
             port: 0,
             options: self,
-            child: None,
+            proc: None,
         };
         // The port is free when the kernel hands it out, but another process may grab it
         // before redis-server binds it: then try another one.
@@ -75,11 +77,13 @@ impl RedisServerBuilder {
         for _ in 0..5 {
             server.port = free_port();
             match server.spawn_and_wait() {
-                Ok(()) => return server,
+                Ok(()) => return Ok(server),
                 Err(e) => last_error = e,
             }
         }
-        panic!("redis-server did not start: {last_error}");
+        Err(io::Error::other(format!(
+            "redis-server did not start: {last_error}"
+        )))
     }
 }
 
@@ -88,7 +92,7 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
     options: RedisServerBuilder,
-    child: Option<Child>,
+    proc: Option<Proc>,
 }
 
 impl RedisServer {
@@ -137,41 +141,25 @@ impl RedisServer {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.as_ref().map(Proc::pid)
     }
 
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.proc.as_mut().is_some_and(Proc::is_running)
     }
 
     /// Graceful shutdown (SIGTERM: with persistence, the AOF is flushed), waiting for the
     /// process to exit; SIGKILL if it does not within ten seconds.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        signal(&child, libc::SIGCONT); // a paused server cannot act on SIGTERM
-        signal(&child, libc::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                _ => break,
-            }
+        if let Some(mut proc) = self.proc.take() {
+            proc.terminate(STOP_TIMEOUT);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// A crash: SIGKILL, then reap the process.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut proc) = self.proc.take() {
+            proc.kill();
         }
     }
 
@@ -198,15 +186,15 @@ impl RedisServer {
 
     /// SIGSTOP: the server keeps its socket open but answers nothing (a hung Redis).
     pub fn pause(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGSTOP);
+        if let Some(proc) = &self.proc {
+            proc.signal(libc::SIGSTOP);
         }
     }
 
     /// SIGCONT after [`RedisServer::pause`].
     pub fn resume(&self) {
-        if let Some(child) = &self.child {
-            signal(child, libc::SIGCONT);
+        if let Some(proc) = &self.proc {
+            proc.signal(libc::SIGCONT);
         }
     }
 
@@ -254,32 +242,33 @@ impl RedisServer {
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
+        let persistence: &[&str] = if self.options.persistence {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
+        let password = self
+            .options
+            .password
+            .iter()
+            .flat_map(|p| ["--requirepass", p.as_str()]);
+        // Tied to the test process: a crashed run leaves no redis-server behind.
+        let proc = Spawn::new("redis-server")
+            .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(self.log_path())
-            .args(["--daemonize", "no", "--save", ""]);
-        if self.options.persistence {
-            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
-        } else {
-            cmd.args(["--appendonly", "no"]);
-        }
-        if let Some(password) = &self.options.password {
-            cmd.arg("--requirepass").arg(password);
-        }
-        cmd.args(&self.options.extra_args)
+            .args(["--daemonize", "no", "--save", ""])
+            .args(persistence)
+            .args(password)
+            .args(&self.options.extra_args)
             .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // Tied to the test process: a crashed run leaves no redis-server behind.
-        let child = spawn_tied(cmd)
+            .start()
             .map_err(|e| format!("cannot run redis-server (is it installed?): {e}"))?;
-        self.child = Some(child);
+        self.proc = Some(proc);
         self.wait_ready()
     }
 
@@ -287,9 +276,9 @@ impl RedisServer {
         let deadline = Instant::now() + READY_TIMEOUT;
         let client = self.client();
         loop {
-            if let Some(child) = &mut self.child {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
+            if let Some(proc) = &mut self.proc {
+                if let Some(status) = proc.status() {
+                    self.proc = None;
                     return Err(format!(
                         "redis-server on port {} exited ({status}); log:\n{}",
                         self.port,
@@ -324,20 +313,4 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn signal(child: &Child, signal: libc::c_int) {
-    // SAFETY: kill(2) on the PID of a child we have not reaped yet (`child` is still
-    // held), so the PID cannot have been reused by another process.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, signal);
-    }
-}
-
-/// A port the kernel reports free on loopback right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral loopback port")
 }

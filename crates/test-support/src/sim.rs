@@ -1,7 +1,7 @@
 //! A plugin simulator: a real HTTP/1.1 server on loopback answering
 //! `GET /<plugin_id>/v1/status` for any number of plugin ids, each with a behaviour that
-//! can be changed while it runs. The `demo` command, the tests and the benchmark use it in
-//! place of real plugins, so the worker's status URL template is [`PluginSim::url_template`]
+//! can be changed while it runs. The tests and the benchmark use it in place of real
+//! plugins, so the worker's status URL template is [`PluginSim::url_template`]
 //! (`http://127.0.0.1:<port>/{plugin_id}/v1/status`).
 //!
 //! It is written directly on a Tokio `TcpListener` with just enough HTTP to serve a
