@@ -49,8 +49,10 @@ pub const BULK_CHUNK: usize = 1000;
 
 /// Reads Dapr state hashes. For each key in KEYS it returns three values:
 /// the `version` string, or the integer 0 when the key is absent, or -1 when the key is
-/// not a Dapr state hash (another type, or a hash lacking `data` or `version`); then the
-/// `data` bytes; then the key's PTTL in milliseconds (-1: no TTL).
+/// not readable (neither a hash nor a string, or a hash lacking `data` or `version`); then
+/// the `data` bytes; then the key's PTTL in milliseconds (-1: no TTL).
+/// A plain string key reads as Dapr's `state.redis` reads it (its `HGETALL` fails, it
+/// falls back to `GET`): the string as data, with an empty version (no ETag).
 /// Lua `false` cannot sit in a reply array, hence the integer markers.
 const READ_LUA: &str = r"
 local out = {}
@@ -60,7 +62,12 @@ for i = 1, #KEYS do
   local r = redis.pcall('HMGET', key, 'data', 'version')
   local version, data, ttl = 0, '', -1
   if r.err then
-    version = -1
+    local plain = redis.pcall('GET', key)
+    if type(plain) == 'string' then
+      version, data, ttl = '', plain, redis.call('PTTL', key)
+    else
+      version = -1
+    end
   elseif r[1] and r[2] then
     version, data, ttl = r[2], r[1], redis.call('PTTL', key)
   elseif r[1] or r[2] then

@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod conformance;
+pub mod daprd;
 pub mod live;
 pub mod redis_server;
 pub mod sidecar;

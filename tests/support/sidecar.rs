@@ -49,7 +49,7 @@ use dapr::dapr::proto::runtime::v1::{
     GetStateResponse, SaveStateRequest,
 };
 use keel_scraper::store::redis::RedisStore;
-use keel_scraper::store::{Concurrency, Entry, Save, Store, StoreError, StoreKind};
+use keel_scraper::store::{read_each, Concurrency, Save, Store, StoreError, StoreKind};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::codegen::http;
@@ -85,6 +85,10 @@ pub struct SidecarConfig {
     pub redis_url: Option<String>,
     /// Stay unready (health 500, gRPC `UNAVAILABLE`) this long after start.
     pub ready_after: Duration,
+    /// The sidecar fronts an app that never comes up: `/v1.0/healthz` answers 500 while
+    /// `/v1.0/healthz/outbound` does not depend on it (as daprd with an `--app-port`
+    /// nobody listens on).
+    pub app_down: bool,
 }
 
 impl Default for SidecarConfig {
@@ -97,6 +101,7 @@ impl Default for SidecarConfig {
             invoke_target: None,
             redis_url: None,
             ready_after: Duration::ZERO,
+            app_down: false,
         }
     }
 }
@@ -136,6 +141,12 @@ impl SidecarConfig {
         self
     }
 
+    /// See [`SidecarConfig::app_down`].
+    pub fn with_app_down(mut self) -> Self {
+        self.app_down = true;
+        self
+    }
+
     pub fn ready_after(mut self, delay: Duration) -> Self {
         self.ready_after = delay;
         self
@@ -155,6 +166,10 @@ struct Shared {
     saw_token: AtomicBool,
     /// While set, state calls never answer (a hung sidecar).
     stalled: AtomicBool,
+    app_down: bool,
+    /// Raw commands on the double's Redis, for what the store trait cannot express.
+    raw: redis::Client,
+    private_key_prefix: String,
 }
 
 impl Shared {
@@ -200,20 +215,8 @@ fn check_key(key: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// `ttlExpireTime` as Dapr's state stores report it: RFC 3339, UTC, whole seconds (so
-/// the time left a client derives from it is only accurate to about a second).
-fn ttl_metadata(entry: &Entry) -> HashMap<String, String> {
-    let mut metadata = HashMap::new();
-    if let Some(ttl) = entry.ttl {
-        let left = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero());
-        let expires = chrono::Utc::now() + left;
-        metadata.insert(
-            "ttlExpireTime".to_string(),
-            expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        );
-    }
-    metadata
-}
+// Dapr's `state.redis` reports no `ttlExpireTime` on a get (real daprd, checked in
+// tests/daprd_store.rs): through it a TTL is invisible, so the double reports none either.
 
 // ---------------------------------------------------------------------------------------
 // gRPC
@@ -330,13 +333,15 @@ async fn get_state(shared: Arc<Shared>, req: GetStateRequest) -> Result<GetState
     match shared.store.get(kind, &req.key).await {
         Ok(None) => Ok(GetStateResponse::default()),
         Ok(Some(entry)) => Ok(GetStateResponse {
-            metadata: ttl_metadata(&entry),
+            metadata: HashMap::new(),
             data: entry.data,
             etag: entry.etag,
         }),
         Err(err) => Err(Status::internal(format!(
-            "fail to get {} from state store {}: {err}",
-            req.key, req.store_name
+            "fail to get {} from state store {}: {}",
+            req.key,
+            req.store_name,
+            redis_text(&err)
         ))),
     }
 }
@@ -349,9 +354,9 @@ async fn get_bulk_state(
     for key in &req.keys {
         check_key(key)?;
     }
-    let entries = shared
-        .store
-        .bulk_get(kind, &req.keys)
+    // Dapr reads each key on its own: a key it cannot read is reported in that item's
+    // `error` and the call succeeds.
+    let entries = read_each(shared.store.as_ref(), kind, &req.keys, 16)
         .await
         .map_err(|err| Status::internal(format!("failed getting bulk state: {err}")))?;
     let items = req
@@ -359,20 +364,36 @@ async fn get_bulk_state(
         .into_iter()
         .zip(entries)
         .map(|(key, entry)| match entry {
-            None => BulkStateItem {
+            Ok(None) => BulkStateItem {
                 key,
                 ..Default::default()
             },
-            Some(entry) => BulkStateItem {
+            Ok(Some(entry)) => BulkStateItem {
                 key,
-                metadata: ttl_metadata(&entry),
+                metadata: HashMap::new(),
                 data: entry.data,
                 etag: entry.etag,
                 error: String::new(),
             },
+            Err(err) => BulkStateItem {
+                key,
+                error: redis_text(&err),
+                ..Default::default()
+            },
         })
         .collect();
     Ok(GetBulkStateResponse { items })
+}
+
+/// What daprd passes on from Redis for a failed read: for a key of another type, Redis's
+/// own `WRONGTYPE` error (the text real daprd sent, tests/daprd_store.rs).
+fn redis_text(err: &StoreError) -> String {
+    match err {
+        StoreError::Unreadable { .. } => {
+            "WRONGTYPE Operation against a key holding the wrong kind of value".to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Maps a store error to the status Dapr answers with. An ETag failure is reported as
@@ -397,9 +418,15 @@ async fn save_state(shared: Arc<Shared>, req: SaveStateRequest) -> Result<(), St
     let prefix = format!("failed saving state in state store {}", req.store_name);
     for item in &req.states {
         let etag = item.etag.as_ref().map(|e| e.value.as_str());
-        // Dapr's default concurrency is last-write.
-        let concurrency = match item.options.map(|o| o.concurrency) {
-            Some(1) => Concurrency::FirstWrite,
+        let had_etag = etag.is_some_and(|e| !e.is_empty());
+        // Only an explicit last-write (2) ignores the ETag. Without options, or with
+        // unspecified concurrency, an ETag is checked like first-write's, but the key is
+        // not marked first-write.
+        let requested = item.options.map(|o| o.concurrency).unwrap_or(0);
+        let unspecified = requested != 1 && requested != 2;
+        let concurrency = match requested {
+            1 => Concurrency::FirstWrite,
+            _ if unspecified && had_etag => Concurrency::FirstWrite,
             _ => Concurrency::LastWrite,
         };
         let ttl_seconds = match item.metadata.get("ttlInSeconds") {
@@ -417,12 +444,40 @@ async fn save_state(shared: Arc<Shared>, req: SaveStateRequest) -> Result<(), St
             concurrency,
             ttl_seconds,
         };
-        let had_etag = etag.is_some_and(|e| !e.is_empty());
+        // Emulated, not atomic (the worker always sends an explicit concurrency): a
+        // first-write save, then the `first-write` field dropped again if it was new.
+        let unmark = if unspecified && had_etag {
+            let physical = match kind {
+                StoreKind::Public => item.key.clone(),
+                StoreKind::Private => format!("{}||{}", shared.private_key_prefix, item.key),
+            };
+            let mut conn = shared
+                .raw
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| Status::internal(format!("{prefix}: {e}")))?;
+            let marked: bool = redis::cmd("HEXISTS")
+                .arg(&physical)
+                .arg("first-write")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(false);
+            (!marked).then_some((conn, physical))
+        } else {
+            None
+        };
         shared
             .store
             .save(kind, save)
             .await
             .map_err(|err| store_status(prefix.clone(), err, had_etag))?;
+        if let Some((mut conn, physical)) = unmark {
+            let _: Result<i64, _> = redis::cmd("HDEL")
+                .arg(&physical)
+                .arg("first-write")
+                .query_async(&mut conn)
+                .await;
+        }
     }
     Ok(())
 }
@@ -477,7 +532,8 @@ async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> Axum
         if presented.is_some() {
             shared.saw_token.store(true, Ordering::SeqCst);
         }
-        return if shared.is_ready() {
+        let app_ok = path == "/v1.0/healthz/outbound" || !shared.app_down;
+        return if shared.is_ready() && app_ok {
             StatusCode::NO_CONTENT.into_response()
         } else {
             dapr_error(
@@ -754,6 +810,10 @@ impl SidecarDouble {
             calls: Mutex::new(HashMap::new()),
             saw_token: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            app_down: config.app_down,
+            raw: redis::Client::open(redis_url.as_str())
+                .unwrap_or_else(|e| panic!("sidecar double: bad redis URL: {e}")),
+            private_key_prefix: private_key_prefix.clone(),
         });
 
         let grpc_listener = TcpListener::bind("127.0.0.1:0")
