@@ -394,6 +394,19 @@ impl Settings {
                 "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into(),
             ));
         }
+        // The redis backend applies the prefix as Dapr applies a component's keyPrefix.
+        let private_key_prefix = match o.backend {
+            Backend::Redis => match crate::store::redis::KeyPrefix::parse(&o.private_key_prefix) {
+                Ok(crate::store::redis::KeyPrefix::Bare) => "none".to_owned(),
+                Ok(crate::store::redis::KeyPrefix::Fixed(prefix)) => prefix,
+                Err(why) => {
+                    return Err(ConfigError(format!(
+                        "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX {why}"
+                    )))
+                }
+            },
+            _ => o.private_key_prefix.clone(),
+        };
         let holder_id = match &o.holder_id {
             Some(h) if h.trim().is_empty() => {
                 return Err(ConfigError(
@@ -408,7 +421,7 @@ impl Settings {
             redis_url,
             public_store: o.public_store.clone(),
             private_store: o.private_store.clone(),
-            private_key_prefix: o.private_key_prefix.clone(),
+            private_key_prefix,
             status_url,
             schedule,
             probe_timeout: o.probe_timeout,
