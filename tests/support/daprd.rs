@@ -97,6 +97,7 @@ pub struct DaprdBuilder {
     app_port: Option<u16>,
     extra_args: Vec<String>,
     extra_resources: Vec<(String, String)>,
+    internal_on_all_addresses: bool,
 }
 
 impl DaprdBuilder {
@@ -112,6 +113,7 @@ impl DaprdBuilder {
             app_port: None,
             extra_args: Vec::new(),
             extra_resources: Vec::new(),
+            internal_on_all_addresses: false,
         }
     }
 
@@ -153,6 +155,14 @@ impl DaprdBuilder {
         self
     }
 
+    /// The internal gRPC port (sidecar-to-sidecar calls) on every address instead of
+    /// loopback only: mDNS announces the host's interface address, so a Dapr app other
+    /// sidecars invoke must listen there.
+    pub fn reachable_by_other_sidecars(mut self) -> Self {
+        self.internal_on_all_addresses = true;
+        self
+    }
+
     pub fn with_args(mut self, args: &[&str]) -> Self {
         self.extra_args.extend(args.iter().map(|a| (*a).to_owned()));
         self
@@ -177,6 +187,14 @@ impl DaprdBuilder {
 
     /// Writes the resources and spawns daprd without waiting for it.
     pub fn spawn(self) -> Daprd {
+        let mut daprd = self.prepare();
+        daprd.spawn_process();
+        daprd
+    }
+
+    /// Writes the resources and picks the ports, but starts nothing: [`Daprd::launch`]
+    /// does (a worker can then be started first, pointed at the ports).
+    pub fn prepare(self) -> Daprd {
         let dir = tempfile::Builder::new()
             .prefix("keel-daprd-")
             .tempdir()
@@ -192,7 +210,7 @@ impl DaprdBuilder {
         for (name, yaml) in &self.extra_resources {
             std::fs::write(resources.join(name), yaml).expect("write a resource");
         }
-        let mut daprd = Daprd {
+        let daprd = Daprd {
             dir,
             options: self,
             http_port: free_port(),
@@ -202,7 +220,6 @@ impl DaprdBuilder {
             child: None,
             starts: 0,
         };
-        daprd.spawn_process();
         daprd
     }
 }
@@ -369,6 +386,11 @@ impl Daprd {
         }
     }
 
+    /// Starts a prepared sidecar (or a killed one) and waits for outbound health.
+    pub fn launch(&mut self) {
+        self.restart();
+    }
+
     /// Starts the sidecar again on the same ports with the same resources; waits for it.
     pub fn restart(&mut self) {
         self.kill();
@@ -445,9 +467,11 @@ impl Daprd {
             ])
             .args(["--metrics-port", &self.metrics_port.to_string()])
             .args(["--metrics-listen-address", "127.0.0.1"])
-            .args(["--dapr-listen-addresses", "127.0.0.1"])
-            .args(["--dapr-internal-grpc-listen-address", "127.0.0.1"])
-            .args(["--log-level", "info"]);
+            .args(["--dapr-listen-addresses", "127.0.0.1"]);
+        if !self.options.internal_on_all_addresses {
+            cmd.args(["--dapr-internal-grpc-listen-address", "127.0.0.1"]);
+        }
+        cmd.args(["--log-level", "info"]);
         if let Some(port) = self.options.app_port {
             cmd.args(["--app-port", &port.to_string()])
                 .args(["--app-channel-address", "127.0.0.1"]);
