@@ -617,7 +617,8 @@ async fn the_token_reaches_daprd_on_every_call_and_never_a_plugin_and_a_wrong_on
         assert!(!out.stdout.contains(TOKEN) && !out.stderr.contains(TOKEN));
 
         // A wrong token: `once` exits 1, nothing written.
-        rig.redis.query::<()>(redis::cmd("DEL").arg("plugin_route_p"));
+        rig.redis
+            .query::<()>(redis::cmd("DEL").arg("plugin_route_p"));
         seed_route(&*rig.seeder, "p", "STARTING").await;
         let before = snapshot(&rig.redis);
         let out = keel()

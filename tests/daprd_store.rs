@@ -26,7 +26,7 @@ use keel_scraper::store::Store;
 use support::conformance::{self, Caps};
 use support::daprd::{try_http, Daprd, PRIVATE_PREFIX, PRIVATE_STORE, PUBLIC_STORE};
 use support::redis_server::RedisServer;
-use support::sidecar::{SidecarConfig, SidecarDouble};
+use support::sidecar::{fixtures, SidecarConfig, SidecarDouble};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -418,7 +418,66 @@ async fn healthz_waits_for_the_app_and_outbound_does_not(t: Target) {
     assert_eq!(t.http("/v1.0/healthz/outbound").0, 204);
     let (code, body) = t.http("/v1.0/healthz");
     assert_eq!(code, 500, "healthz with an app that never came up: {body}");
+    assert_eq!(body, fixtures::HEALTHZ_APP_NOT_READY);
 }
+
+/// The invocation and token error bodies, byte for byte as the fixtures real daprd sent:
+/// an HTTPEndpoint refusing connections, an app id nobody resolves, a missing token.
+async fn invocation_and_token_error_bodies_are_the_fixtures(t: Target, closed: u16) {
+    let token = [("dapr-api-token", TOKEN)];
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        try_http(t.http_port(), "GET", path, headers).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (code, body) = get("/v1.0/invoke/refused/method/v1/status", &token);
+    assert_eq!(code, 500, "{body}");
+    let url = format!("http://127.0.0.1:{closed}/refused/v1/status");
+    let addr = format!("127.0.0.1:{closed}");
+    assert_eq!(
+        body,
+        fixtures::render(fixtures::INVOKE_CONNECTION_REFUSED, "refused", &url, &addr)
+    );
+    let (code, body) = get("/v1.0/invoke/nobody/method/v1/status", &token);
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(
+        body,
+        fixtures::render(fixtures::INVOKE_UNKNOWN_APP, "nobody", "", "")
+    );
+    for headers in [&[][..], &[("dapr-api-token", "wrong")][..]] {
+        let (code, body) = get("/v1.0/invoke/refused/method/v1/status", headers);
+        assert_eq!((code, body.as_str()), (401, fixtures::UNAUTHORIZED));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_invocation_and_token_error_bodies_are_the_fixtures() {
+    bounded(async {
+        let closed = dead_app_port();
+        let t = Target::real_with(|b| {
+            b.with_token(TOKEN)
+                .with_endpoint("refused", &format!("http://127.0.0.1:{closed}/refused"))
+        })
+        .await;
+        invocation_and_token_error_bodies_are_the_fixtures(t, closed).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_invocation_and_token_error_bodies_are_the_fixtures() {
+    bounded(async {
+        let closed = dead_app_port();
+        let t = Target::double_with(|c| {
+            c.with_token(TOKEN).with_invoke_target(move |id, method| {
+                (id == "refused").then(|| format!("http://127.0.0.1:{closed}/refused/{method}"))
+            })
+        })
+        .await;
+        invocation_and_token_error_bodies_are_the_fixtures(t, closed).await;
+    })
+    .await;
+}
+
+const TOKEN: &str = "t0ken-for-the-fixtures";
 
 /// The same without an app port: both answer 204.
 async fn without_an_app_both_health_checks_pass(t: Target) {
@@ -533,4 +592,47 @@ async fn the_api_token_is_required_on_every_api_call_but_health() {
         assert_eq!(code, 401, "{body}");
     })
     .await;
+}
+
+/// Without a built daprd the tests are told where to get it; without Go, how to get Go.
+#[test]
+fn scripts_daprd_says_what_is_missing() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/daprd");
+    let empty = tempfile::tempdir().expect("a temp dir");
+    let path = std::env::var("PATH").unwrap_or_default();
+    let out = std::process::Command::new(script)
+        .arg("--no-build")
+        .env("XDG_CACHE_HOME", empty.path())
+        .env("PATH", &path)
+        .output()
+        .expect("run scripts/daprd");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no daprd"),
+        "{out:?}"
+    );
+    // No `go` on PATH (only the tools the script needs before it looks for Go): exit 1
+    // saying how to get Go.
+    let bin = tempfile::tempdir().expect("a temp dir");
+    for tool in ["dirname", "sed"] {
+        let found = std::process::Command::new("/bin/sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .expect("look up a tool");
+        let target = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+        std::os::unix::fs::symlink(&target, bin.path().join(tool)).expect("link a tool");
+    }
+    let out = std::process::Command::new("/bin/bash")
+        .arg(script)
+        .arg("--no-build")
+        .env("PATH", bin.path())
+        .output()
+        .expect("run scripts/daprd");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("'go' command is missing") && stderr.contains("go.dev"),
+        "{stderr}"
+    );
 }

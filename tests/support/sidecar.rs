@@ -510,6 +510,32 @@ async fn delete_state(shared: Arc<Shared>, req: DeleteStateRequest) -> Result<()
 // HTTP
 // ---------------------------------------------------------------------------------------
 
+/// Error bodies real daprd sent (tests/fixtures/daprd/README.md), answered byte for byte.
+pub mod fixtures {
+    pub const INVOKE_UNKNOWN_APP: &str = include_str!("../fixtures/daprd/invoke-unknown-app.json");
+    pub const INVOKE_CONNECTION_REFUSED: &str =
+        include_str!("../fixtures/daprd/invoke-connection-refused.json");
+    pub const HEALTHZ_APP_NOT_READY: &str =
+        include_str!("../fixtures/daprd/healthz-app-not-ready.json");
+    pub const UNAUTHORIZED: &str = include_str!("../fixtures/daprd/unauthorized.txt");
+
+    /// A fixture with its `{app_id}`, `{url}` and `{addr}` filled in.
+    pub fn render(fixture: &str, app_id: &str, url: &str, addr: &str) -> String {
+        fixture
+            .replace("{app_id}", app_id)
+            .replace("{url}", url)
+            .replace("{addr}", addr)
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> AxumResponse {
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
+
 fn dapr_error(status: StatusCode, code: &str, message: &str) -> AxumResponse {
     let body = serde_json::json!({ "errorCode": code, "message": message }).to_string();
     let mut response = (status, body).into_response();
@@ -535,6 +561,11 @@ async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> Axum
         let app_ok = path == "/v1.0/healthz/outbound" || !shared.app_down;
         return if shared.is_ready() && app_ok {
             StatusCode::NO_CONTENT.into_response()
+        } else if shared.is_ready() {
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                fixtures::HEALTHZ_APP_NOT_READY.to_string(),
+            )
         } else {
             dapr_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -547,7 +578,12 @@ async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> Axum
     if shared.check_token(presented.as_deref()).is_err() {
         shared.count("unauthorized");
         // Dapr's HTTP token check answers a plain-text 401 (Go's `http.Error`).
-        return (StatusCode::UNAUTHORIZED, "invalid api token\n").into_response();
+        let mut response = (StatusCode::UNAUTHORIZED, fixtures::UNAUTHORIZED).into_response();
+        response.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return response;
     }
 
     let Some(rest) = path.strip_prefix("/v1.0/invoke/") else {
@@ -578,7 +614,10 @@ async fn invoke(shared: &Shared, app_id: &str, method: &str, req: AxumRequest) -
         .as_ref()
         .and_then(|target| target(app_id, method));
     let Some(mut url) = target else {
-        return failed(format!("failed to resolve address for '{app_id}-dapr'"));
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            fixtures::render(fixtures::INVOKE_UNKNOWN_APP, app_id, "", ""),
+        );
     };
     if let Some(query) = req.uri().query() {
         url.push('?');
@@ -592,6 +631,16 @@ async fn invoke(shared: &Shared, app_id: &str, method: &str, req: AxumRequest) -
     let forward = shared.http.request(http_method, &url).body(body);
     let response = match forward.send().await {
         Ok(response) => response,
+        Err(err) if err.is_connect() && error_chain(&err).contains("refused") => {
+            let addr = reqwest::Url::parse(&url)
+                .ok()
+                .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+                .unwrap_or_default();
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                fixtures::render(fixtures::INVOKE_CONNECTION_REFUSED, app_id, &url, &addr),
+            );
+        }
         Err(err) => return failed(error_chain(&err)),
     };
     let status = StatusCode::from_u16(response.status().as_u16())
