@@ -573,7 +573,7 @@ async fn a_worker_started_before_daprd_waits_then_works_and_survives_a_sidecar_c
                         e["tick"]
                             .as_str()
                             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                            .is_some_and(|t| t.timestamp() >= back.timestamp() + 1)
+                            .is_some_and(|t| t >= back + chrono::Duration::seconds(1))
                     })
                     .cloned()
             });

@@ -210,7 +210,7 @@ impl DaprdBuilder {
         for (name, yaml) in &self.extra_resources {
             std::fs::write(resources.join(name), yaml).expect("write a resource");
         }
-        let daprd = Daprd {
+        Daprd {
             dir,
             options: self,
             http_port: free_port(),
@@ -219,8 +219,7 @@ impl DaprdBuilder {
             metrics_port: free_port(),
             child: None,
             starts: 0,
-        };
-        daprd
+        }
     }
 }
 

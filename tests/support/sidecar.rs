@@ -1,8 +1,9 @@
-//! A test double of the Dapr sidecar, on loopback.
+//! A test double of the Dapr sidecar, on loopback: the fast path for Dapr-path tests.
 //!
-//! No `daprd` can run where these tests run, so the Dapr path is proven against this
-//! double, which reproduces the parts of the sidecar's API the worker uses, with Dapr's
-//! documented semantics and status codes:
+//! It reproduces the parts of the sidecar's API the worker uses, with the semantics and
+//! status codes real daprd shows: tests/daprd_store.rs runs each observed fact on real
+//! daprd (tests/support/daprd.rs) and on this double with the same assertions, and the
+//! error bodies real daprd sent are answered from tests/fixtures/daprd/.
 //!
 //! - **gRPC** (`dapr.proto.runtime.v1.Dapr`): `GetState`, `GetBulkState`, `SaveState` and
 //!   `DeleteState`. Every other method answers `UNIMPLEMENTED`. Rather than implementing
