@@ -20,6 +20,9 @@
 //! It prints one table (README, "Performance", explains every row and the targets).
 //! Every wait is bounded and every process it starts is killed when it ends.
 //!
+//! Then the same work through a real daprd (benches/support/daprd.rs;
+//! `KEEL_BENCH_DAPRD_SIZES`, `KEEL_BENCH_DAPRD_ONLY=1` for that section alone).
+//!
 //! `KEEL_BENCH_SIZES=1000,10000` limits the sizes (the targets that need a missing size
 //! are then skipped); `KEEL_BENCH_STRICT=1` makes a failed target exit with code 1.
 
@@ -824,6 +827,11 @@ fn run() -> Result<bool> {
         bin.display()
     );
 
+    if std::env::var("KEEL_BENCH_DAPRD_ONLY").is_ok_and(|v| v == "1") {
+        let rows = support::daprd::rows(&bench.worker_rt, &bench.sim, bench.tmp.path(), have_wrk);
+        print!("\n{}", support::table(&rows));
+        return Ok(rows.iter().all(|r| r.pass() != Some(false)));
+    }
     let sizes = sizes();
     let mut results: Vec<(usize, AtSize)> = Vec::new();
     for &n in &sizes {
@@ -839,7 +847,14 @@ fn run() -> Result<bool> {
     println!("measuring the old access pattern and slow plugins at N = 1000 ...");
     let old = bench.old_pattern(1_000)?;
     let slow = bench.slow(1_000)?;
-    let rows = rows(&results, growth, old, slow, have_wrk);
+    let mut rows = rows(&results, growth, old, slow, have_wrk);
+    // The production path through a real daprd (benches/support/daprd.rs).
+    rows.extend(support::daprd::rows(
+        &bench.worker_rt,
+        &bench.sim,
+        bench.tmp.path(),
+        have_wrk,
+    ));
     println!("load average at end: {}", support::load_average());
     println!();
     print!("{}", support::table(&rows));

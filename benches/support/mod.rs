@@ -1,6 +1,7 @@
 //! Support for the scale benchmark: child processes, the `wrk` limit, sample statistics,
 //! the machine description and the result table.
 
+pub mod daprd;
 pub mod procs;
 pub mod wrk;
 
