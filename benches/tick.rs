@@ -27,6 +27,9 @@
 //! It prints one table (README, "Performance", explains every row and the targets).
 //! Every wait is bounded and every process it starts is killed when it ends.
 //!
+//! Then the same work through a real daprd (benches/support/daprd.rs;
+//! `KEEL_BENCH_DAPRD_SIZES`, `KEEL_BENCH_DAPRD_ONLY=1` for that section alone).
+//!
 //! `KEEL_BENCH_SIZES=1000,10000` limits the sizes (the targets that need a missing size
 //! are then skipped); with no size above 1 000 it is a smoke run (fewer rounds, shorter
 //! `wrk` runs: a check that everything works, not figures). `KEEL_BENCH_STRICT=1` makes
@@ -1026,6 +1029,20 @@ fn repetition(
     })
 }
 
+/// The rows measured through a real daprd, with a simulator and a scratch directory of their own.
+fn daprd_rows(
+    worker_rt: &tokio::runtime::Runtime,
+    sim_rt: &tokio::runtime::Runtime,
+    have_wrk: bool,
+) -> Result<Vec<Row>> {
+    let sim = {
+        let _entered = sim_rt.enter();
+        PluginSim::start().context("start the plugin simulator")?
+    };
+    let tmp = tempfile::tempdir()?;
+    Ok(support::daprd::rows(worker_rt, &sim, tmp.path(), have_wrk))
+}
+
 fn run() -> Result<bool> {
     install_log_sink();
     println!("keel-scraper scale benchmark");
@@ -1050,6 +1067,11 @@ fn run() -> Result<bool> {
         .enable_all()
         .thread_name("bench-sim")
         .build()?;
+    if std::env::var("KEEL_BENCH_DAPRD_ONLY").is_ok_and(|v| v == "1") {
+        let rows = daprd_rows(&worker_rt, &sim_rt, have_wrk)?;
+        print!("\n{}", support::table(&rows));
+        return Ok(rows.iter().all(|r| r.pass() != Some(false)));
+    }
     let sizes = sizes();
     let plan = Plan {
         smoke: sizes.iter().all(|&n| n <= 1_000),
@@ -1068,7 +1090,9 @@ fn run() -> Result<bool> {
             .with_context(|| format!("repetition {k}"))?;
         row_sets.push(rows(&rep, have_wrk));
     }
-    let rows = support::merge(&row_sets)?;
+    let mut rows = support::merge(&row_sets)?;
+    // The production path through a real daprd (benches/support/daprd.rs), once.
+    rows.extend(daprd_rows(&worker_rt, &sim_rt, have_wrk)?);
     println!("load average at end: {}", support::load_average());
     println!();
     println!(

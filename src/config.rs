@@ -151,6 +151,11 @@ pub struct Options {
     /// Lease of the scrape_state lock (default: the schedule's shortest gap).
     #[arg(long, global = true, env = "SCRAPER_LEASE", value_parser = duration)]
     pub lease: Option<Duration>,
+    /// Longest TTL a lock record this worker did not write can carry (the old scraper's
+    /// `true`); such a record, its TTL invisible through Dapr, is taken over only after
+    /// being seen unchanged for this plus one interval.
+    #[arg(long, global = true, env = "SCRAPER_FOREIGN_LOCK_TTL", default_value = "31m", value_parser = duration)]
+    pub foreign_lock_ttl: Duration,
     /// This replica's identity in the lock (default <POD_NAME or hostname>-<pid>-<4 hex>).
     #[arg(long, global = true, env = "SCRAPER_HOLDER_ID")]
     pub holder_id: Option<String>,
@@ -224,6 +229,7 @@ pub struct Settings {
     pub unhealthy_threshold: u32,
     pub healthy_threshold: u32,
     pub lease: Duration,
+    pub foreign_lock_ttl: Duration,
     pub holder_id: String,
     pub log_format: LogFormat,
     pub dapr_grpc_endpoint: String,
@@ -301,6 +307,13 @@ impl Settings {
             return Err(ConfigError(format!(
                 "--lease / SCRAPER_LEASE is {}; it must be at least 1s (store TTLs are whole seconds)",
                 humantime::format_duration(lease)
+            )));
+        }
+        if o.foreign_lock_ttl < Duration::from_secs(1) {
+            return Err(ConfigError(format!(
+                "--foreign-lock-ttl / SCRAPER_FOREIGN_LOCK_TTL is {}; it must be at least 1s \
+                 (the longest TTL a lock record this worker did not write can carry, e.g. 31m)",
+                humantime::format_duration(o.foreign_lock_ttl)
             )));
         }
         let redis_url = match (o.backend, &o.redis_url) {
@@ -381,6 +394,19 @@ impl Settings {
                 "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into(),
             ));
         }
+        // The redis backend applies the prefix as Dapr applies a component's keyPrefix.
+        let private_key_prefix = match o.backend {
+            Backend::Redis => match crate::store::redis::KeyPrefix::parse(&o.private_key_prefix) {
+                Ok(crate::store::redis::KeyPrefix::Bare) => "none".to_owned(),
+                Ok(crate::store::redis::KeyPrefix::Fixed(prefix)) => prefix,
+                Err(why) => {
+                    return Err(ConfigError(format!(
+                        "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX {why}"
+                    )))
+                }
+            },
+            _ => o.private_key_prefix.clone(),
+        };
         let holder_id = match &o.holder_id {
             Some(h) if h.trim().is_empty() => {
                 return Err(ConfigError(
@@ -395,7 +421,7 @@ impl Settings {
             redis_url,
             public_store: o.public_store.clone(),
             private_store: o.private_store.clone(),
-            private_key_prefix: o.private_key_prefix.clone(),
+            private_key_prefix,
             status_url,
             schedule,
             probe_timeout: o.probe_timeout,
@@ -404,6 +430,7 @@ impl Settings {
             unhealthy_threshold: o.unhealthy_threshold,
             healthy_threshold: o.healthy_threshold,
             lease,
+            foreign_lock_ttl: o.foreign_lock_ttl,
             holder_id,
             log_format: o.log_format,
             dapr_grpc_endpoint,
@@ -511,6 +538,12 @@ impl Settings {
                 src("healthy_threshold"),
             ),
             ("lease", "SCRAPER_LEASE", d(self.lease), src("lease")),
+            (
+                "foreign-lock-ttl",
+                "SCRAPER_FOREIGN_LOCK_TTL",
+                d(self.foreign_lock_ttl),
+                src("foreign_lock_ttl"),
+            ),
             (
                 "holder-id",
                 "SCRAPER_HOLDER_ID",

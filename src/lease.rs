@@ -9,10 +9,16 @@
 //!   first, and neither checks nor advances the recorded tick.
 //! - Taking it is a first-write save carrying the ETag just read (or [`ABSENT_ETAG`] when
 //!   there is no record), so a lost race comes back as a conflict, not as an outage.
-//! - A record without a TTL (the old Go scraper's bare `true`, or a crash between a save
-//!   and its TTL on the Dapr path) is taken over by a `run` replica once it has seen the
-//!   same ETag and bytes unchanged for the lease plus one interval on its own clock. A
-//!   live record with a TTL is always respected, legacy or not.
+//! - A live record whose TTL the store shows is always respected, legacy or not: the
+//!   store expires it.
+//! - A live record the store shows *without* a TTL may still carry one: through Dapr on
+//!   `state.redis` a get never reports a TTL. A `run` replica takes it over only after it
+//!   has seen the same ETag and bytes unchanged, on its own clock, for longer than any TTL
+//!   that record can carry: for this worker's own records the `lease_ms` they declare
+//!   plus one interval; for anything else (the old Go scraper's bare `true`, saved with a
+//!   30-minute TTL) the foreign lock TTL (`--foreign-lock-ttl`, default
+//!   [`DEFAULT_FOREIGN_LOCK_TTL`]) plus one interval. A record that truly has no TTL (a
+//!   crash between Dapr's save and its separate `EXPIRE`) is still recovered that way.
 //! - Before writing, the holder confirms the record still carries its ETag (fencing by
 //!   CAS); releasing clears the holder with a CAS and keeps the recorded tick readable for
 //!   two intervals plus the lease, so a late replica still sees the tick was scraped.
@@ -30,6 +36,10 @@ use crate::store::{Entry, Fence, Save, Store, StoreError, StoreKind, ABSENT_ETAG
 
 /// The lock's key in the private store.
 pub const LOCK_KEY: &str = "scrape_state";
+
+/// The longest TTL a lock record this worker did not write may carry: the old Go
+/// scraper saved its `true` with a 30-minute TTL plus up to a minute of jitter.
+pub const DEFAULT_FOREIGN_LOCK_TTL: Duration = Duration::from_secs(31 * 60);
 
 /// Which tick a lock is taken for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +157,8 @@ pub struct Lease {
     holder: String,
     lease: Duration,
     interval: Duration,
+    /// The longest TTL a foreign record can carry (`--foreign-lock-ttl`).
+    foreign_ttl: Duration,
     watch: Mutex<Option<Watch>>,
     /// The newest lease this process holds, set the moment it is taken, so a shutdown can
     /// release it even when the tick that took it was cancelled.
@@ -165,9 +177,17 @@ impl Lease {
             holder,
             lease,
             interval,
+            foreign_ttl: DEFAULT_FOREIGN_LOCK_TTL,
             watch: Mutex::new(None),
             held: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The longest TTL a record this worker did not write can carry (default
+    /// [`DEFAULT_FOREIGN_LOCK_TTL`]).
+    pub fn with_foreign_ttl(mut self, foreign_ttl: Duration) -> Lease {
+        self.foreign_ttl = foreign_ttl;
+        self
     }
 
     pub fn holder(&self) -> &str {
@@ -185,13 +205,24 @@ impl Lease {
         i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
     }
 
-    /// Whether a live record without TTL has been seen unchanged long enough to take over.
-    async fn stale_without_ttl(&self, entry: &Entry) -> bool {
+    /// How long a live record without a visible TTL must be seen unchanged before it may
+    /// be taken over: longer than any TTL it can carry, plus one interval.
+    fn takeover_after(&self, record: Option<&Record>) -> Duration {
+        let ttl = match record.and_then(|r| r.lease_ms) {
+            Some(ms) => Duration::from_millis(ms),
+            // Not ours, or ours without a declared lease: the longest foreign TTL.
+            None => self.foreign_ttl,
+        };
+        // The store's TTL is whole seconds, rounded up from the lease.
+        let ttl = Duration::from_secs(u64::try_from(Self::ttl_seconds(ttl)).unwrap_or(u64::MAX));
+        ttl.saturating_add(self.interval)
+    }
+
+    /// Whether a live record without TTL has been seen unchanged for longer than `after`.
+    async fn stale_without_ttl(&self, entry: &Entry, after: Duration) -> bool {
         let mut watch = self.watch.lock().await;
         match watch.as_ref() {
-            Some(w) if w.etag == entry.etag && w.data == entry.data => {
-                w.since.elapsed() >= self.lease + self.interval
-            }
+            Some(w) if w.etag == entry.etag && w.data == entry.data => w.since.elapsed() > after,
             _ => {
                 *watch = Some(Watch {
                     etag: entry.etag.clone(),
@@ -218,9 +249,10 @@ impl Lease {
                 Parsed::Foreign => (Some(None), None),
             };
             if let Some(holder) = live_holder {
+                let after = self.takeover_after(record.as_ref());
                 let may_take_over = matches!(kind, TickKind::Scheduled(_))
                     && entry.ttl.is_none()
-                    && self.stale_without_ttl(entry).await;
+                    && self.stale_without_ttl(entry, after).await;
                 if !may_take_over {
                     return Ok(Acquire::Held { holder });
                 }

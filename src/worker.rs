@@ -176,7 +176,8 @@ pub fn ticker(s: &Settings, store: Arc<dyn Store>, prober: Prober) -> Ticker {
         s.holder_id.clone(),
         s.lease,
         s.schedule.interval(),
-    );
+    )
+    .with_foreign_ttl(s.foreign_lock_ttl);
     Ticker {
         store,
         prober: Arc::new(prober),

@@ -133,6 +133,7 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
     ),
     ("healthy-threshold", "2", "SCRAPER_HEALTHY_THRESHOLD", "2"),
     ("lease", "7s", "SCRAPER_LEASE", "7s"),
+    ("foreign-lock-ttl", "45m", "SCRAPER_FOREIGN_LOCK_TTL", "45m"),
     ("holder-id", "pod-x", "SCRAPER_HOLDER_ID", "pod-x"),
     ("log-format", "pretty", "SCRAPER_LOG_FORMAT", "pretty"),
     (

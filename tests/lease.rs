@@ -51,9 +51,11 @@ impl World {
         .await
     }
 
-    /// A replica with a 1 s lease and a 1 s schedule interval.
+    /// A replica with a 1 s lease, a 1 s schedule interval and a 1 s foreign lock TTL.
     async fn fast_replica(&self, holder: &str) -> Ticker {
-        let o = ReplicaOptions::new(holder).lease(Duration::from_secs(1), Duration::from_secs(1));
+        let o = ReplicaOptions::new(holder)
+            .lease(Duration::from_secs(1), Duration::from_secs(1))
+            .foreign_lock_ttl(Duration::from_secs(1));
         redis_ticker(&self.server, &self.sim.url_template(), &o).await
     }
 
@@ -359,8 +361,9 @@ async fn live_legacy_true_lock_with_a_ttl_counts_as_held() {
     assert_eq!(w.sim.requests("p"), 0);
 }
 
-/// Takes over `data` (a record written without TTL) only after lease + interval of
-/// unchanged observation, and never by a manual tick.
+/// Takes over `data` (a record written without TTL and without a declared lease) only
+/// after the foreign lock TTL + interval of unchanged observation, and never by a manual
+/// tick.
 async fn takeover_of_a_record_without_ttl(data: &str) {
     let w = world().await;
     w.write_raw_lock(data, None);
@@ -444,7 +447,8 @@ async fn takeover_of_a_record_without_ttl(data: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_record_without_ttl_is_taken_over_only_after_lease_plus_interval_unchanged() {
+async fn lock_record_without_ttl_or_lease_is_taken_over_only_after_foreign_ttl_plus_interval_unchanged(
+) {
     takeover_of_a_record_without_ttl(
         r#"{"holder":"crashed-replica","tick":"2020-01-01T00:00:00Z"}"#,
     )
@@ -452,7 +456,8 @@ async fn lock_record_without_ttl_is_taken_over_only_after_lease_plus_interval_un
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn legacy_true_lock_without_ttl_is_taken_over_only_after_lease_plus_interval_unchanged() {
+async fn legacy_true_lock_without_ttl_is_taken_over_only_after_foreign_ttl_plus_interval_unchanged()
+{
     takeover_of_a_record_without_ttl("true").await;
 }
 

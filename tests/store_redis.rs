@@ -259,11 +259,24 @@ async fn keys_that_are_not_dapr_hashes() {
     let server = RedisServer::start();
     let store = connect(&server).await;
     let _: () = server.query(redis::cmd("SET").arg("plain").arg("string"));
+    let _: () = server.query(redis::cmd("RPUSH").arg("listed").arg("x"));
     let _: () = server.query(redis::cmd("HSET").arg("no_version").arg("data").arg("x"));
 
-    // Reads fail naming the key, in single and in bulk reads, as that key's fault
+    // A plain string reads as Dapr's `state.redis` reads it (GET after HGETALL fails):
+    // the string, with an empty ETag.
+    let plain = store
+        .get(StoreKind::Public, "plain")
+        .await
+        .expect("a string key is readable")
+        .expect("present");
+    assert_eq!(
+        (plain.data.as_slice(), plain.etag.as_str()),
+        (&b"string"[..], "")
+    );
+
+    // Other keys fail naming the key, in single and in bulk reads, as that key's fault
     // (Unreadable), not as a store outage.
-    for key in ["plain", "no_version"] {
+    for key in ["listed", "no_version"] {
         match store.get(StoreKind::Public, key).await {
             Err(StoreError::Unreadable {
                 key: k, message, ..
@@ -274,9 +287,9 @@ async fn keys_that_are_not_dapr_hashes() {
             other => panic!("get {key}: expected Unreadable, got {other:?}"),
         }
     }
-    let keys = vec!["a".to_owned(), "plain".to_owned()];
+    let keys = vec!["a".to_owned(), "listed".to_owned()];
     match store.bulk_get(StoreKind::Public, &keys).await {
-        Err(StoreError::Unreadable { key, .. }) => assert_eq!(key, "plain"),
+        Err(StoreError::Unreadable { key, .. }) => assert_eq!(key, "listed"),
         other => panic!("bulk get: expected Unreadable naming the key, got {other:?}"),
     }
     // Read one by one, only the odd key fails.

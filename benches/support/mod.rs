@@ -2,6 +2,7 @@
 //! description and the result table. Child processes and Redis come from the
 //! `keel-test-support` crate, shared with the tests.
 
+pub mod daprd;
 pub mod wrk;
 
 use std::fmt::Write as _;

@@ -49,8 +49,10 @@ pub const BULK_CHUNK: usize = 1000;
 
 /// Reads Dapr state hashes. For each key in KEYS it returns three values:
 /// the `version` string, or the integer 0 when the key is absent, or -1 when the key is
-/// not a Dapr state hash (another type, or a hash lacking `data` or `version`); then the
-/// `data` bytes; then the key's PTTL in milliseconds (-1: no TTL).
+/// not readable (neither a hash nor a string, or a hash lacking `data` or `version`); then
+/// the `data` bytes; then the key's PTTL in milliseconds (-1: no TTL).
+/// A plain string key reads as Dapr's `state.redis` reads it (its `HGETALL` fails, it
+/// falls back to `GET`): the string as data, with an empty version (no ETag).
 /// Lua `false` cannot sit in a reply array, hence the integer markers.
 const READ_LUA: &str = r"
 local out = {}
@@ -60,7 +62,12 @@ for i = 1, #KEYS do
   local r = redis.pcall('HMGET', key, 'data', 'version')
   local version, data, ttl = 0, '', -1
   if r.err then
-    version = -1
+    local plain = redis.pcall('GET', key)
+    if type(plain) == 'string' then
+      version, data, ttl = '', plain, redis.call('PTTL', key)
+    else
+      version = -1
+    end
   elseif r[1] and r[2] then
     version, data, ttl = r[2], r[1], redis.call('PTTL', key)
   elseif r[1] or r[2] then
@@ -158,12 +165,44 @@ impl Default for RedisOptions {
     }
 }
 
+/// How Dapr's `keyPrefix` metadata is applied, as the `redis` backend applies
+/// `--private-key-prefix` (Dapr lower-cases the value, then: `none` = bare keys;
+/// `appid`, `name`, `namespace` = strategies naming the caller's app id, the component
+/// name or the namespace, which this process cannot know; anything else = a fixed prefix,
+/// lower-cased).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyPrefix {
+    /// `none`: the bare key.
+    Bare,
+    /// `<prefix>||<key>`.
+    Fixed(String),
+}
+
+impl KeyPrefix {
+    /// Applies Dapr's rules to `raw`; `Err` says why it cannot be applied here.
+    pub fn parse(raw: &str) -> Result<KeyPrefix, String> {
+        let lower = raw.to_lowercase();
+        match lower.as_str() {
+            "" => Err("is empty; use `none` for bare keys or the Plugins app id (e.g. plugins)".into()),
+            "none" => Ok(KeyPrefix::Bare),
+            "appid" | "name" | "namespace" => Err(format!(
+                "is {raw:?}, a Dapr keyPrefix strategy (prefix = the calling app id, the                  component name or <namespace>.<app id>) that the redis backend cannot apply;                  give the prefix itself, e.g. plugins, or none for bare keys"
+            )),
+            _ if lower.contains("||") => Err("must not contain \"||\"".into()),
+            _ => Ok(KeyPrefix::Fixed(lower)),
+        }
+    }
+}
+
 /// The `redis` backend. Clones of the inner connection share one socket.
 pub struct RedisStore {
     conn: ConnectionManager,
     public_name: String,
     private_name: String,
-    private_prefix: String,
+    private_prefix: KeyPrefix,
+    /// Replicas `INFO replication` reported at connect: with n > 0, every write is
+    /// followed by `WAIT n 1000`, as Dapr's strong consistency does.
+    replicas: u64,
     /// `host:port`, the only part of the URL errors may show.
     endpoint: String,
     /// Texts that must never leave this type (the password, raw and percent-decoded).
@@ -184,6 +223,7 @@ impl fmt::Debug for RedisStore {
             .field("public_name", &self.public_name)
             .field("private_name", &self.private_name)
             .field("private_prefix", &self.private_prefix)
+            .field("replicas", &self.replicas)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -364,6 +404,8 @@ impl RedisStore {
             message,
         };
         let parsed = parse_url(url).map_err(|e| connect_error("Redis", e))?;
+        let private_prefix = KeyPrefix::parse(private_prefix)
+            .map_err(|e| connect_error("Redis", format!("the private key prefix {e}")))?;
         let endpoint = parsed.endpoint;
         let secrets = parsed.secrets;
         let client = redis::Client::open(url).map_err(|e| {
@@ -390,11 +432,13 @@ impl RedisStore {
             for script in &scripts {
                 pipe.load_script(script).ignore();
             }
-            pipe.query_async::<()>(&mut conn).await?;
-            Ok::<_, RedisError>(conn)
+            // As Dapr's `state.redis` at init: how many replicas writes must wait for.
+            pipe.cmd("INFO").arg("replication");
+            let (info,): (String,) = pipe.query_async(&mut conn).await?;
+            Ok::<_, RedisError>((conn, connected_replicas(&info)))
         };
-        let conn = match tokio::time::timeout(options.timeout, connecting).await {
-            Ok(Ok(conn)) => conn,
+        let (conn, replicas) = match tokio::time::timeout(options.timeout, connecting).await {
+            Ok(Ok(connected)) => connected,
             Ok(Err(e)) => return Err(connect_error(&endpoint, describe(&e, &secrets))),
             Err(_) => {
                 return Err(connect_error(
@@ -408,7 +452,8 @@ impl RedisStore {
             conn,
             public_name: public_name.to_owned(),
             private_name: private_name.to_owned(),
-            private_prefix: private_prefix.to_owned(),
+            private_prefix,
+            replicas,
             endpoint,
             redact: secrets,
             timeout: options.timeout,
@@ -427,17 +472,22 @@ impl RedisStore {
 
     /// The full Redis key of `key` in the logical store `kind`.
     pub fn redis_key(&self, kind: StoreKind, key: &str) -> String {
-        match kind {
-            StoreKind::Public => key.to_owned(),
-            StoreKind::Private => format!("{}||{key}", self.private_prefix),
+        match self.prefix(kind) {
+            None => key.to_owned(),
+            Some(prefix) => format!("{prefix}||{key}"),
         }
     }
 
     fn prefix(&self, kind: StoreKind) -> Option<&str> {
-        match kind {
-            StoreKind::Public => None,
-            StoreKind::Private => Some(&self.private_prefix),
+        match (kind, &self.private_prefix) {
+            (StoreKind::Public, _) | (StoreKind::Private, KeyPrefix::Bare) => None,
+            (StoreKind::Private, KeyPrefix::Fixed(prefix)) => Some(prefix),
         }
+    }
+
+    /// How many replicas writes wait for (`INFO replication` at connect).
+    pub fn replicas(&self) -> u64 {
+        self.replicas
     }
 
     fn name(&self, kind: StoreKind) -> &str {
@@ -493,6 +543,44 @@ impl RedisStore {
         StoreError::Conflict {
             store: self.name(kind).to_owned(),
             key: key.to_owned(),
+        }
+    }
+
+    /// Dapr's strong consistency: after a write, `WAIT <replicas> 1000` when Redis had
+    /// replicas at connect (Dapr ignores how many acknowledged; so does this).
+    async fn wait_for_replicas(
+        &self,
+        kind: StoreKind,
+        operation: &'static str,
+        key: &str,
+    ) -> Result<(), StoreError> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(self.replicas).arg(1000);
+        match tokio::time::timeout(self.timeout, cmd.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(_acknowledged)) => Ok(()),
+            Ok(Err(e)) => Err(self.failed(
+                kind,
+                operation,
+                key,
+                format!(
+                    "waiting for {} replicas to acknowledge the write: {}",
+                    self.replicas,
+                    describe(&e, &self.redact)
+                ),
+            )),
+            Err(_) => Err(self.failed(
+                kind,
+                operation,
+                key,
+                format!(
+                    "waiting for {} replicas: no answer within {:?}",
+                    self.replicas, self.timeout
+                ),
+            )),
         }
     }
 
@@ -577,7 +665,7 @@ impl RedisStore {
             .await
             .map_err(|e| self.eval_failed(kind, "update", key, e))?;
         match reply {
-            Value::Int(version) if version > 0 => Ok(()),
+            Value::Int(version) if version > 0 => self.wait_for_replicas(kind, "update", key).await,
             Value::Int(0) => Err(self.conflict(kind, key)),
             Value::Int(-2) => Err(StoreError::Fenced {
                 store: self.name(kind).to_owned(),
@@ -657,6 +745,15 @@ impl From<RedisError> for EvalError {
     fn from(e: RedisError) -> Self {
         EvalError::Redis(e)
     }
+}
+
+/// `connected_slaves:<n>` of an `INFO replication` reply (0 when absent or unreadable,
+/// as Dapr reads it).
+fn connected_replicas(info: &str) -> u64 {
+    info.lines()
+        .find_map(|line| line.trim().strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The ETag argument of the save script: Dapr's `0` for "none", else the canonical integer.
@@ -789,7 +886,9 @@ impl Store for RedisStore {
             .await
             .map_err(|e| self.eval_failed(kind, "save", save.key, e))?;
         match reply {
-            Value::Int(version) if version > 0 => Ok(()),
+            Value::Int(version) if version > 0 => {
+                self.wait_for_replicas(kind, "save", save.key).await
+            }
             Value::Int(0) if has_etag => Err(self.conflict(kind, save.key)),
             Value::Int(0) => Err(self.failed(
                 kind,
@@ -941,6 +1040,29 @@ mod tests {
             scrub("a pw1 b p w c".to_owned(), &secrets),
             "a [redacted] b [redacted] c"
         );
+    }
+
+    #[test]
+    fn key_prefixes_follow_daprs_rules() {
+        assert_eq!(KeyPrefix::parse("none"), Ok(KeyPrefix::Bare));
+        assert_eq!(KeyPrefix::parse("NONE"), Ok(KeyPrefix::Bare));
+        assert_eq!(
+            KeyPrefix::parse("Plugins"),
+            Ok(KeyPrefix::Fixed("plugins".into()))
+        );
+        for strategy in ["appid", "AppID", "name", "namespace"] {
+            let err = KeyPrefix::parse(strategy).expect_err(strategy);
+            assert!(err.contains("strategy"), "{err}");
+        }
+        assert!(KeyPrefix::parse("").is_err());
+        assert!(KeyPrefix::parse("a||b").is_err());
+    }
+
+    #[test]
+    fn connected_replicas_reads_info_replication() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\nslave0:ip=x\r\n";
+        assert_eq!(connected_replicas(info), 2);
+        assert_eq!(connected_replicas("# Replication\r\nrole:slave\r\n"), 0);
     }
 
     #[test]

@@ -18,8 +18,10 @@ against the README's event catalog.
 
 Environment:
     KEEL_SCRAPER_BIN      the worker binary (default target/debug/keel-scraper)
-    DAPR_COMPONENTS_CRD   the Component CRD (default ../shared/reference/dapr-components-crd.yaml
-                          beside the repository)
+    DAPR_COMPONENTS_CRD   the Component CRD (default: charts/dapr/crds/components.yaml of the
+                          github.com/dapr/dapr module pinned in tools/daprd/go.mod: the copy
+                          scripts/daprd keeps beside the cached daprd, else the Go module
+                          cache)
 
 Prints one line per check and ends with `deploy: N passed, M failed`; exits 1 if any
 check failed.
@@ -79,6 +81,7 @@ WORKER_ENV = {
     "SCRAPER_UNHEALTHY_THRESHOLD",
     "SCRAPER_HEALTHY_THRESHOLD",
     "SCRAPER_LEASE",
+    "SCRAPER_FOREIGN_LOCK_TTL",
     "SCRAPER_HOLDER_ID",
     "SCRAPER_LOG_FORMAT",
     "SCRAPER_LOG",
@@ -140,14 +143,43 @@ def duration_seconds(text: str) -> float:
 
 
 def locate_crd() -> Path:
+    """The Component CRD of the Dapr release the tests run (tools/daprd/go.mod pins it)."""
     override = os.environ.get("DAPR_COMPONENTS_CRD")
-    path = Path(override) if override else REPO.parent / "shared" / "reference" / "dapr-components-crd.yaml"
-    if not path.is_file():
-        raise CheckFailed(
-            f"Dapr Component CRD not found at {path}: put the shared reference folder beside "
-            "the repository or point DAPR_COMPONENTS_CRD at the CRD file"
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise CheckFailed(f"DAPR_COMPONENTS_CRD={path} is not a file")
+        return path
+    tried = []
+    # Beside the daprd scripts/daprd built (it copies the CRD of the same module there).
+    found = subprocess.run(
+        [str(REPO / "scripts" / "daprd"), "--no-build"], capture_output=True, text=True, check=False
+    )
+    if found.returncode == 0 and found.stdout.strip():
+        path = Path(found.stdout.strip()).parent / "components-crd.yaml"
+        if path.is_file():
+            return path
+        tried.append(str(path))
+    # The module itself, from the Go module cache.
+    if shutil.which("go"):
+        listed = subprocess.run(
+            ["go", "list", "-mod=readonly", "-m", "-f", "{{.Dir}}", "github.com/dapr/dapr"],
+            cwd=REPO / "tools" / "daprd",
+            capture_output=True,
+            text=True,
+            check=False,
         )
-    return path
+        if listed.returncode == 0 and listed.stdout.strip():
+            path = Path(listed.stdout.strip()) / "charts" / "dapr" / "crds" / "components.yaml"
+            if path.is_file():
+                return path
+            tried.append(str(path))
+    raise CheckFailed(
+        "Dapr Component CRD not found"
+        + (f" (tried {', '.join(tried)})" if tried else "")
+        + ": run ./scripts/daprd (it fetches the pinned Dapr module and keeps its CRD beside "
+        "daprd), or point DAPR_COMPONENTS_CRD at the CRD file"
+    )
 
 
 def strict_schema(schema: Any) -> Any:
@@ -579,6 +611,7 @@ def check_env(r: Rendered) -> None:
         "SCRAPER_LOG_FORMAT": v["logFormat"],
         "SCRAPER_LOG": v["logLevel"],
         "SCRAPER_SIDECAR_WAIT": v["sidecarWait"],
+        "SCRAPER_FOREIGN_LOCK_TTL": v["foreignLockTtl"],
         "SCRAPER_RETRIES": str(v["retries"]),
         "SCRAPER_CONCURRENCY": str(v["concurrency"]),
         "SCRAPER_UNHEALTHY_THRESHOLD": str(v["unhealthyThreshold"]),

@@ -354,6 +354,8 @@ pub struct ReplicaOptions {
     pub unhealthy: u32,
     pub healthy: u32,
     pub concurrency: usize,
+    /// `--foreign-lock-ttl`.
+    pub foreign_lock_ttl: Duration,
 }
 
 impl ReplicaOptions {
@@ -368,7 +370,13 @@ impl ReplicaOptions {
             unhealthy: 2,
             healthy: 1,
             concurrency: 16,
+            foreign_lock_ttl: keel_scraper::lease::DEFAULT_FOREIGN_LOCK_TTL,
         }
+    }
+
+    pub fn foreign_lock_ttl(mut self, ttl: Duration) -> Self {
+        self.foreign_lock_ttl = ttl;
+        self
     }
 
     pub fn lease(mut self, lease: Duration, interval: Duration) -> Self {
@@ -398,7 +406,8 @@ pub fn ticker(store: Arc<dyn Store>, status_url: &str, o: &ReplicaOptions) -> Ti
         ..ProbeSettings::new(status_url)
     })
     .unwrap_or_else(|e| panic!("prober for {status_url}: {e}"));
-    let lease = Lease::new(store.clone(), o.holder.clone(), o.lease, o.interval);
+    let lease = Lease::new(store.clone(), o.holder.clone(), o.lease, o.interval)
+        .with_foreign_ttl(o.foreign_lock_ttl);
     Ticker {
         store,
         prober: Arc::new(prober),

@@ -30,7 +30,8 @@ pub struct Caps {
     /// [`Store::update_existing`] fails with `Missing` on an absent key instead of
     /// re-creating it (false on Dapr: plain ETag CAS cannot check existence).
     pub update_checks_existence: bool,
-    /// [`Entry::ttl`] tells the time left; when false only expiry itself is checked.
+    /// [`Entry::ttl`] tells the time left; when false a TTL is invisible on a get (Dapr
+    /// on `state.redis` reports none) and only expiry itself is checked.
     pub reports_ttl: bool,
     /// A non-integer ETag on delete is `InvalidEtag`; when false it is a `Conflict`
     /// (Dapr's `state.redis` compares delete ETags as strings).
@@ -523,6 +524,8 @@ pub async fn ttl_is_reported_and_expires(store: &dyn Store, caps: &Caps) {
     let entry = must_get(store, kind, &key).await;
     if caps.reports_ttl {
         assert_ttl_within(&entry, Duration::from_secs(1), "right after a 1 s TTL");
+    } else {
+        assert_eq!(entry.ttl, None, "this store was said to show no TTL");
     }
     wait_until_absent(store, kind, &key, since).await;
     // An expired key is absent for writes too: create-if-absent succeeds, versions restart.

@@ -7,6 +7,7 @@
 
 pub mod binary;
 pub mod conformance;
+pub mod daprd;
 pub mod live;
 pub mod sidecar;
 

@@ -1,8 +1,9 @@
-//! A test double of the Dapr sidecar, on loopback.
+//! A test double of the Dapr sidecar, on loopback: the fast path for Dapr-path tests.
 //!
-//! No `daprd` can run where these tests run, so the Dapr path is proven against this
-//! double, which reproduces the parts of the sidecar's API the worker uses, with Dapr's
-//! documented semantics and status codes:
+//! It reproduces the parts of the sidecar's API the worker uses, with the semantics and
+//! status codes real daprd shows: tests/daprd_store.rs runs each observed fact on real
+//! daprd (tests/support/daprd.rs) and on this double with the same assertions, and the
+//! error bodies real daprd sent are answered from tests/fixtures/daprd/.
 //!
 //! - **gRPC** (`dapr.proto.runtime.v1.Dapr`): `GetState`, `GetBulkState`, `SaveState` and
 //!   `DeleteState`. Every other method answers `UNIMPLEMENTED`. Rather than implementing
@@ -49,7 +50,7 @@ use dapr::dapr::proto::runtime::v1::{
     GetStateResponse, SaveStateRequest,
 };
 use keel_scraper::store::redis::RedisStore;
-use keel_scraper::store::{Concurrency, Entry, Save, Store, StoreError, StoreKind};
+use keel_scraper::store::{read_each, Concurrency, Save, Store, StoreError, StoreKind};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::codegen::http;
@@ -85,6 +86,10 @@ pub struct SidecarConfig {
     pub redis_url: Option<String>,
     /// Stay unready (health 500, gRPC `UNAVAILABLE`) this long after start.
     pub ready_after: Duration,
+    /// The sidecar fronts an app that never comes up: `/v1.0/healthz` answers 500 while
+    /// `/v1.0/healthz/outbound` does not depend on it (as daprd with an `--app-port`
+    /// nobody listens on).
+    pub app_down: bool,
 }
 
 impl Default for SidecarConfig {
@@ -97,6 +102,7 @@ impl Default for SidecarConfig {
             invoke_target: None,
             redis_url: None,
             ready_after: Duration::ZERO,
+            app_down: false,
         }
     }
 }
@@ -136,6 +142,12 @@ impl SidecarConfig {
         self
     }
 
+    /// See [`SidecarConfig::app_down`].
+    pub fn with_app_down(mut self) -> Self {
+        self.app_down = true;
+        self
+    }
+
     pub fn ready_after(mut self, delay: Duration) -> Self {
         self.ready_after = delay;
         self
@@ -155,6 +167,10 @@ struct Shared {
     saw_token: AtomicBool,
     /// While set, state calls never answer (a hung sidecar).
     stalled: AtomicBool,
+    app_down: bool,
+    /// Raw commands on the double's Redis, for what the store trait cannot express.
+    raw: redis::Client,
+    private_key_prefix: String,
 }
 
 impl Shared {
@@ -200,20 +216,8 @@ fn check_key(key: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// `ttlExpireTime` as Dapr's state stores report it: RFC 3339, UTC, whole seconds (so
-/// the time left a client derives from it is only accurate to about a second).
-fn ttl_metadata(entry: &Entry) -> HashMap<String, String> {
-    let mut metadata = HashMap::new();
-    if let Some(ttl) = entry.ttl {
-        let left = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::zero());
-        let expires = chrono::Utc::now() + left;
-        metadata.insert(
-            "ttlExpireTime".to_string(),
-            expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        );
-    }
-    metadata
-}
+// Dapr's `state.redis` reports no `ttlExpireTime` on a get (real daprd, checked in
+// tests/daprd_store.rs): through it a TTL is invisible, so the double reports none either.
 
 // ---------------------------------------------------------------------------------------
 // gRPC
@@ -330,13 +334,15 @@ async fn get_state(shared: Arc<Shared>, req: GetStateRequest) -> Result<GetState
     match shared.store.get(kind, &req.key).await {
         Ok(None) => Ok(GetStateResponse::default()),
         Ok(Some(entry)) => Ok(GetStateResponse {
-            metadata: ttl_metadata(&entry),
+            metadata: HashMap::new(),
             data: entry.data,
             etag: entry.etag,
         }),
         Err(err) => Err(Status::internal(format!(
-            "fail to get {} from state store {}: {err}",
-            req.key, req.store_name
+            "fail to get {} from state store {}: {}",
+            req.key,
+            req.store_name,
+            redis_text(&err)
         ))),
     }
 }
@@ -349,9 +355,9 @@ async fn get_bulk_state(
     for key in &req.keys {
         check_key(key)?;
     }
-    let entries = shared
-        .store
-        .bulk_get(kind, &req.keys)
+    // Dapr reads each key on its own: a key it cannot read is reported in that item's
+    // `error` and the call succeeds.
+    let entries = read_each(shared.store.as_ref(), kind, &req.keys, 16)
         .await
         .map_err(|err| Status::internal(format!("failed getting bulk state: {err}")))?;
     let items = req
@@ -359,20 +365,36 @@ async fn get_bulk_state(
         .into_iter()
         .zip(entries)
         .map(|(key, entry)| match entry {
-            None => BulkStateItem {
+            Ok(None) => BulkStateItem {
                 key,
                 ..Default::default()
             },
-            Some(entry) => BulkStateItem {
+            Ok(Some(entry)) => BulkStateItem {
                 key,
-                metadata: ttl_metadata(&entry),
+                metadata: HashMap::new(),
                 data: entry.data,
                 etag: entry.etag,
                 error: String::new(),
             },
+            Err(err) => BulkStateItem {
+                key,
+                error: redis_text(&err),
+                ..Default::default()
+            },
         })
         .collect();
     Ok(GetBulkStateResponse { items })
+}
+
+/// What daprd passes on from Redis for a failed read: for a key of another type, Redis's
+/// own `WRONGTYPE` error (the text real daprd sent, tests/daprd_store.rs).
+fn redis_text(err: &StoreError) -> String {
+    match err {
+        StoreError::Unreadable { .. } => {
+            "WRONGTYPE Operation against a key holding the wrong kind of value".to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Maps a store error to the status Dapr answers with. An ETag failure is reported as
@@ -397,9 +419,15 @@ async fn save_state(shared: Arc<Shared>, req: SaveStateRequest) -> Result<(), St
     let prefix = format!("failed saving state in state store {}", req.store_name);
     for item in &req.states {
         let etag = item.etag.as_ref().map(|e| e.value.as_str());
-        // Dapr's default concurrency is last-write.
-        let concurrency = match item.options.map(|o| o.concurrency) {
-            Some(1) => Concurrency::FirstWrite,
+        let had_etag = etag.is_some_and(|e| !e.is_empty());
+        // Only an explicit last-write (2) ignores the ETag. Without options, or with
+        // unspecified concurrency, an ETag is checked like first-write's, but the key is
+        // not marked first-write.
+        let requested = item.options.map(|o| o.concurrency).unwrap_or(0);
+        let unspecified = requested != 1 && requested != 2;
+        let concurrency = match requested {
+            1 => Concurrency::FirstWrite,
+            _ if unspecified && had_etag => Concurrency::FirstWrite,
             _ => Concurrency::LastWrite,
         };
         let ttl_seconds = match item.metadata.get("ttlInSeconds") {
@@ -417,12 +445,40 @@ async fn save_state(shared: Arc<Shared>, req: SaveStateRequest) -> Result<(), St
             concurrency,
             ttl_seconds,
         };
-        let had_etag = etag.is_some_and(|e| !e.is_empty());
+        // Emulated, not atomic (the worker always sends an explicit concurrency): a
+        // first-write save, then the `first-write` field dropped again if it was new.
+        let unmark = if unspecified && had_etag {
+            let physical = match kind {
+                StoreKind::Public => item.key.clone(),
+                StoreKind::Private => format!("{}||{}", shared.private_key_prefix, item.key),
+            };
+            let mut conn = shared
+                .raw
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| Status::internal(format!("{prefix}: {e}")))?;
+            let marked: bool = redis::cmd("HEXISTS")
+                .arg(&physical)
+                .arg("first-write")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(false);
+            (!marked).then_some((conn, physical))
+        } else {
+            None
+        };
         shared
             .store
             .save(kind, save)
             .await
             .map_err(|err| store_status(prefix.clone(), err, had_etag))?;
+        if let Some((mut conn, physical)) = unmark {
+            let _: Result<i64, _> = redis::cmd("HDEL")
+                .arg(&physical)
+                .arg("first-write")
+                .query_async(&mut conn)
+                .await;
+        }
     }
     Ok(())
 }
@@ -455,6 +511,32 @@ async fn delete_state(shared: Arc<Shared>, req: DeleteStateRequest) -> Result<()
 // HTTP
 // ---------------------------------------------------------------------------------------
 
+/// Error bodies real daprd sent (tests/fixtures/daprd/README.md), answered byte for byte.
+pub mod fixtures {
+    pub const INVOKE_UNKNOWN_APP: &str = include_str!("../fixtures/daprd/invoke-unknown-app.json");
+    pub const INVOKE_CONNECTION_REFUSED: &str =
+        include_str!("../fixtures/daprd/invoke-connection-refused.json");
+    pub const HEALTHZ_APP_NOT_READY: &str =
+        include_str!("../fixtures/daprd/healthz-app-not-ready.json");
+    pub const UNAUTHORIZED: &str = include_str!("../fixtures/daprd/unauthorized.txt");
+
+    /// A fixture with its `{app_id}`, `{url}` and `{addr}` filled in.
+    pub fn render(fixture: &str, app_id: &str, url: &str, addr: &str) -> String {
+        fixture
+            .replace("{app_id}", app_id)
+            .replace("{url}", url)
+            .replace("{addr}", addr)
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> AxumResponse {
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    response
+}
+
 fn dapr_error(status: StatusCode, code: &str, message: &str) -> AxumResponse {
     let body = serde_json::json!({ "errorCode": code, "message": message }).to_string();
     let mut response = (status, body).into_response();
@@ -477,8 +559,14 @@ async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> Axum
         if presented.is_some() {
             shared.saw_token.store(true, Ordering::SeqCst);
         }
-        return if shared.is_ready() {
+        let app_ok = path == "/v1.0/healthz/outbound" || !shared.app_down;
+        return if shared.is_ready() && app_ok {
             StatusCode::NO_CONTENT.into_response()
+        } else if shared.is_ready() {
+            json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                fixtures::HEALTHZ_APP_NOT_READY.to_string(),
+            )
         } else {
             dapr_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -491,7 +579,12 @@ async fn http_entry(State(shared): State<Arc<Shared>>, req: AxumRequest) -> Axum
     if shared.check_token(presented.as_deref()).is_err() {
         shared.count("unauthorized");
         // Dapr's HTTP token check answers a plain-text 401 (Go's `http.Error`).
-        return (StatusCode::UNAUTHORIZED, "invalid api token\n").into_response();
+        let mut response = (StatusCode::UNAUTHORIZED, fixtures::UNAUTHORIZED).into_response();
+        response.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return response;
     }
 
     let Some(rest) = path.strip_prefix("/v1.0/invoke/") else {
@@ -522,7 +615,10 @@ async fn invoke(shared: &Shared, app_id: &str, method: &str, req: AxumRequest) -
         .as_ref()
         .and_then(|target| target(app_id, method));
     let Some(mut url) = target else {
-        return failed(format!("failed to resolve address for '{app_id}-dapr'"));
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            fixtures::render(fixtures::INVOKE_UNKNOWN_APP, app_id, "", ""),
+        );
     };
     if let Some(query) = req.uri().query() {
         url.push('?');
@@ -536,6 +632,16 @@ async fn invoke(shared: &Shared, app_id: &str, method: &str, req: AxumRequest) -
     let forward = shared.http.request(http_method, &url).body(body);
     let response = match forward.send().await {
         Ok(response) => response,
+        Err(err) if err.is_connect() && error_chain(&err).contains("refused") => {
+            let addr = reqwest::Url::parse(&url)
+                .ok()
+                .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+                .unwrap_or_default();
+            return json_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                fixtures::render(fixtures::INVOKE_CONNECTION_REFUSED, app_id, &url, &addr),
+            );
+        }
         Err(err) => return failed(error_chain(&err)),
     };
     let status = StatusCode::from_u16(response.status().as_u16())
@@ -754,6 +860,10 @@ impl SidecarDouble {
             calls: Mutex::new(HashMap::new()),
             saw_token: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            app_down: config.app_down,
+            raw: redis::Client::open(redis_url.as_str())
+                .unwrap_or_else(|e| panic!("sidecar double: bad redis URL: {e}")),
+            private_key_prefix: private_key_prefix.clone(),
         });
 
         let grpc_listener = TcpListener::bind("127.0.0.1:0")
