@@ -114,14 +114,16 @@ fn print_routes(
         None if json => encode(serde_json::to_string(&report.plugins)),
         None => render_table(report),
         Some(id) => match report.plugins.iter().find(|r| r.plugin_id == id) {
-            None => return (
-                Exit::Failed,
-                Some(format!(
+            None => {
+                return (
+                    Exit::Failed,
+                    Some(format!(
                     "plugin {:?} is not registered ({} registered plugins; `routes` lists them)",
                     id,
                     report.plugins.len()
                 )),
-            ),
+                )
+            }
             Some(row) if json => encode(serde_json::to_string(row)),
             Some(row) => render_one(report, row),
         },
