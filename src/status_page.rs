@@ -177,7 +177,11 @@ fn render_error(error: &str) -> String {
 fn cell(out: &mut String, class: &str, value: Option<&str>, missing: &str) {
     match value {
         Some(v) => {
-            let _ = write!(out, "<td class=\"{class}\">{}</td>", escape_html(v));
+            let _ = write!(
+                out,
+                "<td class=\"{class}\">{}</td>",
+                escape_html(&observations::escape_control(v))
+            );
         }
         None => {
             let _ = write!(
@@ -338,7 +342,7 @@ mod tests {
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("<b>pod"), "{page}");
         assert!(
-            page.contains("&lt;script&gt;alert(1)&lt;/script&gt; \u{1b}[31m&quot;&#39;&amp;"),
+            page.contains("&lt;script&gt;alert(1)&lt;/script&gt; \\u{1b}[31m&quot;&#39;&amp;"),
             "{page}"
         );
         assert!(
