@@ -38,6 +38,7 @@ use redis::AsyncConnectionConfig;
 
 use keel_scraper::config::{parse_cli, Env, Settings};
 use keel_scraper::lease::TickKind;
+use keel_scraper::observations;
 use keel_scraper::probe::{ProbeOutcome, Prober};
 use keel_scraper::registry::REGISTRY_KEY;
 use keel_scraper::route::{read_status, rewrite_status, route_key};
@@ -511,6 +512,8 @@ struct AtSize {
     /// CPU seconds per request: wrk's, and the worker's during redis ticks.
     wrk_cpu_per_request: Option<f64>,
     worker_cpu_per_probe: Option<f64>,
+    /// Size of the `scrape_observations` record the redis ticks left, in MiB.
+    observations_mib: Option<Stats>,
 }
 
 struct Bench {
@@ -617,6 +620,26 @@ impl Bench {
         }
         drop((redis_t, memory_t));
         self.worker_rt.block_on(verify_routes(&mut conn, &churn))?;
+        // The observations record the real ticks wrote: under its bound at every size.
+        let stored: i64 = self.worker_rt.block_on(
+            redis::cmd("HSTRLEN")
+                .arg(format!("plugins||{}", observations::OBSERVATIONS_KEY))
+                .arg("data")
+                .query_async(&mut conn),
+        )?;
+        if stored <= 0 {
+            bail!(
+                "the ticks left no {} record",
+                observations::OBSERVATIONS_KEY
+            );
+        }
+        if stored as usize >= observations::MAX_BYTES {
+            bail!(
+                "{} is {stored} bytes at N = {n}, over 2 MiB",
+                observations::OBSERVATIONS_KEY
+            );
+        }
+        out.observations_mib = Stats::of(&[stored as f64 / (1024.0 * 1024.0)]);
         out.redis_ticks = Stats::of_durations(&redis_ticks);
         out.memory_ticks = Stats::of_durations(&memory_ticks);
         out.sim_busy = Stats::of(&sim_busy);
@@ -982,6 +1005,31 @@ fn rows(
         } else {
             rss
         });
+        if let Some(obs) = s.observations_mib {
+            let row = Row::new(
+                "scrape_observations record (redis ticks)",
+                Some(n),
+                Unit::Mib,
+                Some(obs),
+            );
+            rows.push(if n == 50_000 {
+                row.target(Target::MibAtMost(2.0))
+            } else {
+                row
+            });
+        }
+        if n == 50_000 {
+            let size = observations_sample_size();
+            rows.push(
+                Row::new(
+                    "scrape_observations record (realistic ids, details, since-times)",
+                    Some(n),
+                    Unit::Mib,
+                    Stats::of(&[size as f64 / (1024.0 * 1024.0)]),
+                )
+                .target(Target::MibAtMost(2.0)),
+            );
+        }
         if s.once_rss_mib.is_some() {
             rows.push(Row::new(
                 "peak RSS of `once` (VmHWM polled)",
@@ -1066,6 +1114,18 @@ fn rows(
     slow_row.ratio = Some(slow.max / bound);
     rows.push(slow_row.target(Target::MaxAtMost(bound)));
     rows
+}
+
+/// The encoded size of a realistic 50 000-plugin observations record; over 2 MiB is a
+/// failure of the layout, not a slow run, so it stops the benchmark.
+fn observations_sample_size() -> usize {
+    let size =
+        observations::encode(&observations::sample_record(50_000, Utc::now().timestamp())).len();
+    assert!(
+        size < observations::MAX_BYTES,
+        "a realistic 50 000-plugin observations record is {size} bytes, over 2 MiB"
+    );
+    size
 }
 
 fn main() -> ExitCode {

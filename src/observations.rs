@@ -229,25 +229,40 @@ pub fn changed(prev: Option<&Observations>, next: &Observations) -> bool {
     }
 }
 
-fn entry_value(tick: i64, kept: &Kept, details: &mut Details) -> Value {
-    let since = kept
-        .since
-        .map_or(Value::Null, |s| Value::from(tick.saturating_sub(s)));
-    let mut a = vec![since];
+/// Appends `text` as a JSON string.
+fn push_json_str(out: &mut String, text: &str) {
+    // Serializing a string cannot fail.
+    out.push_str(&serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into()));
+}
+
+/// Appends one plugin's entry (see the module docs).
+fn push_entry(out: &mut String, tick: i64, kept: &Kept, details: &mut Details) {
+    use std::fmt::Write;
+    let since = kept.since.map_or_else(
+        || "null".to_string(),
+        |s| tick.saturating_sub(s).to_string(),
+    );
     match &kept.outcome {
-        Outcome::Reported(st) if *st == kept.status => return a.remove(0),
+        Outcome::Reported(st) if *st == kept.status => out.push_str(&since),
         Outcome::Reported(st) => {
-            a.push("ok".into());
-            a.push(st.clone().into());
+            let _ = write!(out, "[{since},\"ok\",");
+            push_json_str(out, st);
+            out.push(']');
         }
         Outcome::Failed { error_kind, detail } => {
-            a.push("failed".into());
-            a.push(error_kind.clone().into());
-            a.push(detail.as_ref().map_or(Value::Null, |d| details.index(d)));
+            let _ = write!(out, "[{since},\"failed\",");
+            push_json_str(out, error_kind);
+            match detail {
+                Some(d) => {
+                    let _ = write!(out, ",{}]", details.index(d));
+                }
+                None => out.push_str(",null]"),
+            }
         }
-        Outcome::CutOff => a.push("cut_off".into()),
+        Outcome::CutOff => {
+            let _ = write!(out, "[{since},\"cut_off\"]");
+        }
     }
-    Value::Array(a)
 }
 
 #[derive(Default)]
@@ -257,14 +272,14 @@ struct Details {
 }
 
 impl Details {
-    fn index(&mut self, text: &str) -> Value {
+    fn index(&mut self, text: &str) -> usize {
         if let Some(i) = self.at.get(text) {
-            return Value::from(*i);
+            return *i;
         }
         let i = self.texts.len();
         self.texts.push(text.to_string());
         self.at.insert(text.to_string(), i);
-        Value::from(i)
+        i
     }
 }
 
@@ -282,41 +297,62 @@ fn parse_time(text: &str) -> Option<i64> {
         .map(|t| t.timestamp())
 }
 
-/// Encodes the record (plugins sorted by id, details in first-use order).
+/// Encodes the record: groups by status, plugins sorted by id, details in first-use
+/// order. Written straight into one buffer (no intermediate JSON tree: at 50 000
+/// plugins that tree would cost more memory than the record itself).
 pub fn encode(obs: &Observations) -> Vec<u8> {
+    use std::fmt::Write;
     let mut details = Details::default();
-    let mut by_status: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
+    let mut groups: BTreeMap<&str, Vec<(&String, &Kept)>> = BTreeMap::new();
     for (id, kept) in &obs.plugins {
-        by_status
+        groups
             .entry(kept.status.as_str())
             .or_default()
-            .insert(id.clone(), entry_value(obs.tick, kept, &mut details));
+            .push((id, kept));
     }
-    let mut top = serde_json::Map::new();
-    top.insert("v".into(), VERSION.into());
-    top.insert("tick".into(), rfc3339(obs.tick).into());
-    top.insert("holder".into(), obs.holder.clone().into());
+    let mut body = String::with_capacity(obs.plugins.len() * 32 + 64);
+    body.push_str("\"by_status\":{");
+    for (g, (status, entries)) in groups.iter().enumerate() {
+        if g > 0 {
+            body.push(',');
+        }
+        push_json_str(&mut body, status);
+        body.push_str(":{");
+        for (i, (id, kept)) in entries.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            push_json_str(&mut body, id);
+            body.push(':');
+            push_entry(&mut body, obs.tick, kept, &mut details);
+        }
+        body.push('}');
+    }
+    body.push('}');
+    let mut out = String::with_capacity(body.len() + 256);
+    let _ = write!(
+        out,
+        "{{\"v\":{VERSION},\"tick\":\"{}\",\"holder\":",
+        rfc3339(obs.tick)
+    );
+    push_json_str(&mut out, &obs.holder);
     if obs.details_dropped {
-        top.insert("details_dropped".into(), true.into());
+        out.push_str(",\"details_dropped\":true");
     }
     if obs.omitted > 0 {
-        top.insert("omitted".into(), obs.omitted.into());
+        let _ = write!(out, ",\"omitted\":{}", obs.omitted);
     }
-    top.insert(
-        "details".into(),
-        Value::Array(details.texts.into_iter().map(Value::String).collect()),
-    );
-    top.insert(
-        "by_status".into(),
-        Value::Object(
-            by_status
-                .into_iter()
-                .map(|(st, m)| (st.to_string(), Value::Object(m)))
-                .collect(),
-        ),
-    );
-    // A JSON value of strings and numbers always serializes.
-    serde_json::to_vec(&Value::Object(top)).unwrap_or_default()
+    out.push_str(",\"details\":[");
+    for (i, d) in details.texts.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(&mut out, d);
+    }
+    out.push_str("],");
+    out.push_str(&body);
+    out.push('}');
+    out.into_bytes()
 }
 
 /// Keeps the encoded record under [`MAX_BYTES`]: drops the details first, then the
@@ -336,13 +372,11 @@ fn fit(obs: &mut Observations) {
     if size <= BUDGET {
         return;
     }
-    // Each entry costs its id, its array and `"":,` around them.
+    // Each entry costs its id, its value and `"":,` around them.
     let cost = |id: &str, k: &Kept| {
-        id.len()
-            + 4
-            + entry_value(obs.tick, k, &mut Details::default())
-                .to_string()
-                .len()
+        let mut e = String::new();
+        push_entry(&mut e, obs.tick, k, &mut Details::default());
+        id.len() + 4 + e.len()
     };
     let mut order: Vec<(bool, String, usize)> = obs
         .plugins
@@ -374,27 +408,50 @@ fn malformed(key: &'static str, why: impl Into<String>) -> ObservationsError {
     }
 }
 
-fn decode_entry(tick: i64, status: &str, e: &Value, details: &[&str]) -> Result<Kept, String> {
-    let since_of = |v: &Value| match v {
-        Value::Null => Ok(None),
-        n => n
-            .as_i64()
-            .filter(|s| *s >= 0)
-            .map(|s| Some(tick - s))
-            .ok_or_else(|| "since is not a number of seconds".to_string()),
+/// The stored shape, read without an intermediate JSON tree of the whole record.
+#[derive(Deserialize)]
+struct RawRecord {
+    v: u64,
+    tick: String,
+    holder: String,
+    #[serde(default)]
+    details: Vec<String>,
+    by_status: BTreeMap<String, BTreeMap<String, RawEntry>>,
+    #[serde(default)]
+    details_dropped: bool,
+    #[serde(default)]
+    omitted: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawEntry {
+    Since(Option<i64>),
+    Full(Vec<Value>),
+}
+
+fn decode_entry(tick: i64, status: &str, e: RawEntry, details: &[String]) -> Result<Kept, String> {
+    let since_of = |v: Option<i64>| match v {
+        None => Ok(None),
+        Some(s) if s >= 0 => Ok(Some(tick - s)),
+        Some(_) => Err("since is a negative number of seconds".to_string()),
     };
     let a = match e {
-        Value::Array(a) => a,
-        single => {
+        RawEntry::Full(a) => a,
+        RawEntry::Since(since) => {
             return Ok(Kept {
                 status: status.to_string(),
-                since: since_of(single)?,
+                since: since_of(since)?,
                 outcome: Outcome::Reported(status.to_string()),
             })
         }
     };
     let text = |i: usize| a.get(i).and_then(Value::as_str);
-    let since = since_of(a.first().ok_or("an empty entry")?)?;
+    let since = match a.first() {
+        Some(Value::Null) => None,
+        Some(n) => since_of(Some(n.as_i64().ok_or("since is not a number of seconds")?))?,
+        None => return Err("an empty entry".into()),
+    };
     let outcome = match text(1) {
         Some("ok") => Outcome::Reported(text(2).ok_or("no reported status")?.to_string()),
         Some("cut_off") => Outcome::CutOff,
@@ -407,7 +464,7 @@ fn decode_entry(tick: i64, status: &str, e: &Value, details: &[&str]) -> Result<
                         .and_then(|i| usize::try_from(i).ok())
                         .and_then(|i| details.get(i))
                         .ok_or("detail index out of range")?
-                        .to_string(),
+                        .clone(),
                 ),
             },
         },
@@ -420,61 +477,50 @@ fn decode_entry(tick: i64, status: &str, e: &Value, details: &[&str]) -> Result<
     })
 }
 
+/// Why `data` is not a record, for the error path only (it may build a JSON tree).
+fn explain(data: &[u8], typed: &serde_json::Error) -> ObservationsError {
+    let why = match serde_json::from_slice::<Value>(data) {
+        Err(e) => format!("not JSON ({e})"),
+        Ok(v) if !v.is_object() => "not a JSON object".into(),
+        Ok(v) => match v.get("v").and_then(Value::as_u64) {
+            None => "no layout version \"v\"".into(),
+            Some(other) if other != VERSION => {
+                format!("layout version {other}, this worker reads version {VERSION}")
+            }
+            Some(_) => typed.to_string(),
+        },
+    };
+    malformed(OBSERVATIONS_KEY, why)
+}
+
 /// Decodes a stored record; anything unexpected is an error naming what was wrong.
 pub fn decode(data: &[u8]) -> Result<Observations, ObservationsError> {
-    let m = |why: &str| malformed(OBSERVATIONS_KEY, why);
-    let v: Value = serde_json::from_slice(data)
-        .map_err(|e| malformed(OBSERVATIONS_KEY, format!("not JSON ({e})")))?;
-    let top = v.as_object().ok_or_else(|| m("not a JSON object"))?;
-    match top.get("v").and_then(Value::as_u64) {
-        Some(VERSION) => {}
-        Some(other) => {
-            return Err(malformed(
-                OBSERVATIONS_KEY,
-                format!("layout version {other}, this worker reads version {VERSION}"),
-            ))
-        }
-        None => return Err(m("no layout version \"v\"")),
+    let raw: RawRecord = serde_json::from_slice(data).map_err(|e| explain(data, &e))?;
+    if raw.v != VERSION {
+        return Err(malformed(
+            OBSERVATIONS_KEY,
+            format!(
+                "layout version {}, this worker reads version {VERSION}",
+                raw.v
+            ),
+        ));
     }
-    let tick = top
-        .get("tick")
-        .and_then(Value::as_str)
-        .and_then(parse_time)
-        .ok_or_else(|| m("\"tick\" is not an RFC 3339 time"))?;
-    let holder = top
-        .get("holder")
-        .and_then(Value::as_str)
-        .ok_or_else(|| m("\"holder\" is not a string"))?
-        .to_string();
-    let details: Vec<&str> = match top.get("details") {
-        None => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|d| d.as_str().ok_or_else(|| m("a detail is not a string")))
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(m("\"details\" is not an array")),
-    };
-    let groups = top
-        .get("by_status")
-        .and_then(Value::as_object)
-        .ok_or_else(|| m("\"by_status\" is not an object"))?;
+    let tick = parse_time(&raw.tick)
+        .ok_or_else(|| malformed(OBSERVATIONS_KEY, "\"tick\" is not an RFC 3339 time"))?;
     let mut plugins = BTreeMap::new();
-    for (status, entries) in groups {
-        let entries = entries
-            .as_object()
-            .ok_or_else(|| m("a status group is not an object"))?;
+    for (status, entries) in raw.by_status {
         for (id, e) in entries {
-            let kept = decode_entry(tick, status, e, &details)
+            let kept = decode_entry(tick, &status, e, &raw.details)
                 .map_err(|why| malformed(OBSERVATIONS_KEY, format!("entry {id:?}: {why}")))?;
-            plugins.insert(id.clone(), kept);
+            plugins.insert(id, kept);
         }
     }
     Ok(Observations {
         tick,
-        holder,
+        holder: raw.holder,
         plugins,
-        details_dropped: top.get("details_dropped") == Some(&Value::Bool(true)),
-        omitted: top.get("omitted").and_then(Value::as_u64).unwrap_or(0),
+        details_dropped: raw.details_dropped,
+        omitted: raw.omitted,
     })
 }
 
