@@ -150,7 +150,8 @@ h1{font-size:1.3em}table{border-collapse:collapse}\
 th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:left;vertical-align:top}\
 th{background:#f6f8fa}td.detail{max-width:40em;overflow-wrap:anywhere}\
 td.pass{color:#116329;font-weight:600}td.blocked{color:#a40e26;font-weight:600}\
-td.none{color:#6e7781;font-style:italic}p.note{color:#57606a}";
+td.none{color:#6e7781;font-style:italic}p.note{color:#57606a}\
+td.plugin,td.since,td.status{white-space:nowrap}";
 
 fn head(out: &mut String) {
     let _ = write!(
@@ -165,9 +166,9 @@ fn head(out: &mut String) {
 fn render_error(error: &str) -> String {
     let mut out = String::new();
     head(&mut out);
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<p id=\"error\">The status cannot be read: {}</p></body></html>\n",
+        "<p id=\"error\">The status cannot be read: {}</p></body></html>",
         escape_html(error)
     );
     out
@@ -288,11 +289,11 @@ pub fn render_html(report: &StatusReport) -> String {
         out.push_str("</tr>");
     }
     out.push_str("</tbody></table>");
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<p class=\"note\">{} registered plugins. Read from the store at every load \
          (at most once a second); the same on every replica. Also as \
-         <a href=\"status.json\">JSON</a>.</p></body></html>\n",
+         <a href=\"status.json\">JSON</a>.</p></body></html>",
         report.plugins.len()
     );
     out
