@@ -442,3 +442,53 @@ async fn ticks_keep_each_plugins_last_observation_and_routes_shows_it() {
         "since starts again: unknown"
     );
 }
+
+/// Through Dapr (the sidecar double storing in a real Redis with Dapr's key prefixes) the
+/// hook's fenced save is a plain first-write save: the record is created under the
+/// private store's prefix and `routes` reads it back through the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_dapr_the_record_is_written_and_read_back() {
+    use keel_scraper::store::dapr::DaprStore;
+    use support::sidecar::{SidecarConfig, SidecarDouble};
+
+    let server = RedisServer::start();
+    let sidecar =
+        SidecarDouble::start(SidecarConfig::default().with_redis_url(&server.url())).await;
+    let store: Arc<dyn Store> = Arc::new(
+        DaprStore::connect(
+            &sidecar.grpc_endpoint(),
+            None,
+            sidecar.public_store(),
+            sidecar.private_store(),
+        )
+        .await
+        .expect("connect through the sidecar double"),
+    );
+    assert!(!store.fences_writes());
+    let sim = PluginSim::start().expect("simulator");
+    sim.set("a", Behavior::v0("STOPPED"));
+    seed_registry(&*store, &["a"]).await;
+    seed_route(&*store, "a", "ACTIVE").await;
+    let t = support::binary::ticker(
+        store.clone(),
+        &sim.url_template(),
+        &ReplicaOptions::new("via-dapr"),
+    );
+    let slot = Utc::now().trunc_subsecs(0);
+    tick(&t, slot).await;
+
+    let entry = store
+        .get(StoreKind::Private, OBSERVATIONS_KEY)
+        .await
+        .expect("read through the sidecar")
+        .expect("the record exists");
+    let rec = observations::decode(&entry.data).expect("decodes");
+    assert_eq!(rec.plugins["a"].status, "STOPPED");
+    assert_eq!(rec.plugins["a"].since, Some(slot.timestamp()));
+    let report = observations::load(&*store).await.expect("load");
+    assert_eq!(report.plugins[0].since.as_deref(), Some(rfc(slot).as_str()));
+    assert_eq!(
+        report.last_tick.as_ref().map(|l| l.holder.as_str()),
+        Some("via-dapr")
+    );
+}
