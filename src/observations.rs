@@ -26,9 +26,11 @@
 //!
 //! [`next`] is pure: the previous record and this tick's results give the next record.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -53,17 +55,36 @@ pub const MAX_BYTES: usize = 2 * 1024 * 1024;
 const BUDGET: usize = MAX_BYTES - 4096;
 const VERSION: u64 = 1;
 
+/// Shared text: statuses, error kinds and details repeat across thousands of plugins
+/// (a mass failure has one detail), so each distinct text is held once ([`Interner`]).
+pub type Text = Arc<str>;
+
+/// Hands out one shared copy of each distinct text.
+#[derive(Default)]
+pub struct Interner(HashSet<Text>);
+
+impl Interner {
+    pub fn get(&mut self, text: &str) -> Text {
+        if let Some(t) = self.0.get(text) {
+            return t.clone();
+        }
+        let t: Text = Arc::from(text);
+        self.0.insert(t.clone());
+        t
+    }
+}
+
 /// The last probe outcome of one plugin.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// The plugin answered with this status (route vocabulary).
-    Reported(String),
+    Reported(Text),
     /// The probe failed (after retries) with this `error_kind`; the detail is the
     /// plugin's or the transport's own text, cut to [`DETAIL_CHARS`] (None once dropped
     /// to keep the record under its size budget).
     Failed {
-        error_kind: String,
-        detail: Option<String>,
+        error_kind: Text,
+        detail: Option<Text>,
     },
     /// The tick's probe deadline cut the probe off: no observation this tick.
     CutOff,
@@ -83,7 +104,7 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Kept {
     /// The route status after the tick.
-    pub status: String,
+    pub status: Text,
     /// Unix seconds of the first tick this worker saw `status`; None = unknown.
     pub since: Option<i64>,
     pub outcome: Outcome,
@@ -107,7 +128,7 @@ pub struct Observations {
 pub struct Seen {
     pub plugin_id: String,
     /// The route status after the write phase (written, or kept as read).
-    pub status: String,
+    pub status: Text,
     /// Whether this tick wrote that status.
     pub written: bool,
     pub outcome: Outcome,
@@ -116,18 +137,19 @@ pub struct Seen {
 /// This tick's outcome of each plugin whose route was read: `(id, status as read, probe)`.
 pub fn observed<'a>(
     candidates: impl Iterator<Item = (&'a str, &'a str, &'a ProbeOutcome)>,
-) -> Vec<(String, String, Outcome)> {
+) -> Vec<(String, Text, Outcome)> {
+    let mut texts = Interner::default();
     candidates
         .map(|(id, current, probe)| {
             let outcome = match probe {
-                ProbeOutcome::Reported(s) => Outcome::Reported(s.as_str().to_string()),
+                ProbeOutcome::Reported(s) => Outcome::Reported(texts.get(s.as_str())),
                 ProbeOutcome::Failed(f) => Outcome::Failed {
-                    error_kind: f.kind.as_str().to_string(),
-                    detail: Some(cut_detail(&f.detail)),
+                    error_kind: texts.get(f.kind.as_str()),
+                    detail: Some(texts.get(&cut_detail(&f.detail))),
                 },
                 ProbeOutcome::CutOff => Outcome::CutOff,
             };
-            (id.to_string(), current.to_string(), outcome)
+            (id.to_string(), texts.get(current), outcome)
         })
         .collect()
 }
@@ -136,7 +158,7 @@ pub fn observed<'a>(
 /// its write left (`true`: written now), or to None when its route is gone; a plugin not
 /// in `after` kept the status it was read with.
 pub fn seen(
-    observed: Vec<(String, String, Outcome)>,
+    observed: Vec<(String, Text, Outcome)>,
     after: &HashMap<String, Option<(String, bool)>>,
 ) -> Vec<Seen> {
     observed
@@ -145,7 +167,7 @@ pub fn seen(
             let (status, written) = match after.get(&plugin_id) {
                 None => (current, false),
                 Some(None) => return None,
-                Some(Some((status, written))) => (status.clone(), *written),
+                Some(Some((status, written))) => (Text::from(status.as_str()), *written),
             };
             Some(Seen {
                 plugin_id,
@@ -190,9 +212,12 @@ pub fn next(prev: Option<&Observations>, tick: i64, holder: &str, seen: &[Seen])
             None => None,
         };
         let outcome = match &s.outcome {
-            Outcome::Failed { error_kind, detail } => Outcome::Failed {
+            Outcome::Failed {
+                error_kind,
+                detail: Some(d),
+            } if d.chars().count() > DETAIL_CHARS => Outcome::Failed {
                 error_kind: error_kind.clone(),
-                detail: detail.as_deref().map(cut_detail),
+                detail: Some(Text::from(cut_detail(d))),
             },
             other => other.clone(),
         };
@@ -305,10 +330,7 @@ pub fn encode(obs: &Observations) -> Vec<u8> {
     let mut details = Details::default();
     let mut groups: BTreeMap<&str, Vec<(&String, &Kept)>> = BTreeMap::new();
     for (id, kept) in &obs.plugins {
-        groups
-            .entry(kept.status.as_str())
-            .or_default()
-            .push((id, kept));
+        groups.entry(&kept.status).or_default().push((id, kept));
     }
     let mut body = String::with_capacity(obs.plugins.len() * 32 + 64);
     body.push_str("\"by_status\":{");
@@ -408,15 +430,17 @@ fn malformed(key: &'static str, why: impl Into<String>) -> ObservationsError {
     }
 }
 
-/// The stored shape, read without an intermediate JSON tree of the whole record.
+/// The stored shape. `by_status` is kept as raw text and read entry by entry
+/// ([`GroupsSeed`]), so no JSON tree of the whole record is ever built.
 #[derive(Deserialize)]
-struct RawRecord {
+struct RawRecord<'a> {
     v: u64,
     tick: String,
     holder: String,
     #[serde(default)]
     details: Vec<String>,
-    by_status: BTreeMap<String, BTreeMap<String, RawEntry>>,
+    #[serde(borrow)]
+    by_status: &'a serde_json::value::RawValue,
     #[serde(default)]
     details_dropped: bool,
     #[serde(default)]
@@ -430,7 +454,80 @@ enum RawEntry {
     Full(Vec<Value>),
 }
 
-fn decode_entry(tick: i64, status: &str, e: RawEntry, details: &[String]) -> Result<Kept, String> {
+/// Reads `{"<status>": {"<id>": E}}` straight into `out`.
+struct GroupsSeed<'a> {
+    tick: i64,
+    details: &'a [Text],
+    texts: &'a mut Interner,
+    out: &'a mut BTreeMap<String, Kept>,
+}
+
+impl<'de> DeserializeSeed<'de> for GroupsSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for GroupsSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object of status groups")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(status) = map.next_key::<String>()? {
+            let status = self.texts.get(&status);
+            map.next_value_seed(GroupSeed {
+                tick: self.tick,
+                status,
+                details: self.details,
+                texts: &mut *self.texts,
+                out: &mut *self.out,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one status group `{"<id>": E}` straight into `out`.
+struct GroupSeed<'a> {
+    tick: i64,
+    status: Text,
+    details: &'a [Text],
+    texts: &'a mut Interner,
+    out: &'a mut BTreeMap<String, Kept>,
+}
+
+impl<'de> DeserializeSeed<'de> for GroupSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for GroupSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object of plugin entries")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(id) = map.next_key::<String>()? {
+            let raw: RawEntry = map.next_value()?;
+            let kept = decode_entry(self.tick, &self.status, raw, self.details, self.texts)
+                .map_err(|why| A::Error::custom(format!("entry {id:?}: {why}")))?;
+            self.out.insert(id, kept);
+        }
+        Ok(())
+    }
+}
+
+fn decode_entry(
+    tick: i64,
+    status: &Text,
+    e: RawEntry,
+    details: &[Text],
+    texts: &mut Interner,
+) -> Result<Kept, String> {
     let since_of = |v: Option<i64>| match v {
         None => Ok(None),
         Some(s) if s >= 0 => Ok(Some(tick - s)),
@@ -440,9 +537,9 @@ fn decode_entry(tick: i64, status: &str, e: RawEntry, details: &[String]) -> Res
         RawEntry::Full(a) => a,
         RawEntry::Since(since) => {
             return Ok(Kept {
-                status: status.to_string(),
+                status: status.clone(),
                 since: since_of(since)?,
-                outcome: Outcome::Reported(status.to_string()),
+                outcome: Outcome::Reported(status.clone()),
             })
         }
     };
@@ -453,10 +550,10 @@ fn decode_entry(tick: i64, status: &str, e: RawEntry, details: &[String]) -> Res
         None => return Err("an empty entry".into()),
     };
     let outcome = match text(1) {
-        Some("ok") => Outcome::Reported(text(2).ok_or("no reported status")?.to_string()),
+        Some("ok") => Outcome::Reported(texts.get(text(2).ok_or("no reported status")?)),
         Some("cut_off") => Outcome::CutOff,
         Some("failed") => Outcome::Failed {
-            error_kind: text(2).ok_or("no error_kind")?.to_string(),
+            error_kind: texts.get(text(2).ok_or("no error_kind")?),
             detail: match a.get(3) {
                 None | Some(Value::Null) => None,
                 Some(i) => Some(
@@ -471,7 +568,7 @@ fn decode_entry(tick: i64, status: &str, e: RawEntry, details: &[String]) -> Res
         _ => return Err("unknown outcome".into()),
     };
     Ok(Kept {
-        status: status.to_string(),
+        status: status.clone(),
         since,
         outcome,
     })
@@ -507,14 +604,18 @@ pub fn decode(data: &[u8]) -> Result<Observations, ObservationsError> {
     }
     let tick = parse_time(&raw.tick)
         .ok_or_else(|| malformed(OBSERVATIONS_KEY, "\"tick\" is not an RFC 3339 time"))?;
+    let details: Vec<Text> = raw.details.iter().map(|d| Text::from(d.as_str())).collect();
+    let mut texts = Interner::default();
     let mut plugins = BTreeMap::new();
-    for (status, entries) in raw.by_status {
-        for (id, e) in entries {
-            let kept = decode_entry(tick, &status, e, &raw.details)
-                .map_err(|why| malformed(OBSERVATIONS_KEY, format!("entry {id:?}: {why}")))?;
-            plugins.insert(id, kept);
-        }
+    let mut de = serde_json::Deserializer::from_str(raw.by_status.get());
+    GroupsSeed {
+        tick,
+        details: &details,
+        texts: &mut texts,
+        out: &mut plugins,
     }
+    .deserialize(&mut de)
+    .map_err(|e| malformed(OBSERVATIONS_KEY, format!("\"by_status\": {e}")))?;
     Ok(Observations {
         tick,
         holder: raw.holder,
@@ -583,15 +684,13 @@ pub async fn save(
                 }
             });
             let next = next(prev.as_ref(), tick_unix, &tick.holder, seen);
-            if entry.is_none() || changed(prev.as_ref(), &next) {
-                write(
-                    store,
-                    fence,
-                    OBSERVATIONS_KEY,
-                    entry.as_ref(),
-                    &encode(&next),
-                )
-                .await;
+            let rewrite = entry.is_none() || changed(prev.as_ref(), &next);
+            // At 50 000 plugins each record in memory is megabytes: free the old one first.
+            drop(prev);
+            if rewrite {
+                let data = encode(&next);
+                drop(next);
+                write(store, fence, OBSERVATIONS_KEY, entry.as_ref(), &data).await;
             }
         }
     }
@@ -770,17 +869,15 @@ pub async fn load(store: &dyn Store) -> Result<StatusReport, ReportError> {
                     Some(k) => {
                         row.observed_tick = Some(rfc3339(o.tick));
                         row.since = Some(match k.since {
-                            Some(s) if row.status.as_deref() == Some(k.status.as_str()) => {
-                                rfc3339(s)
-                            }
+                            Some(s) if row.status.as_deref() == Some(&*k.status) => rfc3339(s),
                             _ => "unknown".into(),
                         });
                         row.last_outcome = Some(k.outcome.name().into());
                         match &k.outcome {
-                            Outcome::Reported(s) => row.reported_status = Some(s.clone()),
+                            Outcome::Reported(s) => row.reported_status = Some(s.to_string()),
                             Outcome::Failed { error_kind, detail } => {
-                                row.error_kind = Some(error_kind.clone());
-                                row.detail = detail.clone();
+                                row.error_kind = Some(error_kind.to_string());
+                                row.detail = detail.as_deref().map(str::to_string);
                             }
                             Outcome::CutOff => {}
                         }
@@ -979,10 +1076,13 @@ pub fn sample_record(n: usize, tick: i64) -> Observations {
                     "FAILED",
                     Outcome::Failed {
                         error_kind: "plugin_error".into(),
-                        detail: Some(format!(
-                            "plugin reported ret -1: {i} {}",
-                            "database unavailable ".repeat(8)
-                        )),
+                        detail: Some(
+                            format!(
+                                "plugin reported ret -1: {i} {}",
+                                "database unavailable ".repeat(8)
+                            )
+                            .into(),
+                        ),
                     },
                 ),
                 _ => ("ACTIVE", Outcome::Reported("ACTIVE".into())),

@@ -189,10 +189,10 @@ async fn ticks_keep_each_plugins_last_observation_and_routes_shows_it() {
     assert_eq!(rec.holder, "replica-a");
     assert_eq!(rec.plugins["good"].since, None);
     assert_eq!(rec.plugins["stopper"].since, Some(slot(1).timestamp()));
-    assert_eq!(rec.plugins["stopper"].status, "STOPPED");
+    assert_eq!(&*rec.plugins["stopper"].status, "STOPPED");
     match &rec.plugins["evil"].outcome {
         Outcome::Failed { error_kind, detail } => {
-            assert_eq!(error_kind, "plugin_error");
+            assert_eq!(&**error_kind, "plugin_error");
             // The probe already replaces a plugin's control characters; the markup stays.
             let d = detail.as_deref().unwrap_or_default();
             assert!(d.contains("<script>alert(1)</script>?[31mred"), "{d:?}");
@@ -294,7 +294,7 @@ async fn ticks_keep_each_plugins_last_observation_and_routes_shows_it() {
     if let Some(k) = rec.plugins.get_mut("evil") {
         k.outcome = Outcome::Failed {
             error_kind: "plugin_error".into(),
-            detail: Some(format!("plugin reported ret 1: {EVIL}")),
+            detail: Some(format!("plugin reported ret 1: {EVIL}").into()),
         };
     }
     server.query::<()>(
@@ -483,7 +483,7 @@ async fn through_dapr_the_record_is_written_and_read_back() {
         .expect("read through the sidecar")
         .expect("the record exists");
     let rec = observations::decode(&entry.data).expect("decodes");
-    assert_eq!(rec.plugins["a"].status, "STOPPED");
+    assert_eq!(&*rec.plugins["a"].status, "STOPPED");
     assert_eq!(rec.plugins["a"].since, Some(slot.timestamp()));
     let report = observations::load(&*store).await.expect("load");
     assert_eq!(report.plugins[0].since.as_deref(), Some(rfc(slot).as_str()));
