@@ -202,34 +202,53 @@ pub fn cut_detail(text: &str) -> String {
 /// before, is carried over while the status stays, and is unknown when this worker sees
 /// the plugin for the first time without changing it.
 pub fn next(prev: Option<&Observations>, tick: i64, holder: &str, seen: &[Seen]) -> Observations {
+    next_owned(prev.cloned(), tick, holder, seen.to_vec()).0
+}
+
+/// [`next`], consuming its inputs (at 50 000 plugins each is megabytes: the previous
+/// record's entries are freed as the new ones are made), and whether the result says
+/// something the previous record did not (as [`changed`]; a record over its size budget
+/// always counts as changed).
+pub fn next_owned(
+    prev: Option<Observations>,
+    tick: i64,
+    holder: &str,
+    seen: Vec<Seen>,
+) -> (Observations, bool) {
+    let mut differs = prev.is_none();
+    let (mut before, prev_flags) = match prev {
+        Some(p) => (p.plugins, Some((p.details_dropped, p.omitted))),
+        None => (BTreeMap::new(), None),
+    };
     let mut plugins = BTreeMap::new();
     for s in seen {
-        let before = prev.and_then(|p| p.plugins.get(&s.plugin_id));
-        let since = match before {
+        let old = before.remove(&s.plugin_id);
+        let since = match &old {
             _ if s.written => Some(tick),
             Some(b) if b.status == s.status => b.since,
             Some(_) => Some(tick),
             None => None,
         };
-        let outcome = match &s.outcome {
+        let outcome = match s.outcome {
             Outcome::Failed {
                 error_kind,
                 detail: Some(d),
             } if d.chars().count() > DETAIL_CHARS => Outcome::Failed {
-                error_kind: error_kind.clone(),
-                detail: Some(Text::from(cut_detail(d))),
+                error_kind,
+                detail: Some(Text::from(cut_detail(&d))),
             },
-            other => other.clone(),
+            other => other,
         };
-        plugins.insert(
-            s.plugin_id.clone(),
-            Kept {
-                status: s.status.clone(),
-                since,
-                outcome,
-            },
-        );
+        let kept = Kept {
+            status: s.status,
+            since,
+            outcome,
+        };
+        differs |= old.as_ref() != Some(&kept);
+        plugins.insert(s.plugin_id, kept);
     }
+    differs |= !before.is_empty();
+    drop(before);
     let mut obs = Observations {
         tick,
         holder: holder.to_string(),
@@ -238,7 +257,9 @@ pub fn next(prev: Option<&Observations>, tick: i64, holder: &str, seen: &[Seen])
         omitted: 0,
     };
     fit(&mut obs);
-    obs
+    differs |=
+        obs.details_dropped || obs.omitted > 0 || prev_flags.is_some_and(|f| f != (false, 0));
+    (obs, differs)
 }
 
 /// Whether `next` says something `prev` does not (the header aside): only then is the
@@ -653,7 +674,7 @@ pub async fn save(
     fence: &Fence,
     tick: &LastTick,
     tick_unix: i64,
-    seen: &[Seen],
+    seen: Vec<Seen>,
 ) {
     let keys = [OBSERVATIONS_KEY.to_string(), LAST_TICK_KEY.to_string()];
     let read = match read_each(store, StoreKind::Private, &keys, 2).await {
@@ -683,11 +704,8 @@ pub async fn save(
                     None
                 }
             });
-            let next = next(prev.as_ref(), tick_unix, &tick.holder, seen);
-            let rewrite = entry.is_none() || changed(prev.as_ref(), &next);
-            // At 50 000 plugins each record in memory is megabytes: free the old one first.
-            drop(prev);
-            if rewrite {
+            let (next, changed) = next_owned(prev, tick_unix, &tick.holder, seen);
+            if entry.is_none() || changed {
                 let data = encode(&next);
                 drop(next);
                 write(store, fence, OBSERVATIONS_KEY, entry.as_ref(), &data).await;
@@ -1156,6 +1174,29 @@ mod tests {
         assert!(
             !changed(Some(&first), &second),
             "nothing changed: no rewrite"
+        );
+        let again =
+            |prev: &Observations, seen: Vec<Seen>| next_owned(Some(prev.clone()), 110, "b", seen).1;
+        assert!(!again(
+            &first,
+            vec![
+                seen("old", "ACTIVE", false, ok.clone()),
+                seen("new", "STOPPED", false, Outcome::Reported("STOPPED".into())),
+            ]
+        ));
+        assert!(
+            again(&first, vec![seen("old", "ACTIVE", false, ok.clone())]),
+            "a plugin dropping out is a change"
+        );
+        assert!(
+            again(
+                &first,
+                vec![
+                    seen("old", "ACTIVE", false, Outcome::CutOff),
+                    seen("new", "STOPPED", false, Outcome::Reported("STOPPED".into())),
+                ]
+            ),
+            "another outcome is a change"
         );
 
         // Someone else changed the route: this worker first saw the new status now.

@@ -491,7 +491,7 @@ impl Ticker {
                 completed_at: crate::observations::rfc3339(chrono::Utc::now().timestamp()),
             },
             guard.kind.time().timestamp(),
-            &crate::observations::seen(observed, &after),
+            crate::observations::seen(observed, &after),
         )
         .await;
 
