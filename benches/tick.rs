@@ -50,6 +50,7 @@ use redis::AsyncConnectionConfig;
 
 use keel_scraper::config::{parse_cli, Env, Settings};
 use keel_scraper::lease::TickKind;
+use keel_scraper::observations;
 use keel_scraper::probe::{HttpStack, ProbeOutcome, Prober};
 use keel_scraper::registry::REGISTRY_KEY;
 use keel_scraper::route::{read_status, rewrite_status, route_key};
@@ -635,6 +636,8 @@ struct AtSize {
     lean_cpu_per_call: Option<Stats>,
     hyper_cpu_per_call: Option<Stats>,
     hyper_over_lean: Option<Stats>,
+    /// Size of the `scrape_observations` record the redis ticks left, in MiB.
+    observations_mib: Option<Stats>,
 }
 
 /// One repetition's Redis and simulator, on the runtimes every repetition shares.
@@ -799,7 +802,28 @@ impl<'r> Bench<'r> {
         }
         drop((redis_t, memory_t, hyper_t));
         self.worker_rt.block_on(verify_routes(conn, churn))?;
-        Ok(r.into_at_size())
+        // The observations record the real ticks wrote: under its bound at every size.
+        let stored: i64 = self.worker_rt.block_on(
+            redis::cmd("HSTRLEN")
+                .arg(format!("plugins||{}", observations::OBSERVATIONS_KEY))
+                .arg("data")
+                .query_async(conn),
+        )?;
+        if stored <= 0 {
+            bail!(
+                "the ticks left no {} record",
+                observations::OBSERVATIONS_KEY
+            );
+        }
+        if stored as usize >= observations::MAX_BYTES {
+            bail!(
+                "{} is {stored} bytes at N = {n}, over 2 MiB",
+                observations::OBSERVATIONS_KEY
+            );
+        }
+        let mut at = r.into_at_size();
+        at.observations_mib = Stats::of(&[stored as f64 / (1024.0 * 1024.0)]);
+        Ok(at)
     }
 
     /// One `wrk` run: the HTTP limit, the simulator's capacity and wrk's CPU per request.
@@ -1174,6 +1198,31 @@ fn size_rows(n: usize, s: &AtSize, have_wrk: bool) -> Vec<Row> {
             None => Row::new("tick in process (redis)", Some(n), Unit::Seconds, Some(t)),
         });
     }
+    if let Some(obs) = s.observations_mib {
+        let row = Row::new(
+            "scrape_observations record (redis ticks)",
+            Some(n),
+            Unit::Mib,
+            Some(obs),
+        );
+        rows.push(if n == 50_000 {
+            row.target(Target::MibAtMost(2.0))
+        } else {
+            row
+        });
+    }
+    if n == 50_000 {
+        let size = observations_sample_size();
+        rows.push(
+            Row::new(
+                "scrape_observations record (realistic ids, details, since-times)",
+                Some(n),
+                Unit::Mib,
+                Stats::of(&[size as f64 / (1024.0 * 1024.0)]),
+            )
+            .target(Target::MibAtMost(2.0)),
+        );
+    }
     if let Some(t) = s.memory_ticks {
         rows.push(memory_row(
             "tick in process (memory) vs HTTP limit",
@@ -1391,6 +1440,18 @@ fn tail_rows(rep: &Repetition) -> Vec<Row> {
     slow_row.ratio = Some(rep.slow.max / bound);
     rows.push(slow_row.target(Target::MaxAtMost(bound)));
     rows
+}
+
+/// The encoded size of a realistic 50 000-plugin observations record; over 2 MiB is a
+/// failure of the layout, not a slow run, so it stops the benchmark.
+fn observations_sample_size() -> usize {
+    let size =
+        observations::encode(&observations::sample_record(50_000, Utc::now().timestamp())).len();
+    assert!(
+        size < observations::MAX_BYTES,
+        "a realistic 50 000-plugin observations record is {size} bytes, over 2 MiB"
+    );
+    size
 }
 
 fn main() -> ExitCode {

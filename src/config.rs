@@ -34,11 +34,14 @@ pub enum Command {
     Run,
     /// One tick now, then release the lock (exit 0 ok, 1 failed, 3 lock held).
     Once,
-    /// Print every registered plugin with its route status.
+    /// Print every registered plugin with its route status and last observation.
     Routes {
-        /// One JSON array of {"plugin_id", "status"} on stdout.
+        /// One JSON array of rows ({"plugin_id", "status", "since", ...}) on stdout; with
+        /// PLUGIN_ID, that plugin's row.
         #[arg(long)]
         json: bool,
+        /// Print only this plugin, in full.
+        plugin_id: Option<String>,
     },
     /// Print the effective configuration with the source of every value.
     Config,
@@ -188,6 +191,16 @@ pub struct Options {
     /// Time a running tick gets to finish its writes on shutdown.
     #[arg(long, global = true, env = "SCRAPER_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
+    /// Serve the read-only status page /status and /status.json (run only): true or false.
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_STATUS_PAGE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "true|false"
+    )]
+    pub status_page: bool,
 }
 
 /// Invalid configuration: names the option and what to do. Exit code 2.
@@ -238,6 +251,7 @@ pub struct Settings {
     pub sidecar_wait: Duration,
     pub listen: SocketAddr,
     pub shutdown_grace: Duration,
+    pub status_page: bool,
 }
 
 /// One line of `config` output.
@@ -439,6 +453,7 @@ impl Settings {
             sidecar_wait: o.sidecar_wait,
             listen: o.listen,
             shutdown_grace: o.shutdown_grace,
+            status_page: o.status_page,
         })
     }
 
@@ -599,6 +614,12 @@ impl Settings {
                 "SCRAPER_SHUTDOWN_GRACE",
                 d(self.shutdown_grace),
                 src("shutdown_grace"),
+            ),
+            (
+                "status-page",
+                "SCRAPER_STATUS_PAGE",
+                self.status_page.to_string(),
+                src("status_page"),
             ),
         ];
         let log_filter = env

@@ -1,4 +1,5 @@
-//! The `run` command's small HTTP server: `/metrics`, `/healthz`, `/readyz`.
+//! The `run` command's small HTTP server: `/metrics`, `/healthz`, `/readyz`, and the
+//! status page (`/status`, `/status.json`, see [`crate::status_page`]).
 //!
 //! - `/healthz` (liveness): 200 while starting (the sidecar wait included) and while the
 //!   scheduler loop attempts ticks (a skipped tick counts) within three intervals; 503 when
@@ -125,13 +126,22 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves until the process ends.
-pub async fn serve(listener: TcpListener, health: Arc<Health>) -> std::io::Result<()> {
-    let app = Router::new()
+/// Serves until the process ends; with `status`, also `/status` and `/status.json`.
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    status: Option<Arc<crate::status_page::StatusPage>>,
+) -> std::io::Result<()> {
+    let mut app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(health);
+    // Status page hook: read-only, from the store (src/status_page.rs); off with
+    // `--status-page false`.
+    if let Some(page) = status {
+        app = app.merge(crate::status_page::router(page));
+    }
     axum::serve(listener, app).await
 }
 

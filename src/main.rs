@@ -48,11 +48,8 @@ fn main() -> ExitCode {
                 r = keel_scraper::demo::run(&settings) => r,
                 s = signal() => (Exit::Interrupted, Some(format!("interrupted by {s}"))),
             },
-            Command::Routes { json } => match worker::routes(&settings).await {
-                Ok(rows) => {
-                    print_routes(&rows, json);
-                    (Exit::Ok, None)
-                }
+            Command::Routes { json, plugin_id } => match worker::routes(&settings).await {
+                Ok(report) => print_routes(&report, json, plugin_id.as_deref()),
                 Err(e) => (Exit::Failed, Some(e.to_string())),
             },
             Command::Config => {
@@ -97,33 +94,42 @@ fn write_stdout(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-fn print_routes(rows: &[worker::RouteRow], json: bool) {
-    use std::fmt::Write;
-    let mut out = String::new();
-    if json {
-        match serde_json::to_string(rows) {
-            Ok(text) => out = text + "\n",
-            // Serializing strings and options cannot fail; say so loudly if it ever does.
-            Err(e) => eprintln!("keel-scraper: cannot encode the route table: {e}"),
+/// `routes`: the table, one plugin in full, or either as JSON. Text output escapes every
+/// control character a plugin's own text may carry.
+fn print_routes(
+    report: &keel_scraper::observations::StatusReport,
+    json: bool,
+    plugin_id: Option<&str>,
+) -> (Exit, Option<String>) {
+    use keel_scraper::observations::{render_one, render_table};
+    let encode = |v: Result<String, serde_json::Error>| match v {
+        Ok(text) => text + "\n",
+        // Serializing strings, numbers and options cannot fail; say so loudly if it does.
+        Err(e) => {
+            eprintln!("keel-scraper: cannot encode the route table: {e}");
+            String::new()
         }
-    } else {
-        let width = rows
-            .iter()
-            .map(|r| r.plugin_id.len())
-            .max()
-            .unwrap_or(6)
-            .max(6);
-        let _ = writeln!(out, "{:<width$}  STATUS", "PLUGIN");
-        for r in rows {
-            let status = match (&r.status, &r.error) {
-                (Some(s), _) => s.clone(),
-                (None, Some(e)) => format!("(unreadable: {e})"),
-                (None, None) => "(no route)".into(),
-            };
-            let _ = writeln!(out, "{:<width$}  {status}", r.plugin_id);
-        }
-    }
+    };
+    let out = match plugin_id {
+        None if json => encode(serde_json::to_string(&report.plugins)),
+        None => render_table(report),
+        Some(id) => match report.plugins.iter().find(|r| r.plugin_id == id) {
+            None => {
+                return (
+                    Exit::Failed,
+                    Some(format!(
+                    "plugin {:?} is not registered ({} registered plugins; `routes` lists them)",
+                    id,
+                    report.plugins.len()
+                )),
+                )
+            }
+            Some(row) if json => encode(serde_json::to_string(row)),
+            Some(row) => render_one(report, row),
+        },
+    };
     write_stdout(&out);
+    (Exit::Ok, None)
 }
 
 fn print_config(settings: &Settings, matches: &clap::ArgMatches) {

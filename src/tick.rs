@@ -333,6 +333,14 @@ impl Ticker {
             }
         }
 
+        // Observations hook (1/3): what each plugin answered, before the decisions below
+        // consume it (see src/observations.rs).
+        let observed = crate::observations::observed(
+            candidates
+                .iter()
+                .map(|(c, o)| (c.id.as_str(), c.current.as_str(), o)),
+        );
+
         let mut report = TickReport {
             tick: tick.to_string(),
             plugins: ids.len() as u64,
@@ -422,6 +430,20 @@ impl Ticker {
             self.lease.forget();
             return Err(TickError::LockLost);
         }
+        // Observations hook (2/3): the route status each decided write left.
+        let after: HashMap<String, Option<(String, bool)>> = results
+            .iter()
+            .filter_map(|(id, r)| match r {
+                WriteResult::Written { status, .. } => {
+                    Some((id.clone(), Some((status.as_str().to_string(), true))))
+                }
+                WriteResult::Unchanged { status, .. } => {
+                    Some((id.clone(), Some((status.clone(), false))))
+                }
+                WriteResult::Gone | WriteResult::Fenced => Some((id.clone(), None)),
+                WriteResult::Failed { .. } => None,
+            })
+            .collect();
         let mut written = Vec::new();
         for (id, result) in results {
             match result {
@@ -457,6 +479,21 @@ impl Ticker {
 
         self.save_counters(counters_entry.as_ref(), &new_counters)
             .await;
+
+        // Observations hook (3/3): the last observation of every plugin and this tick as
+        // the last completed, both fenced by the lease.
+        crate::observations::save(
+            store,
+            fence,
+            &crate::observations::LastTick {
+                tick: tick.to_string(),
+                holder: self.lease.holder().to_string(),
+                completed_at: crate::observations::rfc3339(chrono::Utc::now().timestamp()),
+            },
+            guard.kind.time().timestamp(),
+            crate::observations::seen(observed, &after),
+        )
+        .await;
 
         let mut counts: Vec<(&str, i64)> = statuses.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         counts.sort();

@@ -285,11 +285,17 @@ pub struct RouteRow {
     pub error: Option<String>,
 }
 
-/// `routes`: every registered plugin with its route status.
-pub async fn routes(s: &Settings) -> Result<Vec<RouteRow>, WorkerError> {
+/// `routes`: every registered plugin with its route status and, from the store, its
+/// last observation (see src/observations.rs).
+pub async fn routes(s: &Settings) -> Result<crate::observations::StatusReport, WorkerError> {
     wait_for_sidecar(s, false).await?;
     let store = build_store(s).await?;
-    route_table(&*store).await
+    crate::observations::load(&*store)
+        .await
+        .map_err(|e| match e {
+            crate::observations::ReportError::Store(e) => WorkerError::Store(e),
+            other => WorkerError::Io(other.to_string()),
+        })
 }
 
 /// The route table of `store`.
@@ -346,7 +352,9 @@ where
         .local_addr()
         .map_or_else(|_| s.listen.to_string(), |a| a.to_string());
     events::Listening { address }.emit();
-    let server = tokio::spawn(health::serve(listener, health.clone()));
+    // Status page hook: served from the start, reading the store once it is connected.
+    let status_page = s.status_page.then(crate::status_page::StatusPage::new);
+    let server = tokio::spawn(health::serve(listener, health.clone(), status_page.clone()));
 
     // Start-up: the sidecar wait and the store connection, both interruptible.
     let setup = async {
@@ -384,6 +392,9 @@ where
             return (Exit::Ok, None);
         }
     };
+    if let Some(page) = &status_page {
+        page.set_store(store.clone());
+    }
     let prober = match build_prober(s) {
         Ok(p) => p,
         Err(e) => return (Exit::Failed, Some(e.to_string())),

@@ -156,6 +156,7 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "127.0.0.1:9191",
     ),
     ("shutdown-grace", "3s", "SCRAPER_SHUTDOWN_GRACE", "3s"),
+    ("status-page", "false", "SCRAPER_STATUS_PAGE", "false"),
 ];
 
 fn row<'a>(rows: &'a [Row], option: &str) -> &'a Row {
@@ -227,6 +228,7 @@ fn config_prints_every_option_with_its_value_and_source() {
         ("retries", "1"),
         ("listen", "0.0.0.0:9090"),
         ("shutdown-grace", "10s"),
+        ("status-page", "true"),
         (
             "status-url",
             "http://127.0.0.1:3500/v1.0/invoke/{plugin_id}/method/v1/status",
@@ -322,6 +324,7 @@ fn invalid_configuration_exits_2_and_names_the_option() {
         (&["config", "--concurrency", "0"], &[], "--concurrency"),
         (&["config", "--listen", "everywhere"], &[], "--listen"),
         (&["config", "--log-format", "xml"], &[], "--log-format"),
+        (&["config", "--status-page", "maybe"], &[], "--status-page"),
         (
             &["run", "--lease", "500ms", "--listen", "127.0.0.1:0"],
             &[],

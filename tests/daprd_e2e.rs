@@ -6,6 +6,7 @@
 
 mod support;
 
+use keel_test_support::process::bounded;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,12 +24,6 @@ const TEST_BOUND: Duration = Duration::from_secs(120);
 const HOLDER: &str = "e2e-replica";
 const PASSWORD: &str = "e2e-redis-pw";
 const TOKEN: &str = "e2e-Dapr-T0ken-5d1c";
-
-async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_BOUND, test)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {TEST_BOUND:?}"))
-}
 
 /// A Redis, the plugin simulator, a seeder writing as the Plugins plugin would through
 /// its own sidecar (same layout; see tests/daprd_store.rs), and sidecars next to workers.
@@ -118,7 +113,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_and_routes_through_real_daprd_write_exactly_what_the_redis_backend_writes() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let ids = ["go-style", "steady", "stopping", "broken", "running-v1"];
         let daprd = blocking(|| rig.sidecar(&ids).start());
@@ -190,7 +185,7 @@ async fn once_and_routes_through_real_daprd_write_exactly_what_the_redis_backend
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_invocation_failures_get_their_error_kind_and_the_code_daprd_sent() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let closed = free_port();
         let daprd = blocking(|| {
@@ -257,7 +252,7 @@ fn completions(workers: &[&Worker]) -> BTreeMap<String, Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_each_with_its_own_daprd_complete_every_tick_exactly_once_and_survive_a_sigkill(
 ) {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let ids = ["a", "b", "c"];
         seed_registry(&*rig.seeder, &ids).await;
@@ -362,7 +357,7 @@ async fn three_replicas_each_with_its_own_daprd_complete_every_tick_exactly_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_deleted_while_its_probe_is_in_flight_is_deleted_again_through_real_daprd() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let daprd = blocking(|| rig.sidecar(&["doomed", "kept"]).start());
         seed_registry(&*rig.seeder, &["doomed", "kept"]).await;
@@ -458,7 +453,7 @@ fn start_status_app() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_is_a_dapr_app_is_probed_sidecar_to_sidecar_over_mdns() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         let app_port = start_status_app();
         let mut app_sidecar = blocking(|| {
@@ -529,7 +524,7 @@ async fn a_plugin_that_is_a_dapr_app_is_probed_sidecar_to_sidecar_over_mdns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_daprd_waits_then_works_and_survives_a_sidecar_crash() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         seed_registry(&*rig.seeder, &["p"]).await;
         seed_route(&*rig.seeder, "p", "STARTING").await;
@@ -593,7 +588,7 @@ async fn a_worker_started_before_daprd_waits_then_works_and_survives_a_sidecar_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_reaches_daprd_on_every_call_and_never_a_plugin_and_a_wrong_one_writes_nothing() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let rig = rig().await;
         seed_registry(&*rig.seeder, &["p"]).await;
         seed_route(&*rig.seeder, "p", "STARTING").await;
@@ -680,7 +675,7 @@ async fn the_token_reaches_daprd_on_every_call_and_never_a_plugin_and_a_wrong_on
 /// `dapr run` does, and nothing else: a working pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_dapr_run_recipe_makes_a_working_pair() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
             .expect("read README.md");
         let recipe =

@@ -5,6 +5,7 @@
 
 mod support;
 
+use keel_test_support::process::bounded;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,12 +89,6 @@ impl World {
     }
 }
 
-async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_BOUND, test)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {TEST_BOUND:?}"))
-}
-
 /// A whole-second slot `offset_s` seconds from now.
 fn slot(offset_s: i64) -> DateTime<Utc> {
     Utc::now().trunc_subsecs(0) + chrono::Duration::seconds(offset_s)
@@ -138,7 +133,7 @@ async fn held_throughout(t: &Ticker, span: Duration, first: i64, what: &str) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_scraper_true_is_respected_until_its_ttl_ends_then_taken_normally() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let w = world().await;
         w.write_old_scraper_lock(Some(3));
         let since = Instant::now();
@@ -172,7 +167,7 @@ async fn an_old_scraper_true_is_respected_until_its_ttl_ends_then_taken_normally
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_default_foreign_ttl_a_true_with_a_30_minute_ttl_is_never_taken_over() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let w = world().await;
         w.write_old_scraper_lock(Some(1800));
         let b = w.replica("replica-b", DEFAULT_FOREIGN_LOCK_TTL).await;
@@ -186,7 +181,7 @@ async fn with_the_default_foreign_ttl_a_true_with_a_30_minute_ttl_is_never_taken
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_true_without_a_ttl_is_taken_over_after_the_foreign_ttl_plus_one_interval() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let w = world().await;
         w.write_old_scraper_lock(None);
         let b = w.replica("replica-b", Duration::from_secs(2)).await;
@@ -205,7 +200,7 @@ async fn a_true_without_a_ttl_is_taken_over_after_the_foreign_ttl_plus_one_inter
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_record_with_a_longer_lease_is_never_taken_over() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let w = world().await;
         // Replica A runs with a 6 s lease and holds the lock (not released).
         let o =

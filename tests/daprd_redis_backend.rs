@@ -7,6 +7,7 @@
 
 mod support;
 
+use keel_test_support::process::bounded;
 use std::time::{Duration, Instant};
 
 use keel_scraper::secret::Secret;
@@ -19,12 +20,6 @@ use support::redis_server::RedisServer;
 
 const PASSWORD: &str = "redis-backend-pw";
 const TEST_BOUND: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_BOUND, test)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {TEST_BOUND:?}"))
-}
 
 async fn dapr_store(daprd: &Daprd) -> DaprStore {
     DaprStore::connect(
@@ -55,7 +50,7 @@ fn wait_calls(redis: &RedisServer) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_case_prefix_is_lower_cased_as_daprd_does() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let redis = RedisServer::builder().with_password(PASSWORD).start();
         let daprd = tokio::task::block_in_place(|| {
             Daprd::builder("keel-scraper", &redis)
@@ -118,7 +113,7 @@ async fn a_mixed_case_prefix_is_lower_cased_as_daprd_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_none_means_bare_keys_as_daprd_does() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let redis = RedisServer::builder().with_password(PASSWORD).start();
         let daprd = tokio::task::block_in_place(|| {
             Daprd::builder("keel-scraper", &redis)
@@ -196,7 +191,7 @@ fn primary_with_replica() -> (RedisServer, RedisServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_wait_for_replicas_as_daprd_does() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let (primary, replica) = tokio::task::block_in_place(primary_with_replica);
 
         // Real daprd: a strong-consistency save is followed by one WAIT.

@@ -12,6 +12,7 @@
 
 mod support;
 
+use keel_test_support::process::bounded;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -38,12 +39,6 @@ const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kin
 
 /// The password of every test Redis: the sidecar must be told it.
 const REDIS_PASSWORD: &str = "s3cret-redis-pw";
-
-async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_BOUND, test)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {TEST_BOUND:?}"))
-}
 
 /// What real daprd on `state.redis` shows, as the conformance suite's flags:
 /// - `update_checks_existence: false`: ETag CAS accepts any ETag for an absent key.
@@ -450,7 +445,7 @@ async fn invocation_and_token_error_bodies_are_the_fixtures(t: Target, closed: u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_invocation_and_token_error_bodies_are_the_fixtures() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let closed = dead_app_port();
         let t = Target::real_with(|b| {
             b.with_token(TOKEN)
@@ -464,7 +459,7 @@ async fn real_invocation_and_token_error_bodies_are_the_fixtures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_invocation_and_token_error_bodies_are_the_fixtures() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let closed = dead_app_port();
         let t = Target::double_with(|c| {
             c.with_token(TOKEN).with_invoke_target(move |id, method| {
@@ -497,7 +492,7 @@ macro_rules! on_both {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $fact() {
-                    bounded(async { super::$fact(Target::real().await).await }).await;
+                    bounded(TEST_BOUND, async { super::$fact(Target::real().await).await }).await;
                 }
             )*
         }
@@ -506,7 +501,7 @@ macro_rules! on_both {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $fact() {
-                    bounded(async { super::$fact(Target::double().await).await }).await;
+                    bounded(TEST_BOUND, async { super::$fact(Target::double().await).await }).await;
                 }
             )*
         }
@@ -524,7 +519,7 @@ on_both![
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_healthz_waits_for_the_app_and_outbound_does_not() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let port = dead_app_port();
         let t = Target::real_with(|b| b.with_app_port(port)).await;
         healthz_waits_for_the_app_and_outbound_does_not(t).await;
@@ -534,7 +529,7 @@ async fn real_healthz_waits_for_the_app_and_outbound_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_healthz_waits_for_the_app_and_outbound_does_not() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let t = Target::double_with(|c| c.with_app_down()).await;
         healthz_waits_for_the_app_and_outbound_does_not(t).await;
     })
@@ -543,7 +538,7 @@ async fn double_healthz_waits_for_the_app_and_outbound_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dapr_store_passes_the_conformance_suite_on_real_daprd() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let t = Target::real().await;
         let store = t.store().await;
         // `keys_are_opaque_text` stores a key containing `||`, which Dapr refuses.
@@ -556,7 +551,7 @@ async fn the_dapr_store_passes_the_conformance_suite_on_real_daprd() {
 /// (`UNAUTHENTICATED` on gRPC, 401 on HTTP), health checks stay open, the right one works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_token_is_required_on_every_api_call_but_health() {
-    bounded(async {
+    bounded(TEST_BOUND, async {
         let t = Target::real_with(|b| b.with_token("t0ken-right")).await;
         for token in [None, Some("t0ken-wrong")] {
             let store = DaprStore::connect(

@@ -118,6 +118,13 @@ fn parse_etag(etag: Option<&str>) -> Result<Etag, String> {
     }
 }
 
+/// Whether the lock record `fence` depends on is still exactly the holder's own.
+fn fence_holds(private: &mut Space, fence: &Fence, now: Instant) -> bool {
+    private
+        .live(&fence.key, now)
+        .is_some_and(|item| item.version.to_string() == fence.etag && item.data == fence.data)
+}
+
 impl MemoryStore {
     pub fn new(public_name: &str, private_name: &str) -> Self {
         MemoryStore {
@@ -198,6 +205,75 @@ impl MemoryStore {
         Ok(())
     }
 
+    /// Dapr's save rule (see [`Store::save`]) in an already locked space.
+    fn save_in(
+        &self,
+        space: &mut Space,
+        kind: StoreKind,
+        save: Save<'_>,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        // Dapr ignores the ETag entirely under last-write concurrency (it counts as 0, even
+        // when it is not an integer), but still reports a refusal as a mismatch when one
+        // was sent.
+        let has_etag = save.etag.is_some_and(|e| !e.is_empty());
+        let etag = match save.concurrency {
+            Concurrency::LastWrite => Etag::None,
+            Concurrency::FirstWrite => {
+                parse_etag(save.etag).map_err(|e| self.invalid(kind, save.key, e))?
+            }
+        };
+        let first_write = save.concurrency == Concurrency::FirstWrite;
+        let expires_at = |current: Option<Instant>| match save.ttl_seconds {
+            None => current,
+            // A TTL too far out for the clock to represent never runs out: no expiry.
+            Some(secs) if secs > 0 => now.checked_add(Duration::from_secs(secs.unsigned_abs())),
+            Some(_) => None,
+        };
+        match space.live(save.key, now) {
+            None => {
+                space.items.insert(
+                    save.key.to_owned(),
+                    Item {
+                        data: save.data.to_vec(),
+                        version: 1,
+                        first_write,
+                        expires_at: expires_at(None),
+                    },
+                );
+            }
+            Some(item) => {
+                let accepted = match etag {
+                    Etag::Version(v) if v == item.version => true,
+                    // An explicit "0" is Dapr's "no ETag" too.
+                    Etag::Version(0) | Etag::None => !item.first_write,
+                    Etag::Version(_) => false,
+                };
+                if !accepted {
+                    if has_etag {
+                        return Err(self.conflict(kind, save.key));
+                    }
+                    return Err(StoreError::Failed {
+                        store: self.name(kind).to_owned(),
+                        operation: "save",
+                        key: save.key.to_owned(),
+                        message: "the key exists and was written with first-write \
+                                  concurrency; a save without an ETag cannot replace it"
+                            .to_owned(),
+                    });
+                }
+                let next = self.next_version(kind, "save", save.key, item.version)?;
+                item.data.clear();
+                item.data.extend_from_slice(save.data);
+                item.version = next;
+                item.first_write |= first_write;
+                item.expires_at = expires_at(item.expires_at);
+            }
+        }
+        space.note_write(now);
+        Ok(())
+    }
+
     fn conflict(&self, kind: StoreKind, key: &str) -> StoreError {
         StoreError::Conflict {
             store: self.name(kind).to_owned(),
@@ -273,67 +349,33 @@ impl Store for MemoryStore {
     }
 
     async fn save(&self, kind: StoreKind, save: Save<'_>) -> Result<(), StoreError> {
-        // Dapr ignores the ETag entirely under last-write concurrency (it counts as 0, even
-        // when it is not an integer), but still reports a refusal as a mismatch when one
-        // was sent.
-        let has_etag = save.etag.is_some_and(|e| !e.is_empty());
-        let etag = match save.concurrency {
-            Concurrency::LastWrite => Etag::None,
-            Concurrency::FirstWrite => {
-                parse_etag(save.etag).map_err(|e| self.invalid(kind, save.key, e))?
-            }
-        };
-        let first_write = save.concurrency == Concurrency::FirstWrite;
         let now = Instant::now();
         let mut space = self.space(kind);
-        let expires_at = |current: Option<Instant>| match save.ttl_seconds {
-            None => current,
-            // A TTL too far out for the clock to represent never runs out: no expiry.
-            Some(secs) if secs > 0 => now.checked_add(Duration::from_secs(secs.unsigned_abs())),
-            Some(_) => None,
-        };
-        match space.live(save.key, now) {
-            None => {
-                space.items.insert(
-                    save.key.to_owned(),
-                    Item {
-                        data: save.data.to_vec(),
-                        version: 1,
-                        first_write,
-                        expires_at: expires_at(None),
-                    },
-                );
-            }
-            Some(item) => {
-                let accepted = match etag {
-                    Etag::Version(v) if v == item.version => true,
-                    // An explicit "0" is Dapr's "no ETag" too.
-                    Etag::Version(0) | Etag::None => !item.first_write,
-                    Etag::Version(_) => false,
-                };
-                if !accepted {
-                    if has_etag {
-                        return Err(self.conflict(kind, save.key));
-                    }
-                    return Err(StoreError::Failed {
-                        store: self.name(kind).to_owned(),
-                        operation: "save",
-                        key: save.key.to_owned(),
-                        message: "the key exists and was written with first-write \
-                                  concurrency; a save without an ETag cannot replace it"
-                            .to_owned(),
-                    });
-                }
-                let next = self.next_version(kind, "save", save.key, item.version)?;
-                item.data.clear();
-                item.data.extend_from_slice(save.data);
-                item.version = next;
-                item.first_write |= first_write;
-                item.expires_at = expires_at(item.expires_at);
+        self.save_in(&mut space, kind, save, now)
+    }
+
+    async fn save_fenced(
+        &self,
+        kind: StoreKind,
+        save: Save<'_>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        // As in `update_fenced`: the private space stays locked through the write.
+        let mut private = self.space(StoreKind::Private);
+        if !fence_holds(&mut private, fence, now) {
+            return Err(StoreError::Fenced {
+                store: self.name(kind).to_owned(),
+                key: save.key.to_owned(),
+            });
+        }
+        match kind {
+            StoreKind::Private => self.save_in(&mut private, kind, save, now),
+            StoreKind::Public => {
+                let mut public = self.space(StoreKind::Public);
+                self.save_in(&mut public, kind, save, now)
             }
         }
-        space.note_write(now);
-        Ok(())
     }
 
     async fn update_existing(
@@ -369,10 +411,7 @@ impl Store for MemoryStore {
         // The private space stays locked through the write, so the fence check and the
         // write are one step (always private before public: no lock-order inversion).
         let mut private = self.space(StoreKind::Private);
-        let holds = private
-            .live(&fence.key, now)
-            .is_some_and(|item| item.version.to_string() == fence.etag && item.data == fence.data);
-        if !holds {
+        if !fence_holds(&mut private, fence, now) {
             return Err(StoreError::Fenced {
                 store: self.name(kind).to_owned(),
                 key: key.to_owned(),

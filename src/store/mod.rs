@@ -201,7 +201,23 @@ pub trait Store: Send + Sync + 'static {
         self.update_existing(kind, key, data, etag).await
     }
 
-    /// Whether [`Store::update_fenced`] checks the fence atomically with the write.
+    /// [`Store::save`] that lands only while `fence` holds: for the worker's own keys
+    /// (e.g. `scrape_observations`) that a holder may have to create, which
+    /// [`Store::update_fenced`] cannot. Where [`Store::fences_writes`] is true the fence
+    /// check and the save are one atomic step; elsewhere (Dapr) the default runs the plain
+    /// save, and the caller's lease confirmation before the write phase is the only fence.
+    async fn save_fenced(
+        &self,
+        kind: StoreKind,
+        save: Save<'_>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        let _ = fence;
+        self.save(kind, save).await
+    }
+
+    /// Whether [`Store::update_fenced`] and [`Store::save_fenced`] check the fence
+    /// atomically with the write.
     fn fences_writes(&self) -> bool {
         false
     }

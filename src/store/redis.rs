@@ -84,9 +84,17 @@ return out
 /// Dapr's write rule. KEYS[1]: the key. ARGV[1]: the request's ETag as a canonical
 /// integer, `0` when it has none; ARGV[2]: the data; ARGV[3]: `1` for first-write
 /// concurrency; ARGV[4]: empty (leave the TTL), `persist`, or a positive number of seconds.
-/// Returns the new version, or 0 when the write is refused.
+/// With KEYS[2] (a fence), the write lands only while that key still holds version
+/// ARGV[5] and data ARGV[6]. Returns the new version, 0 when the write is refused, -2
+/// when the fence no longer holds.
 const SAVE_LUA: &str = r"
 local key = KEYS[1]
+if KEYS[2] then
+  local fence = redis.pcall('HMGET', KEYS[2], 'version', 'data')
+  if type(fence) ~= 'table' or fence.err or fence[1] ~= ARGV[5] or fence[2] ~= ARGV[6] then
+    return -2
+  end
+end
 local current = redis.pcall('HGET', key, 'version')
 if type(current) == 'table' then
   -- Not a hash: Dapr's rule counts it as absent, and the write replaces it.
@@ -684,6 +692,72 @@ impl RedisStore {
         }
     }
 
+    /// The save script, fenced by the lock record when `fence` is given (one script: the
+    /// fence check and the write are atomic).
+    async fn save_with(
+        &self,
+        kind: StoreKind,
+        save: Save<'_>,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
+        // Dapr's rule: under last-write concurrency the ETag counts as 0 whatever it says;
+        // a refusal is still a mismatch when an ETag was sent.
+        let has_etag = save.etag.is_some_and(|e| !e.is_empty());
+        let etag = match save.concurrency {
+            Concurrency::LastWrite => 0,
+            Concurrency::FirstWrite => etag_arg(save.etag)
+                .map_err(|()| self.invalid(kind, save.key, save.etag.unwrap_or_default()))?,
+        };
+        let mut cmd = evalsha(&self.save, if fence.is_some() { 2 } else { 1 });
+        write_key(&mut cmd, self.prefix(kind), save.key);
+        if let Some(f) = fence {
+            write_key(&mut cmd, self.prefix(StoreKind::Private), &f.key);
+        }
+        cmd.arg(etag);
+        cmd.write_arg(save.data);
+        cmd.arg(match save.concurrency {
+            Concurrency::FirstWrite => "1",
+            Concurrency::LastWrite => "0",
+        });
+        match save.ttl_seconds {
+            None => cmd.arg(""),
+            Some(seconds) if seconds > 0 => cmd.arg(seconds),
+            Some(_) => cmd.arg("persist"),
+        };
+        if let Some(f) = fence {
+            cmd.arg(&f.etag);
+            cmd.write_arg(&f.data);
+        }
+        let reply = self
+            .eval(&self.save, &cmd)
+            .await
+            .map_err(|e| self.eval_failed(kind, "save", save.key, e))?;
+        match reply {
+            Value::Int(version) if version > 0 => {
+                self.wait_for_replicas(kind, "save", save.key).await
+            }
+            Value::Int(-2) => Err(StoreError::Fenced {
+                store: self.name(kind).to_owned(),
+                key: save.key.to_owned(),
+            }),
+            Value::Int(0) if has_etag => Err(self.conflict(kind, save.key)),
+            Value::Int(0) => Err(self.failed(
+                kind,
+                "save",
+                save.key,
+                "the key exists and was written with first-write concurrency; a save \
+                 without an ETag cannot replace it"
+                    .to_owned(),
+            )),
+            _ => Err(self.failed(
+                kind,
+                "save",
+                save.key,
+                "unexpected reply to the save script".to_owned(),
+            )),
+        }
+    }
+
     /// Builds one read-script call for `keys`.
     fn read_cmd(&self, kind: StoreKind, keys: &[String]) -> Cmd {
         let mut cmd = evalsha(&self.read, keys.len());
@@ -860,51 +934,16 @@ impl Store for RedisStore {
     }
 
     async fn save(&self, kind: StoreKind, save: Save<'_>) -> Result<(), StoreError> {
-        // Dapr's rule: under last-write concurrency the ETag counts as 0 whatever it says;
-        // a refusal is still a mismatch when an ETag was sent.
-        let has_etag = save.etag.is_some_and(|e| !e.is_empty());
-        let etag = match save.concurrency {
-            Concurrency::LastWrite => 0,
-            Concurrency::FirstWrite => etag_arg(save.etag)
-                .map_err(|()| self.invalid(kind, save.key, save.etag.unwrap_or_default()))?,
-        };
-        let mut cmd = evalsha(&self.save, 1);
-        write_key(&mut cmd, self.prefix(kind), save.key);
-        cmd.arg(etag);
-        cmd.write_arg(save.data);
-        cmd.arg(match save.concurrency {
-            Concurrency::FirstWrite => "1",
-            Concurrency::LastWrite => "0",
-        });
-        match save.ttl_seconds {
-            None => cmd.arg(""),
-            Some(seconds) if seconds > 0 => cmd.arg(seconds),
-            Some(_) => cmd.arg("persist"),
-        };
-        let reply = self
-            .eval(&self.save, &cmd)
-            .await
-            .map_err(|e| self.eval_failed(kind, "save", save.key, e))?;
-        match reply {
-            Value::Int(version) if version > 0 => {
-                self.wait_for_replicas(kind, "save", save.key).await
-            }
-            Value::Int(0) if has_etag => Err(self.conflict(kind, save.key)),
-            Value::Int(0) => Err(self.failed(
-                kind,
-                "save",
-                save.key,
-                "the key exists and was written with first-write concurrency; a save \
-                 without an ETag cannot replace it"
-                    .to_owned(),
-            )),
-            _ => Err(self.failed(
-                kind,
-                "save",
-                save.key,
-                "unexpected reply to the save script".to_owned(),
-            )),
-        }
+        self.save_with(kind, save, None).await
+    }
+
+    async fn save_fenced(
+        &self,
+        kind: StoreKind,
+        save: Save<'_>,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
+        self.save_with(kind, save, Some(fence)).await
     }
 
     async fn update_existing(

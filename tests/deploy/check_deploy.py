@@ -90,6 +90,7 @@ WORKER_ENV = {
     "SCRAPER_SIDECAR_WAIT",
     "SCRAPER_LISTEN",
     "SCRAPER_SHUTDOWN_GRACE",
+    "SCRAPER_STATUS_PAGE",
     "POD_NAME",
 }
 
@@ -101,6 +102,7 @@ ALL_OPTIONS_DAPR: dict[str, Any] = {
         "statusUrl": "http://127.0.0.1:3500/v1.0/invoke/{plugin_id}/method/v1/status",
         "daprGrpcEndpoint": "127.0.0.1:50001",
         "daprHttpEndpoint": "127.0.0.1:3500",
+        "statusPage": False,
     },
 }
 ALL_OPTIONS_REDIS: dict[str, Any] = {
@@ -616,6 +618,7 @@ def check_env(r: Rendered) -> None:
         "SCRAPER_CONCURRENCY": str(v["concurrency"]),
         "SCRAPER_UNHEALTHY_THRESHOLD": str(v["unhealthyThreshold"]),
         "SCRAPER_HEALTHY_THRESHOLD": str(v["healthyThreshold"]),
+        "SCRAPER_STATUS_PAGE": "true" if v["statusPage"] else "false",
     }
     for name, want in plain.items():
         expect(r.env_value(name) == want, f"[{r.label}] {name}={r.env_value(name)!r}, values say {want!r}")
@@ -1047,6 +1050,7 @@ SCHEMA_REJECTS: list[tuple[str, dict[str, Any], str]] = [
     ("non-integer replicaCount (string)", {"replicaCount": "two"}, "replicaCount"),
     ("non-integer replicaCount (fraction)", {"replicaCount": 2.5}, "replicaCount"),
     ("unknown log format", {"worker": {"logFormat": "xml"}}, "logFormat"),
+    ("status page switch that is not a boolean", {"worker": {"statusPage": "yes"}}, "statusPage"),
     ("cron with five fields", {"worker": {"schedule": "*/10 * * * *"}}, "schedule"),
     ("cron with seven fields", {"worker": {"schedule": "0 */10 * * * * 2030"}}, "schedule"),
     ("unknown backend", {"worker": {"backend": "etcd"}}, "backend"),
