@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use keel_scraper::config::{parse_cli, Command, ProcessEnv, Settings};
 use keel_scraper::telemetry::{self, LogTarget};
-use keel_scraper::worker::{self, Exit};
+use keel_scraper::worker::{self, CommandError, Exit};
 
 fn main() -> ExitCode {
     let (cli, matches) = match parse_cli(std::env::args_os()) {
@@ -37,36 +37,35 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::Failed as u8);
         }
     };
-    let (exit, message) = runtime.block_on(async {
+    let result = runtime.block_on(async {
         match cli.command {
             Command::Run => worker::run(&settings, signal()).await,
             Command::Once => tokio::select! {
                 r = worker::once(&settings) => r,
-                s = signal() => (Exit::Interrupted, Some(format!("interrupted by {s}; the lease expires by its TTL"))),
+                signal = signal() => Err(CommandError::Interrupted { signal, note: "; the lease expires by its TTL" }),
             },
             Command::Demo => tokio::select! {
                 r = keel_scraper::demo::run(&settings) => r,
-                s = signal() => (Exit::Interrupted, Some(format!("interrupted by {s}"))),
+                signal = signal() => Err(CommandError::Interrupted { signal, note: "" }),
             },
-            Command::Routes { json } => match worker::routes(&settings).await {
-                Ok(rows) => {
-                    print_routes(&rows, json);
-                    (Exit::Ok, None)
-                }
-                Err(e) => (Exit::Failed, Some(e.to_string())),
-            },
+            Command::Routes { json } => worker::routes(&settings)
+                .await
+                .map(|rows| print_routes(&rows, json)),
             Command::Config => {
                 print_config(&settings, &matches);
-                (Exit::Ok, None)
+                Ok(())
             }
         }
     });
     // Let the runtime's tasks wind down without waiting on blocked I/O.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-    if let Some(m) = message {
-        eprintln!("keel-scraper: {m}");
+    match result {
+        Ok(()) => ExitCode::from(Exit::Ok as u8),
+        Err(e) => {
+            eprintln!("keel-scraper: {e}");
+            ExitCode::from(e.exit() as u8)
+        }
     }
-    ExitCode::from(exit as u8)
 }
 
 /// Installs the SIGTERM and SIGINT handlers at once (so a signal during start-up is

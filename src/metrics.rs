@@ -1,5 +1,7 @@
-//! Prometheus metrics, all prefixed `keel_scraper_`. Updated only from event emit sites
-//! (see [`crate::events`]) and the tick's summary, served as text on `GET /metrics`.
+//! Prometheus metrics, all prefixed `keel_scraper_`, served as text on `GET /metrics`.
+//! Updated from event emit sites (see [`crate::events`]), with two exceptions, both in
+//! `tick.rs`: the probe duration histogram (observed per probe, which has no event of
+//! its own when it succeeds) and the per-status plugin gauge (set from the tick's tally).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
@@ -25,6 +27,9 @@ pub struct Metrics {
     lock_held: Gauge,
     last_tick_completed: Gauge<f64, AtomicU64>,
     store_errors: Family<Labels, Counter>,
+    demotions_held: Gauge,
+    demotions_held_total: Counter,
+    blocked_for_failures: Gauge,
 }
 
 fn label(k: &str, v: &str) -> Labels {
@@ -88,6 +93,24 @@ impl Metrics {
             "Store or sidecar operations that failed, by operation",
             store_errors.clone(),
         );
+        let demotions_held = Gauge::default();
+        registry.register(
+            "demotions_held",
+            "Guarded demotions the fleet guard held in this replica's last tick",
+            demotions_held.clone(),
+        );
+        let demotions_held_total = Counter::default();
+        registry.register(
+            "demotions_held",
+            "Guarded demotions the fleet guard held, all ticks",
+            demotions_held_total.clone(),
+        );
+        let blocked_for_failures = Gauge::default();
+        registry.register(
+            "plugins_blocked_for_failures",
+            "Plugins FAILED by the unhealthy threshold within the guard window, at the start of this replica's last tick",
+            blocked_for_failures.clone(),
+        );
         // Make the outcome series exist from the start, so rate() and absent() work.
         for o in ["completed", "skipped", "failed"] {
             let _ = ticks.get_or_create(&label("outcome", o));
@@ -103,6 +126,9 @@ impl Metrics {
             lock_held,
             last_tick_completed,
             store_errors,
+            demotions_held,
+            demotions_held_total,
+            blocked_for_failures,
         }
     }
 
@@ -143,6 +169,20 @@ impl Metrics {
         self.store_errors
             .get_or_create(&label("operation", operation))
             .inc();
+    }
+
+    pub fn demotions_held(&self, n: u64) {
+        self.demotions_held
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn demotions_held_total(&self, n: u64) {
+        self.demotions_held_total.inc_by(n);
+    }
+
+    pub fn blocked_for_failures(&self, n: u64) {
+        self.blocked_for_failures
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Replaces the per-status plugin gauge with this tick's counts.
