@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -19,9 +19,8 @@ use support::binary::{
     keel, raw_version, redis_store, redis_ticker, route_status, seed_registry, seed_route, Capture,
     Events, ReplicaOptions,
 };
+use support::proxy::Proxy;
 use support::redis_server::RedisServer;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
 const U: u32 = 2;
 
@@ -307,70 +306,6 @@ async fn reports_apply_during_a_held_tick() {
     // plugin_error is the plugin's own report: blocked after U ticks, never held.
     assert_eq!(w.status("p18"), "FAILED", "{events}");
     assert!(all_are(&w.statuses(&fleet), &fleet[..18], "ACTIVE"));
-}
-
-/// A TCP proxy in front of one address that can refuse connections (closed: nothing
-/// listens on its port) and open again on the same port.
-struct Proxy {
-    port: u16,
-    target: String,
-    tasks: Arc<Mutex<JoinSet<()>>>,
-}
-
-impl Proxy {
-    async fn start(target: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let p = Proxy {
-            port,
-            target: target.to_owned(),
-            tasks: Arc::new(Mutex::new(JoinSet::new())),
-        };
-        p.serve(listener);
-        p
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        let target = self.target.clone();
-        let tasks = self.tasks.clone();
-        self.tasks.lock().unwrap().spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let target = target.clone();
-                tasks.lock().unwrap().spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-    }
-
-    /// Closes the port and every connection through it.
-    fn close(&self) {
-        self.tasks.lock().unwrap().abort_all();
-    }
-
-    async fn open(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match TcpListener::bind(self.address()).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "rebind {}: {e}",
-                        self.port
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
-        self.serve(listener);
-    }
 }
 
 /// `once` through the binary, with the guard defaults.

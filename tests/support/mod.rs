@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod conformance;
 pub mod live;
+pub mod proxy;
 pub mod redis_server;
 pub mod sidecar;
 pub mod tied;
