@@ -57,7 +57,10 @@ async fn two_dry_ticks_change_no_byte_and_say_what_they_would_write() {
         let capture = Capture::new();
         let outcome = capture.run(t.tick(TickKind::Manual(Utc::now()))).await;
         let events = capture.events();
-        assert!(matches!(outcome, TickOutcome::Completed(_)), "tick {n}: {outcome:?}\n{events}");
+        assert!(
+            matches!(outcome, TickOutcome::Completed(_)),
+            "tick {n}: {outcome:?}\n{events}"
+        );
         assert!(!events.has("lock_acquired"), "{events}");
         assert!(!events.has("plugin_status_changed"), "{events}");
         let f = events.for_plugin("plugin_probe_failed", "dies");
@@ -81,7 +84,13 @@ async fn two_dry_ticks_change_no_byte_and_say_what_they_would_write() {
         vec![
             (1, s("recovers"), s("FAILED"), s("ACTIVE"), s("reported")),
             (1, s("stops"), s("ACTIVE"), s("STOPPED"), s("reported")),
-            (2, s("dies"), s("ACTIVE"), s("FAILED"), s("unhealthy_threshold")),
+            (
+                2,
+                s("dies"),
+                s("ACTIVE"),
+                s("FAILED"),
+                s("unhealthy_threshold")
+            ),
             (2, s("recovers"), s("FAILED"), s("ACTIVE"), s("reported")),
             (2, s("stops"), s("ACTIVE"), s("STOPPED"), s("reported")),
         ]
@@ -103,6 +112,10 @@ async fn two_dry_ticks_change_no_byte_and_say_what_they_would_write() {
     assert_eq!(out.code, Some(0), "{}", out.describe());
     let events = out.events();
     assert!(!events.has("lock_acquired"), "{events}");
-    assert_eq!(events.named("plugin_status_would_change").len(), 2, "{events}");
+    assert_eq!(
+        events.named("plugin_status_would_change").len(),
+        2,
+        "{events}"
+    );
     assert_eq!(snapshot(&server), before, "once --dry-run changed Redis");
 }

@@ -452,3 +452,44 @@ async fn a_blind_holder_stands_back_and_the_standby_scrapes() {
     assert!(waited <= 2, "the standby waited {waited} ticks");
     assert_eq!(w.status("p9"), "FAILED", "the real death was not blocked");
 }
+
+#[test]
+fn max_failed_share_must_be_a_decimal_in_zero_to_one() {
+    for bad in [
+        "0", "0.0", "1.5", "2", "abc", "0.3333", "-0.5", "", ".", "1.", "0,5",
+    ] {
+        let out = keel()
+            .args([format!("--max-failed-share={bad}").as_str(), "config"])
+            .run();
+        assert_eq!(out.code, Some(2), "{bad:?}: {}", out.describe());
+        assert!(
+            out.stderr
+                .contains("--max-failed-share / SCRAPER_MAX_FAILED_SHARE"),
+            "{bad:?}: {}",
+            out.describe()
+        );
+    }
+    for (good, shown) in [
+        ("1", "1"),
+        ("0.5", "0.5"),
+        (".25", "0.25"),
+        ("1.000", "1"),
+        ("0.001", "0.001"),
+    ] {
+        let out = keel().args(["--max-failed-share", good, "config"]).run();
+        assert_eq!(out.code, Some(0), "{good:?}: {}", out.describe());
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("max-failed-share"))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            line.split_whitespace().nth(2) == Some(shown),
+            "{good:?}: {line}"
+        );
+    }
+    let out = keel().args(["--guard-window", "0s", "config"]).run();
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("--guard-window"), "{}", out.describe());
+}

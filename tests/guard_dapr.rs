@@ -5,7 +5,6 @@
 
 mod support;
 
-
 use chrono::Utc;
 use keel_scraper::config::{parse_cli, Env, Settings};
 use keel_scraper::lease::TickKind;
@@ -85,7 +84,10 @@ async fn a_closed_sidecar_http_port_is_the_observers_failure() {
         let outcome = capture.run(t.tick(TickKind::Manual(Utc::now()))).await;
         let events = capture.events();
         assert!(
-            matches!(outcome, TickOutcome::Failed(TickError::ObserverUnhealthy(_))),
+            matches!(
+                outcome,
+                TickOutcome::Failed(TickError::ObserverUnhealthy(_))
+            ),
             "tick {n}: {outcome:?}\n{events}"
         );
         let unhealthy = events.one("observer_unhealthy");

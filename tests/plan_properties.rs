@@ -8,7 +8,9 @@ use keel_scraper::plan::{plan, PlanInput, Rules, Seen};
 use keel_scraper::status::{ErrorKind, RouteStatus};
 use proptest::prelude::*;
 
-const CURRENT: [&str; 7] = ["ACTIVE", "STARTING", "FAILED", "STOPPED", "STOPPING", "", "WEIRD"];
+const CURRENT: [&str; 7] = [
+    "ACTIVE", "STARTING", "FAILED", "STOPPED", "STOPPING", "", "WEIRD",
+];
 
 fn seen() -> impl Strategy<Value = Seen> {
     prop_oneof![

@@ -74,6 +74,9 @@ WORKER_ENV = {
     "SCRAPER_CONCURRENCY",
     "SCRAPER_UNHEALTHY_THRESHOLD",
     "SCRAPER_HEALTHY_THRESHOLD",
+    "SCRAPER_MAX_FAILED_SHARE",
+    "SCRAPER_GUARD_WINDOW",
+    "SCRAPER_DRY_RUN",
     "SCRAPER_LEASE",
     "SCRAPER_HOLDER_ID",
     "SCRAPER_LOG_FORMAT",
@@ -94,6 +97,7 @@ ALL_OPTIONS_DAPR: dict[str, Any] = {
         "statusUrl": "http://127.0.0.1:3500/v1.0/invoke/{plugin_id}/method/v1/status",
         "daprGrpcEndpoint": "127.0.0.1:50001",
         "daprHttpEndpoint": "127.0.0.1:3500",
+        "dryRun": True,
     },
 }
 ALL_OPTIONS_REDIS: dict[str, Any] = {
@@ -577,9 +581,17 @@ def check_env(r: Rendered) -> None:
         "SCRAPER_CONCURRENCY": str(v["concurrency"]),
         "SCRAPER_UNHEALTHY_THRESHOLD": str(v["unhealthyThreshold"]),
         "SCRAPER_HEALTHY_THRESHOLD": str(v["healthyThreshold"]),
+        "SCRAPER_MAX_FAILED_SHARE": str(v["maxFailedShare"]),
+        "SCRAPER_GUARD_WINDOW": v["guardWindow"],
     }
     for name, want in plain.items():
         expect(r.env_value(name) == want, f"[{r.label}] {name}={r.env_value(name)!r}, values say {want!r}")
+    # --dry-run is set only when asked for: a real release must write.
+    dry = r.env_value("SCRAPER_DRY_RUN")
+    expect(
+        dry == ("true" if v.get("dryRun") else None),
+        f"[{r.label}] SCRAPER_DRY_RUN={dry!r}, values say dryRun={v.get('dryRun')!r}",
+    )
 
 
 def check_notes(r: Rendered) -> None:
@@ -771,6 +783,10 @@ SCHEMA_REJECTS: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("duration without a unit", {"worker": {"probeTimeout": "2"}}, "probeTimeout"),
     ("misspelt value key", {"worker": {"logformat": "json"}}, "logformat"),
+    ("maxFailedShare of 0", {"worker": {"maxFailedShare": 0}}, "maxFailedShare"),
+    ("maxFailedShare above 1", {"worker": {"maxFailedShare": "1.5"}}, "maxFailedShare"),
+    ("maxFailedShare with four decimals", {"worker": {"maxFailedShare": "0.3333"}}, "maxFailedShare"),
+    ("guardWindow without a unit", {"worker": {"guardWindow": "30"}}, "guardWindow"),
 ]
 
 TEMPLATE_REJECTS: list[tuple[str, dict[str, Any], str]] = [

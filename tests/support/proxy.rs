@@ -36,21 +36,31 @@ impl Proxy {
         // A poisoned lock only means a test already panicked.
         let target = self.target.clone();
         let tasks = self.tasks.clone();
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let target = target.clone();
-                tasks.lock().unwrap_or_else(|p| p.into_inner()).spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let target = target.clone();
+                    tasks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .spawn(async move {
+                            if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound)
+                                    .await;
+                            }
+                        });
+                }
+            });
     }
 
     /// Closes the port and every connection through it.
     pub fn close(&self) {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).abort_all();
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort_all();
     }
 
     pub async fn open(&self) {
@@ -59,11 +69,7 @@ impl Proxy {
             match TcpListener::bind(self.address()).await {
                 Ok(l) => break l,
                 Err(e) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "rebind {}: {e}",
-                        self.port
-                    );
+                    assert!(Instant::now() < deadline, "rebind {}: {e}", self.port);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -71,4 +77,3 @@ impl Proxy {
         self.serve(listener);
     }
 }
-
