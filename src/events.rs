@@ -148,6 +148,7 @@ impl Meter for DemotionsHeld {
 }
 impl Meter for ObserverUnhealthy {
     fn meter(&self, m: &Metrics) {
+        m.observer_unhealthy();
         m.demotions_held(0);
     }
 }

@@ -16,6 +16,25 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// A running total exposed as an untyped sample under its full name: the OpenMetrics
+/// counter family `demotions_held` would clash with the gauge of the same name, so
+/// `keel_scraper_demotions_held_total` is its own (unknown-typed) family.
+#[derive(Clone, Debug, Default)]
+struct Total(Counter);
+
+impl prometheus_client::encoding::EncodeMetric for Total {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.0.get())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Unknown
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     ticks: Family<Labels, Counter>,
@@ -28,8 +47,9 @@ pub struct Metrics {
     last_tick_completed: Gauge<f64, AtomicU64>,
     store_errors: Family<Labels, Counter>,
     demotions_held: Gauge,
-    demotions_held_total: Counter,
+    demotions_held_total: Total,
     blocked_for_failures: Gauge,
+    observer_unhealthy: Counter,
 }
 
 fn label(k: &str, v: &str) -> Labels {
@@ -99,9 +119,9 @@ impl Metrics {
             "Guarded demotions the fleet guard held in this replica's last tick",
             demotions_held.clone(),
         );
-        let demotions_held_total = Counter::default();
+        let demotions_held_total = Total::default();
         registry.register(
-            "demotions_held",
+            "demotions_held_total",
             "Guarded demotions the fleet guard held, all ticks",
             demotions_held_total.clone(),
         );
@@ -110,6 +130,12 @@ impl Metrics {
             "plugins_blocked_for_failures",
             "Plugins FAILED by the unhealthy threshold within the guard window, at the start of this replica's last tick",
             blocked_for_failures.clone(),
+        );
+        let observer_unhealthy = Counter::default();
+        registry.register(
+            "observer_unhealthy",
+            "Ticks whose failed probes were the observer's own (sidecar or status host unreachable)",
+            observer_unhealthy.clone(),
         );
         // Make the outcome series exist from the start, so rate() and absent() work.
         for o in ["completed", "skipped", "failed"] {
@@ -129,6 +155,7 @@ impl Metrics {
             demotions_held,
             demotions_held_total,
             blocked_for_failures,
+            observer_unhealthy,
         }
     }
 
@@ -177,7 +204,11 @@ impl Metrics {
     }
 
     pub fn demotions_held_total(&self, n: u64) {
-        self.demotions_held_total.inc_by(n);
+        self.demotions_held_total.0.inc_by(n);
+    }
+
+    pub fn observer_unhealthy(&self) {
+        self.observer_unhealthy.inc();
     }
 
     pub fn blocked_for_failures(&self, n: u64) {
