@@ -587,30 +587,23 @@ impl Ticker {
     }
 
     /// Why the observer is unhealthy this tick, if a guarded failure gives reason to ask.
+    /// Through Dapr any guarded failure asks; with one status host a `connect` failure
+    /// does. The own check then decides (a connect failure of one request to a host that
+    /// accepts connections again is the plugin's).
     async fn observe_self(&self, candidates: &[(Candidate, ProbeOutcome)]) -> Option<String> {
-        let failures: Vec<_> = candidates
-            .iter()
-            .filter_map(|(_, o)| match o {
-                ProbeOutcome::Failed(f) if f.kind != crate::status::ErrorKind::PluginError => {
-                    Some(f)
-                }
-                _ => None,
-            })
-            .collect();
-        if failures.is_empty() {
+        let mut failures = candidates.iter().filter_map(|(_, o)| match o {
+            ProbeOutcome::Failed(f) if f.kind != crate::status::ErrorKind::PluginError => Some(f),
+            _ => None,
+        });
+        let ask = match &self.observer {
+            Observer::None => false,
+            Observer::Sidecar { .. } => failures.next().is_some(),
+            Observer::SingleHost { .. } => failures.any(|f| self.observer.blames(f)),
+        };
+        if !ask {
             return None;
         }
-        if let Some(f) = failures.iter().find(|f| self.observer.blames(f)) {
-            return Some(format!(
-                "{} refused the connection ({})",
-                self.observer.describe(),
-                f.detail
-            ));
-        }
-        match &self.observer {
-            Observer::Sidecar { .. } => self.observer.check().await.err(),
-            _ => None,
-        }
+        self.observer.check().await.err()
     }
 
     /// Phase 3: the plan over the whole fleet (pure, [`plan`]), then its events.
