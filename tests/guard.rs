@@ -106,6 +106,13 @@ impl World {
     }
 }
 
+/// `127.0.0.1:<port>` of the simulator.
+fn sim_host(sim: &PluginSim) -> String {
+    let template = sim.url_template();
+    let rest = template.strip_prefix("http://").unwrap_or(&template);
+    rest.split('/').next().unwrap_or_default().to_owned()
+}
+
 /// One manual tick that must complete.
 async fn tick(t: &Ticker) -> (TickReport, Events) {
     let capture = Capture::new();
@@ -327,14 +334,7 @@ async fn a_closed_status_host_is_the_observers_failure_not_the_plugins() {
     let w = world().await;
     let fleet = ids("p", 3);
     w.fleet(&fleet).await;
-    let proxy = Proxy::start(
-        &w.sim.url_template()[7..]
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-    )
-    .await;
+    let proxy = Proxy::start(&sim_host(&w.sim)).await;
     let status_url = format!("http://{}/{{plugin_id}}/v1/status", proxy.address());
     let before = w.versions(&fleet);
 
@@ -383,12 +383,7 @@ async fn a_blind_holder_stands_back_and_the_standby_scrapes() {
     let w = world().await;
     let fleet = ids("p", 10);
     w.fleet(&fleet).await;
-    let host = w.sim.url_template()[7..]
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let proxy = Proxy::start(&host).await;
+    let proxy = Proxy::start(&sim_host(&w.sim)).await;
     let blind_url = format!("http://{}/{{plugin_id}}/v1/status", proxy.address());
     let o = |name: &str| {
         ReplicaOptions::new(name)
@@ -492,4 +487,52 @@ fn max_failed_share_must_be_a_decimal_in_zero_to_one() {
     let out = keel().args(["--guard-window", "0s", "config"]).run();
     assert_eq!(out.code, Some(2), "{}", out.describe());
     assert!(out.stderr.contains("--guard-window"), "{}", out.describe());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_held_demotions_stands_back_from_the_next_tick_only() {
+    let w = world().await;
+    let fleet = ids("p", 20);
+    w.fleet(&fleet).await;
+    let o = ReplicaOptions::new("holder")
+        .probe_timeout(Duration::from_millis(300))
+        .lease(Duration::from_secs(2), Duration::from_secs(2))
+        .thresholds(U, 1);
+    let t = redis_ticker(&w.server, &w.sim.url_template(), &o)
+        .await
+        .with_guard(500, 30);
+    for id in &fleet {
+        w.sim.set(id.as_str(), Behavior::raw(503, "down"));
+    }
+    let start = chrono::DurationRound::duration_trunc(Utc::now(), chrono::Duration::seconds(1))
+        .expect("whole second");
+    let mut seen = Vec::new();
+    for n in 1..=5i64 {
+        let slot = start + chrono::Duration::seconds(2 * n);
+        let capture = Capture::new();
+        let outcome = capture.run(t.tick(TickKind::Scheduled(slot))).await;
+        let events = capture.events();
+        seen.push(match outcome {
+            TickOutcome::Completed(r) if r.held > 0 => "held".to_owned(),
+            TickOutcome::Completed(_) => "completed".to_owned(),
+            TickOutcome::Skipped(r) => r.as_str().to_owned(),
+            TickOutcome::Failed(e) => panic!("tick {n} failed: {e}\n{events}"),
+        });
+    }
+    assert_eq!(
+        seen,
+        [
+            "completed",
+            "held",
+            "standing_back",
+            "held",
+            "standing_back"
+        ]
+    );
+    // `once` never stands back: a manual tick right after a held one runs.
+    let (r, _) = tick(&t).await;
+    assert_eq!(r.held, 20);
+    let (r, _) = tick(&t).await;
+    assert_eq!(r.held, 20);
+    assert!(all_are(&w.statuses(&fleet), &fleet, "ACTIVE"));
 }

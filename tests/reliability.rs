@@ -4,7 +4,7 @@
 //! events on stdout read line by line), a real `redis-server` that requires a password,
 //! and plugin simulators on loopback; one multi-replica run goes through the Dapr sidecar
 //! double instead. What each scenario proves, and the figures it prints, are described in
-//! `tests/README-reliability.md`:
+//! the README's "Reliability under faults" section:
 //!
 //! 1. three replicas on a 1 s schedule complete every tick exactly once (and the Dapr
 //!    backend does the same through the sidecar double);

@@ -649,6 +649,8 @@ async fn a_holder_cut_off_from_redis_mid_write_lands_nothing_stale() {
             replicas.push(
                 Spec::run(name)
                     .redis(&proxy.url(), &w.sim.url_template())
+                    // Every plugin fails on purpose: the fleet guard is not under test.
+                    .env("SCRAPER_MAX_FAILED_SHARE", "1")
                     .schedule("*/2 * * * * *")
                     .spawn(&w.journal),
             );
