@@ -199,6 +199,16 @@ pub struct Options {
     pub dry_run: bool,
 }
 
+/// The fleet guard's options: `--max-failed-share` in thousandths, a non-zero window.
+fn guard_settings(o: &Options) -> Result<u32, ConfigError> {
+    if o.guard_window.is_zero() {
+        return Err(ConfigError(
+            "--guard-window / SCRAPER_GUARD_WINDOW must be more than 0, e.g. 30m".into(),
+        ));
+    }
+    parse_share(&o.max_failed_share)
+}
+
 /// Parses `--max-failed-share`: a decimal in (0, 1] with at most three decimal places,
 /// in thousandths.
 pub fn parse_share(text: &str) -> Result<u32, ConfigError> {
@@ -434,12 +444,7 @@ impl Settings {
                 "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into(),
             ));
         }
-        let max_failed_share_milli = parse_share(&o.max_failed_share)?;
-        if o.guard_window.is_zero() {
-            return Err(ConfigError(
-                "--guard-window / SCRAPER_GUARD_WINDOW must be more than 0, e.g. 30m".into(),
-            ));
-        }
+        let max_failed_share_milli = guard_settings(o)?;
         let holder_id = match &o.holder_id {
             Some(h) if h.trim().is_empty() => {
                 return Err(ConfigError(

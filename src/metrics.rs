@@ -113,30 +113,8 @@ impl Metrics {
             "Store or sidecar operations that failed, by operation",
             store_errors.clone(),
         );
-        let demotions_held = Gauge::default();
-        registry.register(
-            "demotions_held",
-            "Guarded demotions the fleet guard held in this replica's last tick",
-            demotions_held.clone(),
-        );
-        let demotions_held_total = Total::default();
-        registry.register(
-            "demotions_held_total",
-            "Guarded demotions the fleet guard held, all ticks",
-            demotions_held_total.clone(),
-        );
-        let blocked_for_failures = Gauge::default();
-        registry.register(
-            "plugins_blocked_for_failures",
-            "Plugins FAILED by the unhealthy threshold within the guard window, at the start of this replica's last tick",
-            blocked_for_failures.clone(),
-        );
-        let observer_unhealthy = Counter::default();
-        registry.register(
-            "observer_unhealthy",
-            "Ticks whose failed probes were the observer's own (sidecar or status host unreachable)",
-            observer_unhealthy.clone(),
-        );
+        let (demotions_held, demotions_held_total, blocked_for_failures, observer_unhealthy) =
+            register_guard(&mut registry);
         // Make the outcome series exist from the start, so rate() and absent() work.
         for o in ["completed", "skipped", "failed"] {
             let _ = ticks.get_or_create(&label("outcome", o));
@@ -231,6 +209,40 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+/// The fleet guard's and the observer's metrics (README: "Mass-failure guard").
+fn register_guard(registry: &mut Registry) -> (Gauge, Total, Gauge, Counter) {
+    let demotions_held = Gauge::default();
+    registry.register(
+        "demotions_held",
+        "Guarded demotions the fleet guard held in this replica's last tick",
+        demotions_held.clone(),
+    );
+    let demotions_held_total = Total::default();
+    registry.register(
+        "demotions_held_total",
+        "Guarded demotions the fleet guard held, all ticks",
+        demotions_held_total.clone(),
+    );
+    let blocked_for_failures = Gauge::default();
+    registry.register(
+        "plugins_blocked_for_failures",
+        "Plugins blocked for failures at the start of this replica's last tick",
+        blocked_for_failures.clone(),
+    );
+    let observer_unhealthy = Counter::default();
+    registry.register(
+        "observer_unhealthy",
+        "Ticks whose failed probes were the observer's own (sidecar or status host unreachable)",
+        observer_unhealthy.clone(),
+    );
+    (
+        demotions_held,
+        demotions_held_total,
+        blocked_for_failures,
+        observer_unhealthy,
+    )
 }
 
 /// The process-wide metrics.
