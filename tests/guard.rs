@@ -536,3 +536,52 @@ async fn a_replica_that_held_demotions_stands_back_from_the_next_tick_only() {
     assert_eq!(r.held, 20);
     assert!(all_are(&w.statuses(&fleet), &fleet, "ACTIVE"));
 }
+
+/// The value of the unlabelled sample `name` in a `/metrics` text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_metrics_exist_at_zero_from_start_up_and_follow_a_held_tick() {
+    use support::live::{http_get, is, run_args, Worker};
+    let w = world().await;
+    let fleet = ids("p", 3);
+    let args = run_args(&w.server, &w.sim, &["--probe-timeout", "300ms"]);
+    let worker = Worker::spawn(&args, &[]);
+    let address = worker.listening_address();
+    let (code, text) = http_get(&address, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    for name in [
+        "keel_scraper_demotions_held",
+        "keel_scraper_demotions_held_total",
+        "keel_scraper_plugins_blocked_for_failures",
+        "keel_scraper_observer_unhealthy_total",
+    ] {
+        assert_eq!(
+            sample(&text, name),
+            Some(0.0),
+            "{name} at start-up:\n{text}"
+        );
+    }
+    // 3 of 3 failing: limit max(1, floor(0.5 x 3)) = 1, so the demotions are held.
+    w.fleet(&fleet).await;
+    for id in &fleet {
+        w.sim.set(id.as_str(), Behavior::raw(503, "down"));
+    }
+    let held = worker.wait_event(Duration::from_secs(15), |e| is(e, "demotions_held"));
+    assert_eq!(held["count"], 3, "{held}");
+    let completed = worker.wait_event(Duration::from_secs(5), |e| {
+        is(e, "tick_completed") && e["held"] == 3
+    });
+    assert_eq!(completed["routes_changed"], 0);
+    let (_, text) = http_get(&address, "/metrics");
+    assert_eq!(
+        sample(&text, "keel_scraper_demotions_held"),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(sample(&text, "keel_scraper_demotions_held_total").unwrap_or_default() >= 3.0);
+    assert!(all_are(&w.statuses(&fleet), &fleet, "ACTIVE"));
+}
