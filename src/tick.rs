@@ -1,6 +1,6 @@
-//! One tick, as phases: lease -> [read the private state](Ticker::read_private) ->
-//! [gather routes and probes](Ticker::gather) -> [plan](crate::plan::plan) (pure) -> fence
-//! -> [write](Ticker::write) -> [tally](Ticker::tally) -> release.
+//! One tick, as phases: lease -> read the private state (`read_private`) -> gather routes
+//! and probes (`gather`) -> plan ([`crate::plan::plan`], pure) -> fence (`fence`) -> write
+//! (`write`) -> tally (`tally`) -> release.
 //!
 //! Invariants kept here:
 //! - The tick owns its lease end to end: [`Ticker::tick`] takes it and releases it.
