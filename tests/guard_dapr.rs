@@ -1,7 +1,8 @@
 //! The observer's own health through Dapr, with the sidecar double: the sidecar's HTTP
 //! port closed (a TCP proxy in front of it; the gRPC state API left up) for 3 ticks moves
 //! no counter and demotes nothing, each tick fails with `observer_unhealthy`; after it
-//! reopens the ticks are normal and a real death is blocked.
+//! reopens the ticks are normal and a real death is blocked. And a fleet failing at once
+//! through the sidecar is held, with the observer healthy.
 
 mod support;
 
@@ -127,4 +128,59 @@ async fn a_closed_sidecar_http_port_is_the_observers_failure() {
         .expect("exists");
     let status: serde_json::Value = serde_json::from_slice(&a.data).expect("json");
     assert_eq!(status["status"], "FAILED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_dapr_a_fleet_failing_at_once_is_held_and_the_observer_stays_healthy() {
+    let sim = PluginSim::start().expect("simulator");
+    let base = sim.url_template().replace("/{plugin_id}/v1/status", "");
+    let sidecar = SidecarDouble::start(SidecarConfig::default().with_invoke_base(&base)).await;
+    let (cli, _) = parse_cli([
+        "keel-scraper",
+        "--backend",
+        "dapr",
+        "--dapr-grpc-endpoint",
+        &sidecar.grpc_endpoint(),
+        "--dapr-http-endpoint",
+        &sidecar.http_endpoint(),
+        "--probe-timeout",
+        "300ms",
+        "--retries",
+        "0",
+        "once",
+    ])
+    .expect("arguments");
+    let settings = Settings::from_options(&cli.options, &NoEnv).expect("settings");
+    assert_eq!(settings.max_failed_share_milli, 500, "the default share");
+    let store = wiring::build_store(&settings).await.expect("store");
+    let prober = wiring::build_prober(&settings).expect("prober");
+    let t = wiring::ticker(&settings, store.clone(), prober);
+    let ids: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    seed_registry(&*store, &refs).await;
+    for id in &ids {
+        seed_route(&*store, id, "ACTIVE").await;
+        sim.set(id.as_str(), Behavior::raw(503, "down"));
+    }
+    for n in 1..=3 {
+        let capture = Capture::new();
+        let outcome = capture.run(t.tick(TickKind::Manual(Utc::now()))).await;
+        let events = capture.events();
+        let TickOutcome::Completed(r) = outcome else {
+            panic!("tick {n}: {outcome:?}\n{events}");
+        };
+        assert!(!events.has("observer_unhealthy"), "tick {n}\n{events}");
+        assert!(!events.has("plugin_status_changed"), "tick {n}\n{events}");
+        assert_eq!(r.held, if n >= 2 { 10 } else { 0 }, "tick {n}\n{events}");
+    }
+    for id in &ids {
+        let e = store
+            .get(StoreKind::Public, &format!("plugin_route_{id}"))
+            .await
+            .expect("read")
+            .expect("exists");
+        let route: serde_json::Value = serde_json::from_slice(&e.data).expect("json");
+        assert_eq!(route["status"], "ACTIVE", "{id}");
+    }
+    assert!(sidecar.calls("invoke") >= 30);
 }
