@@ -57,7 +57,6 @@ use keel_scraper::route::{read_status, rewrite_status, route_key};
 use keel_scraper::store::memory::MemoryStore;
 use keel_scraper::store::{Concurrency, Save, Store, StoreKind};
 use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
-use keel_scraper::worker;
 use keel_test_support::sim::{Behavior, PluginSim};
 
 use keel_test_support::process::{on_path, Proc};
@@ -232,7 +231,7 @@ impl Churn {
 /// completed and released.
 async fn full_tick(t: &Ticker) -> Result<(Duration, TickReport)> {
     let started = Instant::now();
-    let (outcome, guard) = t.tick(TickKind::Manual(Utc::now())).await;
+    let (outcome, guard) = t.tick_keeping_lease(TickKind::Manual(Utc::now())).await;
     if let Some(g) = &guard {
         t.lease.release(g).await.context("release the lease")?;
     }
@@ -701,10 +700,10 @@ impl<'r> Bench<'r> {
         self.worker_rt.block_on(async {
             let store = match store {
                 Some(st) => st,
-                None => worker::build_store(&s).await?,
+                None => keel_scraper::wiring::build_store(&s).await?,
             };
-            let prober = worker::build_prober(&s)?.with_http_stack(stack);
-            Ok(worker::ticker(&s, store, prober))
+            let prober = keel_scraper::wiring::build_prober(&s)?.with_http_stack(stack);
+            Ok(keel_scraper::wiring::ticker(&s, store, prober))
         })
     }
 
@@ -929,8 +928,8 @@ impl<'r> Bench<'r> {
         let mut churn = Churn::new(n, |_| false);
         let s = settings(&self.args("redis", PROBE_TIMEOUT))?;
         let took = self.worker_rt.block_on(async {
-            let store = worker::build_store(&s).await?;
-            let prober = worker::build_prober(&s)?;
+            let store = keel_scraper::wiring::build_store(&s).await?;
+            let prober = keel_scraper::wiring::build_prober(&s)?;
             let mut took = Vec::new();
             for k in 0..=self.plan.limit_runs() {
                 let expected = churn.step(&self.sim);

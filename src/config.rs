@@ -201,6 +201,65 @@ pub struct Options {
         value_name = "true|false"
     )]
     pub status_page: bool,
+    /// Fleet guard: most share of eligible plugins blocked for failures, in (0, 1]; 1 turns it off.
+    #[arg(
+        long,
+        global = true,
+        env = "SCRAPER_MAX_FAILED_SHARE",
+        default_value = "0.5"
+    )]
+    pub max_failed_share: String,
+    /// Fleet guard: how long a FAILED route counts as blocked for failures.
+    #[arg(long, global = true, env = "SCRAPER_GUARD_WINDOW", default_value = "30m", value_parser = duration)]
+    pub guard_window: Duration,
+    /// Decide, log and count, but write no route and no store state and never take the lease.
+    #[arg(long, global = true, env = "SCRAPER_DRY_RUN")]
+    pub dry_run: bool,
+}
+
+/// The fleet guard's options: `--max-failed-share` in thousandths, a non-zero window.
+fn guard_settings(o: &Options) -> Result<u32, ConfigError> {
+    if o.guard_window.is_zero() {
+        return Err(ConfigError(
+            "--guard-window / SCRAPER_GUARD_WINDOW must be more than 0, e.g. 30m".into(),
+        ));
+    }
+    parse_share(&o.max_failed_share)
+}
+
+/// Parses `--max-failed-share`: a decimal in (0, 1] with at most three decimal places,
+/// in thousandths.
+pub fn parse_share(text: &str) -> Result<u32, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "--max-failed-share / SCRAPER_MAX_FAILED_SHARE {text:?} must be a decimal in (0, 1] with at most three decimal places, e.g. 0.5 (1 turns the fleet guard off)"
+        ))
+    };
+    let t = text.trim();
+    let (int, frac) = t.split_once('.').unwrap_or((t, ""));
+    let digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) || frac.len() > 3 {
+        return Err(bad());
+    }
+    if t.ends_with('.') {
+        return Err(bad());
+    }
+    let int: u32 = if int.is_empty() {
+        0
+    } else if int.len() > 1 && int.trim_start_matches('0').len() > 1 {
+        return Err(bad());
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let frac_milli: u32 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    let milli = int
+        .checked_mul(1000)
+        .and_then(|m| m.checked_add(frac_milli))
+        .ok_or_else(bad)?;
+    if milli == 0 || milli > 1000 {
+        return Err(bad());
+    }
+    Ok(milli)
 }
 
 /// Invalid configuration: names the option and what to do. Exit code 2.
@@ -252,6 +311,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub shutdown_grace: Duration,
     pub status_page: bool,
+    /// `--max-failed-share` in thousandths (1..=1000).
+    pub max_failed_share_milli: u32,
+    pub guard_window: Duration,
+    pub dry_run: bool,
 }
 
 /// One line of `config` output.
@@ -421,6 +484,7 @@ impl Settings {
             },
             _ => o.private_key_prefix.clone(),
         };
+        let max_failed_share_milli = guard_settings(o)?;
         let holder_id = match &o.holder_id {
             Some(h) if h.trim().is_empty() => {
                 return Err(ConfigError(
@@ -454,6 +518,9 @@ impl Settings {
             listen: o.listen,
             shutdown_grace: o.shutdown_grace,
             status_page: o.status_page,
+            max_failed_share_milli,
+            guard_window: o.guard_window,
+            dry_run: o.dry_run,
         })
     }
 
@@ -620,6 +687,24 @@ impl Settings {
                 "SCRAPER_STATUS_PAGE",
                 self.status_page.to_string(),
                 src("status_page"),
+            ),
+            (
+                "max-failed-share",
+                "SCRAPER_MAX_FAILED_SHARE",
+                crate::plan::share_text(self.max_failed_share_milli.into()),
+                src("max_failed_share"),
+            ),
+            (
+                "guard-window",
+                "SCRAPER_GUARD_WINDOW",
+                d(self.guard_window),
+                src("guard_window"),
+            ),
+            (
+                "dry-run",
+                "SCRAPER_DRY_RUN",
+                self.dry_run.to_string(),
+                src("dry_run"),
             ),
         ];
         let log_filter = env

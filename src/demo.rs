@@ -18,7 +18,7 @@ use crate::route::route_key;
 use crate::store::memory::MemoryStore;
 use crate::store::{Save, Store, StoreKind};
 use crate::tick::{TickOutcome, Ticker};
-use crate::worker::{route_table, Exit, RouteRow};
+use crate::worker::{route_table, CommandError, RouteRow};
 use plugins::{Plugin, Plugins};
 
 mod plugins;
@@ -40,11 +40,43 @@ fn table(rows: &[RouteRow]) -> String {
 }
 
 /// Runs the demo. Events go to the log as in `run`; the summary is printed on stdout.
-pub async fn run(s: &Settings) -> (Exit, Option<String>) {
-    match demo(s).await {
-        Ok(()) => (Exit::Ok, None),
-        Err(e) => (Exit::Failed, Some(format!("demo failed: {e}"))),
-    }
+pub async fn run(s: &Settings) -> Result<(), CommandError> {
+    demo(s).await.map_err(CommandError::Demo)
+}
+
+/// The demo's ticker: the real tick on the embedded store, a one-second lease.
+fn demo_ticker(
+    s: &Settings,
+    store: Arc<dyn Store>,
+    url_template: String,
+) -> Result<Ticker, String> {
+    let prober = Prober::new(ProbeSettings {
+        url_template,
+        timeout: Duration::from_millis(300),
+        retries: 1,
+        concurrency: s.concurrency,
+        dapr_api_token: None,
+        sidecar_origin: None,
+        dapr_invoke: false,
+    })
+    .map_err(|e| e.to_string())?;
+    let interval = Duration::from_secs(1);
+    let ticker = Ticker::new(
+        store.clone(),
+        Arc::new(prober),
+        Arc::new(Lease::new(
+            store.clone(),
+            s.holder_id.clone(),
+            interval,
+            interval,
+        )),
+        Thresholds {
+            unhealthy: 2,
+            healthy: 1,
+        },
+        s.concurrency,
+    );
+    Ok(ticker)
 }
 
 async fn demo(s: &Settings) -> Result<(), String> {
@@ -85,32 +117,7 @@ async fn demo(s: &Settings) -> Result<(), String> {
     }
 
     let store_dyn: Arc<dyn Store> = store.clone();
-    let prober = Prober::new(ProbeSettings {
-        url_template: sim.url_template(),
-        timeout: Duration::from_millis(300),
-        retries: 1,
-        concurrency: s.concurrency,
-        dapr_api_token: None,
-        sidecar_origin: None,
-        dapr_invoke: false,
-    })
-    .map_err(|e| e.to_string())?;
-    let interval = Duration::from_secs(1);
-    let ticker = Ticker {
-        store: store_dyn.clone(),
-        prober: Arc::new(prober),
-        lease: Arc::new(Lease::new(
-            store_dyn.clone(),
-            s.holder_id.clone(),
-            interval,
-            interval,
-        )),
-        thresholds: Thresholds {
-            unhealthy: 2,
-            healthy: 1,
-        },
-        concurrency: s.concurrency,
-    };
+    let ticker = demo_ticker(s, store_dyn.clone(), sim.url_template())?;
 
     let before = route_table(&*store_dyn).await.map_err(|e| e.to_string())?;
     let mut previous = before.clone();
@@ -120,8 +127,8 @@ async fn demo(s: &Settings) -> Result<(), String> {
             sim.set("console", Plugin::Crashed);
         }
         let slot = Utc::now().trunc_subsecs(0);
-        let (outcome, _) = ticker.tick(TickKind::Scheduled(slot)).await;
-        if let TickOutcome::Failed(e) = outcome {
+        // The tick takes and releases its lease.
+        if let TickOutcome::Failed(e) = ticker.tick(TickKind::Scheduled(slot)).await {
             return Err(format!("tick {n} failed: {e}"));
         }
         let now = route_table(&*store_dyn).await.map_err(|e| e.to_string())?;

@@ -72,15 +72,16 @@ events! {
     /// A tick finished: every decided write was attempted.
     TickCompleted = "tick_completed", INFO, alert: "never" {
         tick: String, holder: String, plugins: u64, probed_ok: u64, probe_failed: u64,
-        routes_changed: u64, write_failed: u64, duration_ms: u64,
+        routes_changed: u64, write_failed: u64, held: u64, blocked_for_failures: u64,
+        duration_ms: u64,
     }
-    /// A tick did not run here: `previous_tick_running`, `lock_held` (another holder's lease is live) or `already_scraped` (the tick was scraped by another replica).
+    /// A tick did not run here: `previous_tick_running`, `lock_held` (another holder's lease is live), `already_scraped` (the tick was scraped by another replica) or `standing_back` (this replica held demotions last tick, or its own check still fails after `observer_unhealthy`).
     TickSkipped = "tick_skipped", INFO, alert: "never" { tick: String, reason: String, holder: Option<String> }
-    /// A tick could not run or finish (store unreachable, registry unreadable, lock lost).
+    /// A tick could not run or finish (store unreachable, registry unreadable, lock lost, observer unhealthy).
     TickFailed = "tick_failed", ERROR, alert: "always" { tick: String, error: String, alert: bool }
     /// This replica took the scrape_state lease.
     LockAcquired = "lock_acquired", INFO, alert: "never" { tick: String, holder: String, lease_ms: u64, takeover: bool }
-    /// This replica released the lease (graceful stop, end of `once`).
+    /// This replica released the lease: at the end of every tick it took (`run`, `once`, `demo`), and on a graceful stop for a tick cancelled mid-way.
     LockReleased = "lock_released", INFO, alert: "never" { holder: String }
     /// The holder found its lease taken before it finished; it wrote nothing more.
     LockLost = "lock_lost", ERROR, alert: "always" { tick: String, holder: String, alert: bool }
@@ -92,6 +93,17 @@ events! {
     PluginProbeFailed = "plugin_probe_failed", WARN, alert: "never" {
         plugin_id: String, error_kind: String, consecutive_failures: u64, detail: String,
         http_status: Option<u64>, dapr_error_code: Option<String>,
+    }
+    /// The fleet guard held this tick's guarded demotions: `count` routes would have become FAILED, bringing B to `share` of E (`eligible` plugins) above `limit`; `plugin_ids` names the first few, `error_kinds` the kinds seen. Pages every tick until the failures end or `--max-failed-share 1`.
+    DemotionsHeld = "demotions_held", WARN, alert: "always" {
+        tick: String, count: u64, plugin_ids: String, share: String, limit: u64, eligible: u64,
+        error_kinds: String, alert: bool,
+    }
+    /// The worker's own path to the plugins is broken (`observer`: its sidecar or the one status host): this tick's failed probes were not observations, the tick failed.
+    ObserverUnhealthy = "observer_unhealthy", ERROR, alert: "always" { tick: String, observer: String, error: String, alert: bool }
+    /// `--dry-run`: this route's status would have been written; nothing was.
+    PluginStatusWouldChange = "plugin_status_would_change", INFO, alert: "never" {
+        plugin_id: String, from: String, to: String, reason: String,
     }
     /// Probes still running at the tick's probe deadline were cut off; they count as no observation.
     ProbesCutOff = "probes_cut_off", WARN, alert: "never" { tick: String, plugins: u64 }
@@ -125,8 +137,22 @@ impl Meter for TickStarted {}
 impl Meter for TickCompleted {
     fn meter(&self, m: &Metrics) {
         m.tick_completed(self.duration_ms);
+        m.demotions_held(self.held);
+        m.blocked_for_failures(self.blocked_for_failures);
     }
 }
+impl Meter for DemotionsHeld {
+    fn meter(&self, m: &Metrics) {
+        m.demotions_held_total(self.count);
+    }
+}
+impl Meter for ObserverUnhealthy {
+    fn meter(&self, m: &Metrics) {
+        m.observer_unhealthy();
+        m.demotions_held(0);
+    }
+}
+impl Meter for PluginStatusWouldChange {}
 impl Meter for TickSkipped {
     fn meter(&self, m: &Metrics) {
         m.tick_outcome("skipped");
@@ -196,7 +222,12 @@ impl Meter for StoreError {
 impl Meter for SidecarWaiting {}
 impl Meter for Listening {}
 impl Meter for ShutdownStarted {}
-impl Meter for ShutdownCompleted {}
+impl Meter for ShutdownCompleted {
+    fn meter(&self, m: &Metrics) {
+        // Whatever happened to a cancelled tick's lease, this process holds none now.
+        m.lock_held(false);
+    }
+}
 
 /// The README's event catalog table, rendered from [`CATALOG`].
 pub fn catalog_markdown() -> String {

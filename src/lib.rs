@@ -5,7 +5,9 @@
 //! each route's status and writes the changed ones with ETag compare-and-set.
 //!
 //! Data flows one way: [`schedule`] -> [`lease`] -> [`registry`] -> [`route`] reads beside
-//! [`probe`]s -> [`decision`] -> fenced route writes -> release; [`events`] throughout.
+//! [`probe`]s -> [`plan`] (the fleet over [`decision`]) -> fenced route writes -> release,
+//! all in [`tick`]; [`events`] throughout. [`wiring`] builds the parts, [`worker`] runs
+//! the commands.
 //! See `ARCHITECTURE.md`.
 
 pub mod config;
@@ -16,6 +18,8 @@ pub mod health;
 pub mod lease;
 pub mod metrics;
 pub mod observations;
+pub mod observer;
+pub mod plan;
 pub mod probe;
 pub mod registry;
 pub mod route;
@@ -26,6 +30,7 @@ pub mod status_page;
 pub mod store;
 pub mod telemetry;
 pub mod tick;
+pub mod wiring;
 pub mod worker;
 
 /// The log filter used when neither `SCRAPER_LOG` nor `RUST_LOG` is set.

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use keel_scraper::config::{parse_cli, Command, ProcessEnv, Settings};
 use keel_scraper::telemetry::{self, LogTarget};
-use keel_scraper::worker::{self, Exit};
+use keel_scraper::worker::{self, CommandError, Exit};
 
 fn main() -> ExitCode {
     let (cli, matches) = match parse_cli(std::env::args_os()) {
@@ -37,33 +37,35 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::Failed as u8);
         }
     };
-    let (exit, message) = runtime.block_on(async {
+    let result = runtime.block_on(async {
         match cli.command {
             Command::Run => worker::run(&settings, signal()).await,
             Command::Once => tokio::select! {
                 r = worker::once(&settings) => r,
-                s = signal() => (Exit::Interrupted, Some(format!("interrupted by {s}; the lease expires by its TTL"))),
+                signal = signal() => Err(CommandError::Interrupted { signal, note: "; the lease expires by its TTL" }),
             },
             Command::Demo => tokio::select! {
                 r = keel_scraper::demo::run(&settings) => r,
-                s = signal() => (Exit::Interrupted, Some(format!("interrupted by {s}"))),
+                signal = signal() => Err(CommandError::Interrupted { signal, note: "" }),
             },
-            Command::Routes { json, plugin_id } => match worker::routes(&settings).await {
-                Ok(report) => print_routes(&report, json, plugin_id.as_deref()),
-                Err(e) => (Exit::Failed, Some(e.to_string())),
-            },
+            Command::Routes { json, plugin_id } => worker::routes(&settings)
+                .await
+                .and_then(|report| print_routes(&report, json, plugin_id.as_deref())),
             Command::Config => {
                 print_config(&settings, &matches);
-                (Exit::Ok, None)
+                Ok(())
             }
         }
     });
     // Let the runtime's tasks wind down without waiting on blocked I/O.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-    if let Some(m) = message {
-        eprintln!("keel-scraper: {m}");
+    match result {
+        Ok(()) => ExitCode::from(Exit::Ok as u8),
+        Err(e) => {
+            eprintln!("keel-scraper: {e}");
+            ExitCode::from(e.exit() as u8)
+        }
     }
-    ExitCode::from(exit as u8)
 }
 
 /// Installs the SIGTERM and SIGINT handlers at once (so a signal during start-up is
@@ -100,7 +102,7 @@ fn print_routes(
     report: &keel_scraper::observations::StatusReport,
     json: bool,
     plugin_id: Option<&str>,
-) -> (Exit, Option<String>) {
+) -> Result<(), CommandError> {
     use keel_scraper::observations::{render_one, render_table};
     let encode = |v: Result<String, serde_json::Error>| match v {
         Ok(text) => text + "\n",
@@ -115,21 +117,17 @@ fn print_routes(
         None => render_table(report),
         Some(id) => match report.plugins.iter().find(|r| r.plugin_id == id) {
             None => {
-                return (
-                    Exit::Failed,
-                    Some(format!(
-                    "plugin {:?} is not registered ({} registered plugins; `routes` lists them)",
-                    id,
-                    report.plugins.len()
-                )),
-                )
+                return Err(CommandError::NotRegistered {
+                    plugin_id: id.to_string(),
+                    registered: report.plugins.len(),
+                })
             }
             Some(row) if json => encode(serde_json::to_string(row)),
             Some(row) => render_one(report, row),
         },
     };
     write_stdout(&out);
-    (Exit::Ok, None)
+    Ok(())
 }
 
 fn print_config(settings: &Settings, matches: &clap::ArgMatches) {

@@ -1,6 +1,8 @@
-//! Prometheus metrics, all prefixed `keel_scraper_`. Updated only from event emit sites
-//! (see [`crate::events`]) and the tick's summary, served as text on `GET /metrics` in
-//! the format the scraper asks for ([`negotiate`]).
+//! Prometheus metrics, all prefixed `keel_scraper_`, served as text on `GET /metrics`
+//! in the format the scraper asks for ([`negotiate`]).
+//! Updated from event emit sites (see [`crate::events`]), with two exceptions, both in
+//! `tick.rs`: the probe duration histogram (observed per probe, which has no event of
+//! its own when it succeeds) and the per-status plugin gauge (set from the tick's tally).
 
 mod exposition;
 pub use exposition::{negotiate, to_classic, Format};
@@ -18,6 +20,25 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// A running total exposed as an untyped sample under its full name: the OpenMetrics
+/// counter family `demotions_held` would clash with the gauge of the same name, so
+/// `keel_scraper_demotions_held_total` is its own (unknown-typed) family.
+#[derive(Clone, Debug, Default)]
+struct Total(Counter);
+
+impl prometheus_client::encoding::EncodeMetric for Total {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.0.get())
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Unknown
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     ticks: Family<Labels, Counter>,
@@ -30,6 +51,10 @@ pub struct Metrics {
     last_tick_completed: Gauge<f64, AtomicU64>,
     lease: Gauge<f64, AtomicU64>,
     store_errors: Family<Labels, Counter>,
+    demotions_held: Gauge,
+    demotions_held_total: Total,
+    blocked_for_failures: Gauge,
+    observer_unhealthy: Counter,
 }
 
 fn label(k: &str, v: &str) -> Labels {
@@ -99,6 +124,8 @@ impl Metrics {
             "Store or sidecar operations that failed, by operation",
             store_errors.clone(),
         );
+        let (demotions_held, demotions_held_total, blocked_for_failures, observer_unhealthy) =
+            register_guard(&mut registry);
         // Make the outcome series exist from the start, so rate() and absent() work.
         for o in ["completed", "skipped", "failed"] {
             let _ = ticks.get_or_create(&label("outcome", o));
@@ -115,6 +142,10 @@ impl Metrics {
             last_tick_completed,
             lease,
             store_errors,
+            demotions_held,
+            demotions_held_total,
+            blocked_for_failures,
+            observer_unhealthy,
         }
     }
 
@@ -161,6 +192,24 @@ impl Metrics {
             .inc();
     }
 
+    pub fn demotions_held(&self, n: u64) {
+        self.demotions_held
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn demotions_held_total(&self, n: u64) {
+        self.demotions_held_total.0.inc_by(n);
+    }
+
+    pub fn observer_unhealthy(&self) {
+        self.observer_unhealthy.inc();
+    }
+
+    pub fn blocked_for_failures(&self, n: u64) {
+        self.blocked_for_failures
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// Replaces the per-status plugin gauge with this tick's counts.
     pub fn plugins_by_status(&self, counts: &[(&str, i64)]) {
         self.plugins.clear();
@@ -179,6 +228,40 @@ impl Metrics {
             Format::Classic => to_classic(&out),
         }
     }
+}
+
+/// The fleet guard's and the observer's metrics (README: "Mass-failure guard").
+fn register_guard(registry: &mut Registry) -> (Gauge, Total, Gauge, Counter) {
+    let demotions_held = Gauge::default();
+    registry.register(
+        "demotions_held",
+        "Guarded demotions the fleet guard held in this replica's last tick",
+        demotions_held.clone(),
+    );
+    let demotions_held_total = Total::default();
+    registry.register(
+        "demotions_held_total",
+        "Guarded demotions the fleet guard held, all ticks",
+        demotions_held_total.clone(),
+    );
+    let blocked_for_failures = Gauge::default();
+    registry.register(
+        "plugins_blocked_for_failures",
+        "Plugins blocked for failures at the start of this replica's last tick",
+        blocked_for_failures.clone(),
+    );
+    let observer_unhealthy = Counter::default();
+    registry.register(
+        "observer_unhealthy",
+        "Ticks whose failed probes were the observer's own (sidecar or status host unreachable)",
+        observer_unhealthy.clone(),
+    );
+    (
+        demotions_held,
+        demotions_held_total,
+        blocked_for_failures,
+        observer_unhealthy,
+    )
 }
 
 /// The process-wide metrics.

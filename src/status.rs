@@ -142,7 +142,10 @@ pub const QUOTE_LIMIT: usize = 64;
 ///
 /// The rules (`tkeel.md`):
 /// - The body must be UTF-8 JSON whose top level is an object, else `bad_body`.
-/// - It is v1 when the top-level `res` is a JSON object, else v0.
+/// - When the top level has `res`, `ret` or `status`: it is v1 when `res` is a JSON
+///   object, else v0. Otherwise it is a wrapped reply (`{"code", "msg", "data"}`, tKeel's
+///   HTTP generator): an object `data` is read as a v1 reply, whose missing `status` is
+///   `bad_body`; a missing or `null` `data` is `bad_body`.
 /// - v0: `ret` missing or `null` means 0; any other integer is `plugin_error`; a value that
 ///   is not an integer (string, boolean, `1.5`, ...) is `bad_body`. `status` must be exactly
 ///   one of `STARTING`, `ACTIVE`, `STOPPING`, `STOPPED`, `FAILED`; anything else, missing
@@ -175,10 +178,61 @@ pub fn parse_status(body: &[u8]) -> Result<RouteStatus, StatusError> {
             format!("body is JSON {} instead of an object", json_type(&value)),
         ));
     };
-    match obj.get("res") {
-        Some(serde_json::Value::Object(res)) => parse_v1(res, obj.get("status")),
-        _ => parse_v0(&obj),
+    if ["res", "ret", "status"]
+        .iter()
+        .any(|k| obj.contains_key(*k))
+    {
+        return match obj.get("res") {
+            Some(serde_json::Value::Object(res)) => parse_v1(res, obj.get("status")),
+            _ => parse_v0(&obj),
+        };
     }
+    parse_wrapped(&obj)
+}
+
+/// tKeel's HTTP generator wraps a reply as `{"code": .., "msg": .., "data": {"@type": ..,
+/// "res": {..}, "status": ..}}` (protojson: every field present). `code`, `msg` and
+/// `@type` are ignored; `data` is read as a v1 reply.
+fn parse_wrapped(
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<RouteStatus, StatusError> {
+    use serde_json::Value;
+    let data = match obj.get("data") {
+        Some(Value::Object(data)) => data,
+        None | Some(Value::Null) => {
+            return Err(StatusError::new(
+                ErrorKind::BadBody,
+                "body has no res, ret, status or data".to_owned(),
+            ))
+        }
+        Some(other) => {
+            return Err(StatusError::new(
+                ErrorKind::BadBody,
+                format!("data is a JSON {} instead of an object", json_type(other)),
+            ))
+        }
+    };
+    let Some(status) = data.get("status") else {
+        return Err(StatusError::new(
+            ErrorKind::BadBody,
+            "data has no status".to_owned(),
+        ));
+    };
+    let empty = serde_json::Map::new();
+    let res = match data.get("res") {
+        Some(Value::Object(res)) => res,
+        None | Some(Value::Null) => &empty,
+        Some(other) => {
+            return Err(StatusError::new(
+                ErrorKind::BadBody,
+                format!(
+                    "data.res is a JSON {} instead of an object",
+                    json_type(other)
+                ),
+            ))
+        }
+    };
+    parse_v1(res, Some(status))
 }
 
 fn parse_v0(obj: &serde_json::Map<String, serde_json::Value>) -> Result<RouteStatus, StatusError> {

@@ -1,6 +1,6 @@
-//! Wiring: builds the store, prober and lease from [`Settings`] and runs the commands
-//! (`run`, `once`, `routes`). The binary (`main.rs`) only parses, sets up logging and
-//! maps results to exit codes.
+//! The commands `run`, `once` and `routes`, on top of the wiring (`wiring.rs`) and the
+//! tick (`tick.rs`, which owns its lease). The binary (`main.rs`) only parses, sets up
+//! logging and prints a [`CommandError`] with its exit code.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,24 +9,19 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_cron_scheduler::{Job, JobScheduler};
 
-use crate::config::{Backend, Settings};
-use crate::decision::Thresholds;
+use crate::config::Settings;
 use crate::events;
 use crate::health::{self, Health};
-use crate::lease::{Guard, Lease, LeaseError, TickKind};
-use crate::probe::{ProbeSettings, Prober};
+use crate::lease::TickKind;
 use crate::registry::{invalid_id_reason, parse_ids, REGISTRY_KEY};
 use crate::route::{read_status, route_key};
-use crate::secret::url_host_port;
-use crate::store::dapr::DaprStore;
-use crate::store::memory::MemoryStore;
-use crate::store::redis::RedisStore;
 use crate::store::{read_each, Store, StoreError, StoreKind};
-use crate::tick::{TickOutcome, Ticker};
+use crate::tick::{SkipReason, TickError, TickOutcome, Ticker};
+pub use crate::wiring::WorkerError;
+use crate::wiring::{build_prober, build_store, store_endpoint, ticker, wait_for_sidecar};
 
 /// Process exit codes (README: "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,241 +33,103 @@ pub enum Exit {
     Interrupted = 130,
 }
 
-/// A failure that ends a command, with the message printed for the operator.
+/// Why a command did not succeed: the message printed for the operator, and
+/// [`CommandError::exit`], the process exit code.
 #[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("the Dapr sidecar at {endpoint} did not become ready within {waited}: {last_error}")]
-    SidecarNotReady {
-        endpoint: String,
-        waited: String,
-        last_error: String,
-    },
+pub enum CommandError {
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Probe(String),
-    #[error("{0}")]
-    Io(String),
+    Wiring(#[from] WorkerError),
+    #[error("cannot reach {endpoint}: {source}")]
+    Unreachable {
+        endpoint: String,
+        source: StoreError,
+    },
+    #[error("cannot listen on {address} (--listen / SCRAPER_LISTEN): {error}")]
+    Listen { address: String, error: String },
+    #[error("scheduler failed to start: {0}")]
+    Scheduler(String),
+    #[error(transparent)]
+    Tick(TickError),
+    #[error("{0} decided route writes still failed after retries (see route_write_failed)")]
+    WritesFailed(u64),
+    #[error("lock lost: the lease was taken before it could be released")]
+    ReleaseLost,
+    #[error("skipped: the scrape_state lock is held by {holder}")]
+    LockHeld { holder: String },
+    #[error("interrupted by {signal}{note}")]
+    Interrupted { signal: String, note: &'static str },
+    #[error("demo failed: {0}")]
+    Demo(String),
+    #[error("plugin {plugin_id:?} is not registered ({registered} registered plugins; `routes` lists them)")]
+    NotRegistered {
+        plugin_id: String,
+        registered: usize,
+    },
 }
 
-/// Builds the configured store backend.
-pub async fn build_store(s: &Settings) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(match s.backend {
-        Backend::Memory => Arc::new(MemoryStore::new(&s.public_store, &s.private_store)),
-        Backend::Redis => {
-            // Validated at start: the redis backend always has a URL.
-            let url = s.redis_url.as_ref().map(|u| u.expose()).unwrap_or_default();
-            Arc::new(
-                RedisStore::connect(
-                    url,
-                    &s.public_store,
-                    &s.private_store,
-                    &s.private_key_prefix,
-                )
-                .await?,
-            )
+impl CommandError {
+    /// The process exit code for this error.
+    pub fn exit(&self) -> Exit {
+        match self {
+            CommandError::LockHeld { .. } => Exit::LockHeld,
+            CommandError::Interrupted { .. } => Exit::Interrupted,
+            _ => Exit::Failed,
         }
-        Backend::Dapr => Arc::new(
-            DaprStore::connect(
-                &s.dapr_grpc_endpoint,
-                s.dapr_api_token.clone(),
-                &s.public_store,
-                &s.private_store,
-            )
-            .await?,
-        ),
-    })
-}
-
-/// Builds the prober; the Dapr API token goes only to the sidecar's origin.
-pub fn build_prober(s: &Settings) -> Result<Prober, WorkerError> {
-    Prober::new(ProbeSettings {
-        url_template: s.status_url.clone(),
-        timeout: s.probe_timeout,
-        retries: s.retries,
-        concurrency: s.concurrency,
-        dapr_api_token: s.dapr_api_token.clone(),
-        sidecar_origin: Some(s.dapr_http_endpoint.clone()),
-        // Status calls through the sidecar: its own failures are told apart.
-        dapr_invoke: status_via_sidecar(s),
-    })
-    .map_err(|e| WorkerError::Probe(e.to_string()))
-}
-
-/// Where the store lives, for messages (never a password).
-pub fn store_endpoint(s: &Settings) -> String {
-    match s.backend {
-        Backend::Memory => "the embedded store".into(),
-        Backend::Redis => format!(
-            "redis at {}",
-            s.redis_url
-                .as_ref()
-                .map_or_else(String::new, |u| url_host_port(u.expose()))
-        ),
-        Backend::Dapr => format!("the Dapr sidecar at {}", s.dapr_grpc_endpoint),
     }
 }
 
-/// Whether status calls go through the sidecar's service invocation.
-pub fn status_via_sidecar(s: &Settings) -> bool {
-    s.status_url
-        .starts_with(&format!("{}/", s.dapr_http_endpoint))
+/// The background tasks of `run` (health server, store pinger): aborted when dropped, so
+/// every return path of `run` stops them.
+#[derive(Default)]
+pub struct Background(Vec<AbortHandle>);
+
+impl Background {
+    /// Runs `task` until this guard is dropped.
+    pub fn spawn<F>(&mut self, task: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.push(tokio::spawn(task).abort_handle());
+    }
 }
 
-/// Waits for the sidecar's outbound readiness (`GET /v1.0/healthz/outbound`, served
-/// without a token), with backoff, up to `--sidecar-wait`. No-op for other backends.
-pub async fn wait_for_sidecar(s: &Settings, probes: bool) -> Result<(), WorkerError> {
-    let needed = s.backend == Backend::Dapr || (probes && status_via_sidecar(s));
-    if !needed {
-        return Ok(());
-    }
-    let url = format!("{}/v1.0/healthz/outbound", s.dapr_http_endpoint);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .map_err(|e| WorkerError::Io(format!("cannot build an HTTP client: {e}")))?;
-    let deadline = Instant::now() + s.sidecar_wait;
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build();
-    let mut attempt = 0u64;
-    loop {
-        attempt += 1;
-        let error = match client.get(&url).send().await {
-            Ok(r) if r.status().is_success() => return Ok(()),
-            Ok(r) => format!("HTTP {}", r.status().as_u16()),
-            Err(e) if e.is_connect() => "connection refused".to_string(),
-            Err(e) if e.is_timeout() => "timed out".to_string(),
-            Err(_) => "request failed".to_string(),
-        };
-        events::SidecarWaiting {
-            endpoint: s.dapr_http_endpoint.clone(),
-            attempt,
-            error: error.clone(),
+impl Drop for Background {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
         }
-        .emit();
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(WorkerError::SidecarNotReady {
-                endpoint: url,
-                waited: humantime::format_duration(s.sidecar_wait).to_string(),
-                last_error: error,
-            });
-        }
-        let d = delays.next().unwrap_or(Duration::from_secs(1));
-        tokio::time::sleep(d.min(deadline - now)).await;
     }
 }
 
-/// Builds the ticker for `store`.
-pub fn ticker(s: &Settings, store: Arc<dyn Store>, prober: Prober) -> Ticker {
-    let lease = Lease::new(
-        store.clone(),
-        s.holder_id.clone(),
-        s.lease,
-        s.schedule.interval(),
-    )
-    .with_foreign_ttl(s.foreign_lock_ttl);
-    Ticker {
-        store,
-        prober: Arc::new(prober),
-        lease: Arc::new(lease),
-        thresholds: Thresholds {
-            unhealthy: s.unhealthy_threshold,
-            healthy: s.healthy_threshold,
-        },
-        concurrency: s.concurrency,
-    }
-}
-
-/// `once`: one manual tick, then release the lock.
-pub async fn once(s: &Settings) -> (Exit, Option<String>) {
-    if let Err(e) = wait_for_sidecar(s, true).await {
-        return (Exit::Failed, Some(e.to_string()));
-    }
-    let store = match build_store(s).await {
-        Ok(st) => st,
-        Err(e) => {
-            return (
-                Exit::Failed,
-                Some(format!("cannot reach {}: {e}", store_endpoint(s))),
-            )
-        }
-    };
-    let prober = match build_prober(s) {
-        Ok(p) => p,
-        Err(e) => return (Exit::Failed, Some(e.to_string())),
-    };
+/// `once`: one manual tick (the tick takes and releases the lease).
+pub async fn once(s: &Settings) -> Result<(), CommandError> {
+    wait_for_sidecar(s, true).await?;
+    let store = build_store(s)
+        .await
+        .map_err(|source| CommandError::Unreachable {
+            endpoint: store_endpoint(s),
+            source,
+        })?;
+    let prober = build_prober(s)?;
     once_with(&ticker(s, store, prober)).await
 }
 
 /// `once` on an existing ticker (the demo and tests use it).
-pub async fn once_with(t: &Ticker) -> (Exit, Option<String>) {
-    let (outcome, guard) = t.tick(TickKind::Manual(Utc::now())).await;
-    let released = match &guard {
-        Some(g) => release(t, g).await,
-        None => true,
-    };
-    match outcome {
-        TickOutcome::Completed(r) if r.write_failed > 0 => (
-            Exit::Failed,
-            Some(format!(
-                "{} decided route writes still failed after retries (see route_write_failed)",
-                r.write_failed
-            )),
-        ),
-        TickOutcome::Completed(_) if !released => (
-            Exit::Failed,
-            Some("lock lost: the lease was taken before it could be released".into()),
-        ),
-        TickOutcome::Completed(_) => (Exit::Ok, None),
-        TickOutcome::Skipped(reason) => (
-            Exit::LockHeld,
-            Some(format!(
-                "skipped: the scrape_state lock is held by {}",
-                match reason {
-                    crate::tick::SkipReason::LockHeld { holder: Some(h) } => h,
-                    _ => "another holder".into(),
-                }
-            )),
-        ),
-        TickOutcome::Failed(e) => (Exit::Failed, Some(e.to_string())),
-    }
-}
-
-/// Releases a lease, logging the outcome. False when the lease was lost.
-async fn release(t: &Ticker, g: &Guard) -> bool {
-    match t.lease.release(g).await {
-        Ok(()) => {
-            events::LockReleased {
-                holder: t.lease.holder().to_string(),
-            }
-            .emit();
-            true
+pub async fn once_with(t: &Ticker) -> Result<(), CommandError> {
+    match t.tick(TickKind::Manual(Utc::now())).await {
+        TickOutcome::Completed(r) if r.write_failed > 0 => {
+            Err(CommandError::WritesFailed(r.write_failed))
         }
-        Err(LeaseError::Lost) => {
-            events::LockLost {
-                tick: g.kind.id(),
-                holder: t.lease.holder().to_string(),
-                alert: true,
-            }
-            .emit();
-            false
-        }
-        Err(LeaseError::Store(e)) => {
-            events::StoreError {
-                store: t.store.store_name(StoreKind::Private).to_string(),
-                operation: "release_lock".into(),
-                error: e.to_string(),
-            }
-            .emit();
-            false
-        }
+        TickOutcome::Completed(r) if r.release_failed => Err(CommandError::ReleaseLost),
+        TickOutcome::Completed(_) => Ok(()),
+        TickOutcome::Skipped(reason) => Err(CommandError::LockHeld {
+            holder: match reason {
+                SkipReason::LockHeld { holder: Some(h) } => h,
+                _ => "another holder".into(),
+            },
+        }),
+        TickOutcome::Failed(e) => Err(CommandError::Tick(e)),
     }
 }
 
@@ -287,14 +144,14 @@ pub struct RouteRow {
 
 /// `routes`: every registered plugin with its route status and, from the store, its
 /// last observation (see src/observations.rs).
-pub async fn routes(s: &Settings) -> Result<crate::observations::StatusReport, WorkerError> {
+pub async fn routes(s: &Settings) -> Result<crate::observations::StatusReport, CommandError> {
     wait_for_sidecar(s, false).await?;
-    let store = build_store(s).await?;
+    let store = build_store(s).await.map_err(WorkerError::from)?;
     crate::observations::load(&*store)
         .await
         .map_err(|e| match e {
-            crate::observations::ReportError::Store(e) => WorkerError::Store(e),
-            other => WorkerError::Io(other.to_string()),
+            crate::observations::ReportError::Store(e) => WorkerError::Store(e).into(),
+            other => WorkerError::Io(other.to_string()).into(),
         })
 }
 
@@ -329,98 +186,37 @@ pub async fn route_table(store: &dyn Store) -> Result<Vec<RouteRow>, WorkerError
 }
 
 /// `run`: tick on the schedule until `shutdown` resolves (SIGTERM / SIGINT).
-pub async fn run<F>(s: &Settings, shutdown: F) -> (Exit, Option<String>)
+pub async fn run<F>(s: &Settings, shutdown: F) -> Result<(), CommandError>
 where
     F: Future<Output = String>,
 {
     tokio::pin!(shutdown);
     let interval = s.schedule.interval();
     let health = Health::new(interval);
-    let listener = match health::bind(s.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            return (
-                Exit::Failed,
-                Some(format!(
-                    "cannot listen on {} (--listen / SCRAPER_LISTEN): {e}",
-                    s.listen
-                )),
-            )
-        }
-    };
-    let address = listener
-        .local_addr()
-        .map_or_else(|_| s.listen.to_string(), |a| a.to_string());
-    events::Listening { address }.emit();
+    let mut background = Background::default();
     // Status page hook: served from the start, reading the store once it is connected.
     let status_page = s.status_page.then(crate::status_page::StatusPage::new);
-    let server = tokio::spawn(health::serve(listener, health.clone(), status_page.clone()));
-
-    // Start-up: the sidecar wait and the store connection, both interruptible.
-    let setup = async {
-        wait_for_sidecar(s, true).await?;
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build();
-        loop {
-            match build_store(s).await {
-                Ok(st) => return Ok::<_, WorkerError>(st),
-                Err(e) => {
-                    events::StoreError {
-                        store: store_endpoint(s),
-                        operation: "connect".into(),
-                        error: e.to_string(),
-                    }
-                    .emit();
-                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
-                }
-            }
-        }
-    };
+    serve_health(s, &health, status_page.clone(), &mut background).await?;
     let store = tokio::select! {
-        r = setup => match r {
-            Ok(st) => st,
-            Err(e) => { server.abort(); return (Exit::Failed, Some(e.to_string())) }
-        },
+        r = connect(s) => r?,
         signal = &mut shutdown => {
             events::ShutdownStarted { signal }.emit();
             events::ShutdownCompleted { tick_cancelled: false }.emit();
-            server.abort();
-            return (Exit::Ok, None);
+            return Ok(());
         }
     };
     if let Some(page) = &status_page {
         page.set_store(store.clone());
     }
-    let prober = match build_prober(s) {
-        Ok(p) => p,
-        Err(e) => return (Exit::Failed, Some(e.to_string())),
-    };
+    let prober = build_prober(s)?;
     let ticker = Arc::new(ticker(s, store.clone(), prober));
-
-    // Readiness: ping the store every half interval.
-    let pinger = {
-        let (store, health) = (store.clone(), health.clone());
-        let every = (interval / 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
-        tokio::spawn(async move {
-            loop {
-                if store.ping().await.is_ok() {
-                    health.store_answered();
-                }
-                tokio::time::sleep(every).await;
-            }
-        })
-    };
+    background.spawn(ping(store, health.clone(), interval));
 
     // The schedule fires into a channel; the loop below owns all tick state.
-    let (tx, mut fires) = mpsc::channel::<chrono::DateTime<Utc>>(16);
-    let mut scheduler = match start_scheduler(s, tx).await {
-        Ok(sc) => sc,
-        Err(e) => return (Exit::Failed, Some(e)),
-    };
+    let (tx, fires) = mpsc::channel::<chrono::DateTime<Utc>>(16);
+    let mut scheduler = start_scheduler(s, tx)
+        .await
+        .map_err(CommandError::Scheduler)?;
     // Live until the first fire is owed (plus two intervals).
     let now = Utc::now();
     let first_in = s
@@ -429,10 +225,103 @@ where
         .and_then(|next| (next - now).to_std().ok())
         .unwrap_or(interval);
     health.loop_attempted_next_in(first_in);
-    let mut running: Option<JoinHandle<(TickOutcome, Option<Guard>)>> = None;
-    let signal = loop {
+    let (signal, running) = tick_loop(s, &health, &ticker, fires, shutdown).await;
+
+    events::ShutdownStarted { signal }.emit();
+    // Stop scheduling, then give a running tick the grace to finish its writes.
+    let _ = scheduler.shutdown().await;
+    let mut tick_cancelled = false;
+    if let Some(mut h) = running {
+        if tokio::time::timeout(s.shutdown_grace, &mut h)
+            .await
+            .is_err()
+        {
+            h.abort();
+            // Wait for the abort to land, so no write of that tick follows the release.
+            let _ = h.await;
+            tick_cancelled = true;
+        }
+    }
+    // A cancelled tick still holds its lease: the tick's own release never ran.
+    ticker.release_on_shutdown().await;
+    drop(background);
+    events::ShutdownCompleted { tick_cancelled }.emit();
+    Ok(())
+}
+
+/// Binds the metrics and health server and runs it under `background`.
+async fn serve_health(
+    s: &Settings,
+    health: &Arc<Health>,
+    status_page: Option<Arc<crate::status_page::StatusPage>>,
+    background: &mut Background,
+) -> Result<(), CommandError> {
+    let listener = health::bind(s.listen)
+        .await
+        .map_err(|e| CommandError::Listen {
+            address: s.listen.to_string(),
+            error: e.to_string(),
+        })?;
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| s.listen.to_string(), |a| a.to_string());
+    events::Listening { address }.emit();
+    background.spawn(health::serve(listener, health.clone(), status_page));
+    Ok(())
+}
+
+/// Start-up: the sidecar wait, then the store connection, retried with backoff.
+async fn connect(s: &Settings) -> Result<Arc<dyn Store>, CommandError> {
+    wait_for_sidecar(s, true).await?;
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match build_store(s).await {
+            Ok(st) => return Ok(st),
+            Err(e) => {
+                events::StoreError {
+                    store: store_endpoint(s),
+                    operation: "connect".into(),
+                    error: e.to_string(),
+                }
+                .emit();
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
+            }
+        }
+    }
+}
+
+/// Readiness: pings the store every half interval.
+async fn ping(store: Arc<dyn Store>, health: Arc<Health>, interval: Duration) {
+    let every = (interval / 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        if store.ping().await.is_ok() {
+            health.store_answered();
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Ticks on each fire until `shutdown`; gives the signal and the tick still running.
+async fn tick_loop<F>(
+    s: &Settings,
+    health: &Health,
+    ticker: &Arc<Ticker>,
+    mut fires: mpsc::Receiver<chrono::DateTime<Utc>>,
+    mut shutdown: std::pin::Pin<&mut F>,
+) -> (String, Option<JoinHandle<TickOutcome>>)
+where
+    F: Future<Output = String>,
+{
+    let interval = s.schedule.interval();
+    let mut running: Option<JoinHandle<TickOutcome>> = None;
+    loop {
         tokio::select! {
-            signal = &mut shutdown => break signal,
+            signal = &mut shutdown => return (signal, running),
             Some(fired) = fires.recv() => {
                 let next_in = s
                     .schedule
@@ -444,7 +333,7 @@ where
                 if running.as_ref().is_some_and(|h| !h.is_finished()) {
                     events::TickSkipped {
                         tick: crate::schedule::tick_id(slot),
-                        reason: "previous_tick_running".into(),
+                        reason: SkipReason::PreviousTickRunning.as_str().into(),
                         holder: None,
                     }
                     .emit();
@@ -454,59 +343,22 @@ where
                     // Finished: collecting it cannot block.
                     let _ = h.await;
                 }
+                // The tick releases its lease at once: the record keeps this tick
+                // readable for late replicas, and any replica may take the next one.
                 let t = ticker.clone();
                 running = Some(tokio::spawn(async move {
-                    let (outcome, guard) = t.tick(TickKind::Scheduled(slot)).await;
-                    // Release at once: the record keeps this tick readable for late
-                    // replicas, and any replica may take the next one.
-                    if let Some(g) = &guard {
-                        release(&t, g).await;
-                    }
-                    (outcome, guard)
+                    t.tick(TickKind::Scheduled(slot)).await
                 }));
             }
         }
-    };
-
-    events::ShutdownStarted { signal }.emit();
-    // Stop scheduling, then give a running tick the grace to finish its writes.
-    let _ = scheduler.shutdown().await;
-    let mut tick_cancelled = false;
-    if let Some(mut h) = running.take() {
-        if tokio::time::timeout(s.shutdown_grace, &mut h)
-            .await
-            .is_err()
-        {
-            h.abort();
-            // Wait for the abort to land, so no write of that tick follows the release.
-            let _ = h.await;
-            tick_cancelled = true;
-        }
     }
-    // The lease is taken inside the tick; the lease keeps the newest guard, so even a
-    // cancelled tick's lease is released here.
-    if let Some(g) = ticker.lease.held() {
-        // A lease that moved on since is not ours to release; say nothing more then.
-        if let Ok(()) = ticker.lease.release(&g).await {
-            events::LockReleased {
-                holder: ticker.lease.holder().to_string(),
-            }
-            .emit();
-        }
-    }
-    crate::metrics::metrics().lock_held(false);
-    pinger.abort();
-    server.abort();
-    events::ShutdownCompleted { tick_cancelled }.emit();
-    (Exit::Ok, None)
 }
 
 async fn start_scheduler(
     s: &Settings,
     tx: mpsc::Sender<chrono::DateTime<Utc>>,
 ) -> Result<JobScheduler, String> {
-    let err =
-        |e: tokio_cron_scheduler::JobSchedulerError| format!("scheduler failed to start: {e}");
+    let err = |e: tokio_cron_scheduler::JobSchedulerError| e.to_string();
     let scheduler = JobScheduler::new().await.map_err(err)?;
     let job = Job::new_async(s.schedule.text(), move |_id, _sched| {
         let tx = tx.clone();

@@ -157,6 +157,15 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
     ),
     ("shutdown-grace", "3s", "SCRAPER_SHUTDOWN_GRACE", "3s"),
     ("status-page", "false", "SCRAPER_STATUS_PAGE", "false"),
+    (
+        "max-failed-share",
+        "0.25",
+        "SCRAPER_MAX_FAILED_SHARE",
+        "0.25",
+    ),
+    ("guard-window", "5m", "SCRAPER_GUARD_WINDOW", "5m"),
+    // A flag without a value: set as `--dry-run` (see below).
+    ("dry-run", "true", "SCRAPER_DRY_RUN", "true"),
 ];
 
 fn row<'a>(rows: &'a [Row], option: &str) -> &'a Row {
@@ -176,7 +185,9 @@ fn config_prints_every_option_with_its_value_and_source() {
     let mut args = Vec::new();
     for (name, value, _, _) in OPTIONS {
         args.push(format!("--{name}"));
-        args.push(value.to_string());
+        if *name != "dry-run" {
+            args.push(value.to_string());
+        }
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let rows = config(&args, &[]);
@@ -229,6 +240,9 @@ fn config_prints_every_option_with_its_value_and_source() {
         ("listen", "0.0.0.0:9090"),
         ("shutdown-grace", "10s"),
         ("status-page", "true"),
+        ("max-failed-share", "0.5"),
+        ("guard-window", "30m"),
+        ("dry-run", "false"),
         (
             "status-url",
             "http://127.0.0.1:3500/v1.0/invoke/{plugin_id}/method/v1/status",

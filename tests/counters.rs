@@ -15,7 +15,9 @@ use support::binary::{
 use support::redis_server::RedisServer;
 
 async fn tick_once(capture: &Capture, t: &keel_scraper::tick::Ticker) -> TickOutcome {
-    let (outcome, guard) = capture.run(t.tick(TickKind::Manual(Utc::now()))).await;
+    let (outcome, guard) = capture
+        .run(t.tick_keeping_lease(TickKind::Manual(Utc::now())))
+        .await;
     if let Some(g) = guard {
         t.lease.release(&g).await.expect("release");
     }

@@ -98,7 +98,7 @@ fn slot(offset_s: i64) -> DateTime<Utc> {
 async fn tick(t: &Ticker, n: i64) -> (TickOutcome, Events) {
     let capture = Capture::new();
     let (outcome, guard) = capture
-        .run(t.tick(TickKind::Scheduled(slot(100 + n))))
+        .run(t.tick_keeping_lease(TickKind::Scheduled(slot(100 + n))))
         .await;
     if let Some(g) = guard {
         t.lease.release(&g).await.expect("release the lease");
@@ -206,7 +206,7 @@ async fn a_live_record_with_a_longer_lease_is_never_taken_over() {
         let o =
             ReplicaOptions::new("replica-a").lease(Duration::from_secs(6), Duration::from_secs(1));
         let a = ticker(w.store().await, &w.daprd.invoke_template(), &o);
-        let (outcome, guard) = a.tick(TickKind::Scheduled(slot(50))).await;
+        let (outcome, guard) = a.tick_keeping_lease(TickKind::Scheduled(slot(50))).await;
         assert!(completed(&outcome), "{outcome:?}");
         let guard = guard.expect("A holds the lease");
         // B (lease 1 s, interval 1 s) sees no TTL through Dapr; under the old rule it

@@ -91,7 +91,7 @@ fn slot(offset_s: i64) -> DateTime<Utc> {
 /// Runs one tick with its events captured; releases the lease when the tick got it.
 async fn tick(t: &Ticker, kind: TickKind) -> (TickOutcome, Events) {
     let capture = Capture::new();
-    let (outcome, guard) = capture.run(t.tick(kind)).await;
+    let (outcome, guard) = capture.run(t.tick_keeping_lease(kind)).await;
     if let Some(g) = guard {
         t.lease.release(&g).await.expect("release the lease");
     }
@@ -100,7 +100,7 @@ async fn tick(t: &Ticker, kind: TickKind) -> (TickOutcome, Events) {
 
 /// One tick, not released.
 async fn tick_and_hold(t: &Ticker, kind: TickKind) -> TickOutcome {
-    t.tick(kind).await.0
+    t.tick_keeping_lease(kind).await.0
 }
 
 fn completed(o: &TickOutcome) -> bool {
@@ -150,8 +150,9 @@ async fn racing_replicas_scrape_each_scheduled_tick_exactly_once() {
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(fire_at)).await;
                     let capture = Capture::new();
-                    let (outcome, guard) =
-                        capture.run(t.tick(TickKind::Scheduled(this_slot))).await;
+                    let (outcome, guard) = capture
+                        .run(t.tick_keeping_lease(TickKind::Scheduled(this_slot)))
+                        .await;
                     // The winner lets its lease go (as it would expire before the next slot).
                     if let Some(g) = guard {
                         t.lease.release(&g).await.expect("release");
@@ -291,7 +292,7 @@ async fn release_clears_the_holder_and_keeps_the_recorded_tick_with_a_ttl() {
     let b = w.replica("replica-b").await;
     let t = slot(0);
 
-    let (outcome, guard) = a.tick(TickKind::Scheduled(t)).await;
+    let (outcome, guard) = a.tick_keeping_lease(TickKind::Scheduled(t)).await;
     assert!(completed(&outcome), "{outcome:?}");
     let guard = guard.expect("a completed tick holds the lease");
     // Held: our holder id, the tick, a TTL of at most the lease, first-write.

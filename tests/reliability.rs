@@ -20,7 +20,9 @@
 //!    memory stays bounded;
 //! 8. replicas whose wall clocks differ by a third of the interval (skewed from outside
 //!    with `faketime`) still scrape each tick exactly once, also (8b) with a `--lease`
-//!    shorter than the interval.
+//!    shorter than the interval;
+//! 10. a lock holder blind to the plugins (its own path cut through a proxy) stands back,
+//!     demotes nothing, and the standby scrapes within two ticks and blocks a real death.
 //!
 //! Security runs through all of them: registry ids built to escape the status URL are
 //! never requested, and nothing any process printed contains the Redis password or the
@@ -35,6 +37,8 @@ mod support;
 mod faults;
 #[path = "reliability/figures.rs"]
 mod figures;
+#[path = "reliability/guard.rs"]
+mod guard;
 #[path = "reliability/harness.rs"]
 mod harness;
 #[path = "reliability/races.rs"]

@@ -142,7 +142,70 @@ fn v0_status_outside_the_vocabulary_is_unknown_status() {
         (r#"{"ret":0,"status":3}"#, Err(UnknownStatus)),
         (r#"{"ret":0,"status":true}"#, Err(UnknownStatus)),
         (r#"{"ret":0,"status":["ACTIVE"]}"#, Err(UnknownStatus)),
-        (r#"{}"#, Err(UnknownStatus)),
+    ]);
+}
+
+#[test]
+fn wrapped_v1_replies_are_read_from_data() {
+    let wrapped = |code: &str, data: &str| format!(r#"{{"code":{code},"msg":"ok","data":{data}}}"#);
+    let status_response = |res: &str, status: &str| {
+        format!(
+            r#"{{"@type":"type.googleapis.com/openapi.v1.StatusResponse","res":{res},"status":{status}}}"#
+        )
+    };
+    let ok = r#"{"ret":"OK","msg":"ok"}"#;
+    let rows: Vec<(String, Result<RouteStatus, ErrorKind>)> = vec![
+        // Number and string `code`, both ignored.
+        (wrapped("0", &status_response(ok, r#""RUNNING""#)), Ok(Active)),
+        (wrapped(r#""io.tkeel.SUCCESS""#, &status_response(ok, r#""RUNNING""#)), Ok(Active)),
+        (wrapped("200", &status_response(ok, r#""WAIT_RUNNING""#)), Ok(Starting)),
+        (wrapped("0", &status_response(ok, r#""ERR_REGISTER""#)), Ok(Failed)),
+        (wrapped("0", &status_response(ok, "3")), Ok(Active)),
+        (wrapped("0", &status_response(ok, r#""UNKNOWN""#)), Err(UnknownStatus)),
+        (wrapped("0", &status_response(ok, "null")), Err(UnknownStatus)),
+        // The v1 result code inside still counts.
+        (
+            wrapped("0", &status_response(r#"{"ret":"INTERNAL_ERROR","msg":"db"}"#, r#""RUNNING""#)),
+            Err(PluginError),
+        ),
+        (wrapped("0", &status_response("[]", r#""RUNNING""#)), Err(BadBody)),
+        // A data without status, a missing or null data: bad_body.
+        (wrapped("0", r#"{"@type":"x","res":{"ret":"OK"}}"#), Err(BadBody)),
+        (wrapped("0", "null"), Err(BadBody)),
+        (r#"{"code":0,"msg":"ok"}"#.to_owned(), Err(BadBody)),
+        (wrapped("0", r#""RUNNING""#), Err(BadBody)),
+        // Nothing at all: no res, ret, status or data.
+        (r#"{}"#.to_owned(), Err(BadBody)),
+        // Any key order, indented, with a trailing newline.
+        (
+            "{\n  \"data\": {\n    \"status\": \"RUNNING\",\n    \"res\": {\"msg\": \"ok\", \"ret\": \"OK\"},\n    \"@type\": \"type.googleapis.com/openapi.v1.StatusResponse\"\n  },\n  \"msg\": \"ok\",\n  \"code\": 0\n}\n".to_owned(),
+            Ok(Active),
+        ),
+        // A top-level res, ret or status is parsed as before, whatever data says.
+        (r#"{"status":"ACTIVE","data":{"status":"ERR_REGISTER"}}"#.to_owned(), Ok(Active)),
+        (r#"{"ret":0,"data":{"status":"RUNNING"}}"#.to_owned(), Err(UnknownStatus)),
+    ];
+    for (body, want) in rows {
+        assert_eq!(
+            kind_of(body.as_bytes()),
+            want,
+            "body {body}: got {:?}",
+            parse_status(body.as_bytes())
+        );
+    }
+}
+
+#[test]
+fn indented_plain_replies_with_a_trailing_newline_parse() {
+    check(&[
+        (
+            "{\n  \"ret\": 0,\n  \"status\": \"ACTIVE\"\n}\n",
+            Ok(Active),
+        ),
+        (
+            "{\n  \"status\": \"RUNNING\",\n  \"res\": {\"ret\": \"OK\"}\n}\n",
+            Ok(Active),
+        ),
     ]);
 }
 

@@ -51,7 +51,9 @@ impl World {
 /// One manual tick (as `once` runs it) that must complete; the lease is released.
 async fn tick(t: &Ticker) -> (TickReport, Events) {
     let capture = Capture::new();
-    let (outcome, guard) = capture.run(t.tick(TickKind::Manual(Utc::now()))).await;
+    let (outcome, guard) = capture
+        .run(t.tick_keeping_lease(TickKind::Manual(Utc::now())))
+        .await;
     if let Some(g) = guard {
         t.lease.release(&g).await.expect("release the lease");
     }
@@ -378,7 +380,9 @@ async fn route_key_that_is_not_a_dapr_state_hash_is_skipped_while_other_plugins_
         .await;
 
     let capture = Capture::new();
-    let (outcome, guard) = capture.run(t.tick(TickKind::Manual(Utc::now()))).await;
+    let (outcome, guard) = capture
+        .run(t.tick_keeping_lease(TickKind::Manual(Utc::now())))
+        .await;
     if let Some(g) = guard {
         t.lease.release(&g).await.expect("release");
     }
@@ -469,8 +473,10 @@ async fn cas_conflict_rereads_the_route_and_reapplies_the_decision_on_the_fresh_
                 .expect("the other writer's CAS save");
         }
     };
-    let ((outcome, guard), ()) =
-        tokio::join!(capture.run(t.tick(TickKind::Manual(Utc::now()))), meddle);
+    let ((outcome, guard), ()) = tokio::join!(
+        capture.run(t.tick_keeping_lease(TickKind::Manual(Utc::now()))),
+        meddle
+    );
     let events = capture.events();
     let TickOutcome::Completed(report) = outcome else {
         panic!("the tick did not complete: {outcome:?}\n{events}");
@@ -559,8 +565,10 @@ async fn route_deleted_while_the_tick_runs_is_not_recreated() {
                 .expect("delete the route");
         }
     };
-    let ((outcome, guard), ()) =
-        tokio::join!(capture.run(t.tick(TickKind::Manual(Utc::now()))), delete);
+    let ((outcome, guard), ()) = tokio::join!(
+        capture.run(t.tick_keeping_lease(TickKind::Manual(Utc::now()))),
+        delete
+    );
     let events = capture.events();
     assert!(
         matches!(outcome, TickOutcome::Completed(_)),

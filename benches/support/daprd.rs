@@ -18,7 +18,6 @@ use anyhow::{bail, Context, Result};
 use keel_scraper::registry::REGISTRY_KEY;
 use keel_scraper::route::route_key;
 use keel_scraper::store::StoreKind;
-use keel_scraper::worker;
 use keel_test_support::sim::PluginSim;
 
 use super::{wrk, Row, Stats, Target, Unit};
@@ -189,9 +188,9 @@ fn at_size(
         "--holder-id".into(),
         "keel-bench".into(),
     ])?;
-    let store = rt.block_on(worker::build_store(&s))?;
-    let prober = worker::build_prober(&s)?;
-    let ticker = worker::ticker(&s, store.clone(), prober);
+    let store = rt.block_on(keel_scraper::wiring::build_store(&s))?;
+    let prober = keel_scraper::wiring::build_prober(&s)?;
+    let ticker = keel_scraper::wiring::ticker(&s, store.clone(), prober);
     let mut churn = Churn::new(n, |_| false);
     let (mut ticks, mut limits, mut state) = (Vec::new(), Vec::new(), Vec::new());
     let keys: Vec<String> = (0..n).map(|i| route_key(&plugin_id(i))).collect();

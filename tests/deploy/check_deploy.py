@@ -80,6 +80,9 @@ WORKER_ENV = {
     "SCRAPER_CONCURRENCY",
     "SCRAPER_UNHEALTHY_THRESHOLD",
     "SCRAPER_HEALTHY_THRESHOLD",
+    "SCRAPER_MAX_FAILED_SHARE",
+    "SCRAPER_GUARD_WINDOW",
+    "SCRAPER_DRY_RUN",
     "SCRAPER_LEASE",
     "SCRAPER_FOREIGN_LOCK_TTL",
     "SCRAPER_HOLDER_ID",
@@ -103,6 +106,7 @@ ALL_OPTIONS_DAPR: dict[str, Any] = {
         "daprGrpcEndpoint": "127.0.0.1:50001",
         "daprHttpEndpoint": "127.0.0.1:3500",
         "statusPage": False,
+        "dryRun": True,
     },
 }
 ALL_OPTIONS_REDIS: dict[str, Any] = {
@@ -619,9 +623,17 @@ def check_env(r: Rendered) -> None:
         "SCRAPER_UNHEALTHY_THRESHOLD": str(v["unhealthyThreshold"]),
         "SCRAPER_HEALTHY_THRESHOLD": str(v["healthyThreshold"]),
         "SCRAPER_STATUS_PAGE": "true" if v["statusPage"] else "false",
+        "SCRAPER_MAX_FAILED_SHARE": str(v["maxFailedShare"]),
+        "SCRAPER_GUARD_WINDOW": v["guardWindow"],
     }
     for name, want in plain.items():
         expect(r.env_value(name) == want, f"[{r.label}] {name}={r.env_value(name)!r}, values say {want!r}")
+    # --dry-run is set only when asked for: a real release must write.
+    dry = r.env_value("SCRAPER_DRY_RUN")
+    expect(
+        dry == ("true" if v.get("dryRun") else None),
+        f"[{r.label}] SCRAPER_DRY_RUN={dry!r}, values say dryRun={v.get('dryRun')!r}",
+    )
 
 
 def check_notes(r: Rendered) -> None:
@@ -1061,6 +1073,10 @@ SCHEMA_REJECTS: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("duration without a unit", {"worker": {"probeTimeout": "2"}}, "probeTimeout"),
     ("misspelt value key", {"worker": {"logformat": "json"}}, "logformat"),
+    ("maxFailedShare of 0", {"worker": {"maxFailedShare": 0}}, "maxFailedShare"),
+    ("maxFailedShare above 1", {"worker": {"maxFailedShare": "1.5"}}, "maxFailedShare"),
+    ("maxFailedShare with four decimals", {"worker": {"maxFailedShare": "0.3333"}}, "maxFailedShare"),
+    ("guardWindow without a unit", {"worker": {"guardWindow": "30"}}, "guardWindow"),
 ]
 
 TEMPLATE_REJECTS: list[tuple[str, dict[str, Any], str]] = [

@@ -444,6 +444,12 @@ impl Spec {
         self.args(&["--schedule", cron])
     }
 
+    /// Sets an environment variable of the replica (a flag of the same option wins).
+    pub fn env(mut self, name: &str, value: &str) -> Spec {
+        self.envs.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
     pub fn args(mut self, args: &[&str]) -> Spec {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
         self

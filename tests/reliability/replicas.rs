@@ -576,7 +576,10 @@ async fn a_holder_cut_off_mid_write_lands_nothing_stale(
             CutOff::Pause => w.spec(name),
             CutOff::Network => {
                 let proxy = crate::world::StallProxy::start(w.redis.port()).await;
-                let spec = Spec::run(name).redis(&proxy.url(), &w.sim.url_template());
+                let spec = Spec::run(name)
+                    .redis(&proxy.url(), &w.sim.url_template())
+                    // Every plugin fails on purpose: the fleet guard is not under test.
+                    .env("SCRAPER_MAX_FAILED_SHARE", "1");
                 proxies.push(proxy);
                 spec
             }

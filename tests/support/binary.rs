@@ -408,16 +408,16 @@ pub fn ticker(store: Arc<dyn Store>, status_url: &str, o: &ReplicaOptions) -> Ti
     .unwrap_or_else(|e| panic!("prober for {status_url}: {e}"));
     let lease = Lease::new(store.clone(), o.holder.clone(), o.lease, o.interval)
         .with_foreign_ttl(o.foreign_lock_ttl);
-    Ticker {
+    Ticker::new(
         store,
-        prober: Arc::new(prober),
-        lease: Arc::new(lease),
-        thresholds: Thresholds {
+        Arc::new(prober),
+        Arc::new(lease),
+        Thresholds {
             unhealthy: o.unhealthy,
             healthy: o.healthy,
         },
-        concurrency: o.concurrency,
-    }
+        o.concurrency,
+    )
 }
 
 /// A ticker with its own Redis connection, as a separate replica would have.

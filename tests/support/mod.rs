@@ -9,6 +9,7 @@ pub mod binary;
 pub mod conformance;
 pub mod daprd;
 pub mod live;
+pub mod proxy;
 pub mod sidecar;
 
 pub use keel_test_support::redis_server;
