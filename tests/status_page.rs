@@ -215,7 +215,12 @@ async fn the_status_page_in_chromium_shows_why_each_plugin_is_blocked_and_since_
         );
     }
 
-    let args = live::run_args(&redis, &sim, &["--probe-timeout", "1s"]);
+    // Two of four plugins fail on purpose: the fleet guard is not under test here.
+    let args = live::run_args(
+        &redis,
+        &sim,
+        &["--probe-timeout", "1s", "--max-failed-share", "1"],
+    );
     let holder = Worker::spawn(&args, &[("SCRAPER_HOLDER_ID", "replica-a")]);
     let address = holder.listening_address();
     // A few healthy ticks, then device-hub dies: two failed probes make it FAILED.
