@@ -100,7 +100,7 @@ impl Sidecar {
     }
 }
 
-/// A worker through `sidecar` (its HTTP calls to `http`), probe timeout 300 ms, no
+/// A worker through `sidecar` (its HTTP calls to `http`), probe timeout 1 s, no
 /// retries, `extra` options on top: the settings, its store and its ticker.
 async fn worker(
     sidecar: &Sidecar,
@@ -116,8 +116,10 @@ async fn worker(
         &grpc,
         "--dapr-http-endpoint",
         http,
+        // Long enough that a loaded machine does not turn a 503 or a reset into a timeout;
+        // the late answers come after 2 s.
         "--probe-timeout",
-        "300ms",
+        "1s",
         "--retries",
         "0",
     ];
