@@ -648,20 +648,11 @@ def check_notes(r: Rendered) -> None:
 # Rules and dashboard (rules.prometheus, rules.loki, dashboard)
 
 RULE_KEYS = {"alert", "expr", "for", "labels", "annotations"}
-# The mass-failure guard's events and metrics: rules and panels for them ship before the
-# guard itself lands. While the worker does not have them yet they are the only names
-# allowed to be missing from the README; once there, they are checked like any other.
-GUARD_EVENTS = {"demotions_held", "observer_unhealthy"}
 # Label families that get a series only at their first increment.
 FIRST_INCREMENT_METRICS = {
     "keel_scraper_probe_failures_total",
     "keel_scraper_route_writes_total",
     "keel_scraper_store_errors_total",
-}
-GUARD_METRICS = {
-    "keel_scraper_demotions_held",
-    "keel_scraper_demotions_held_total",
-    "keel_scraper_plugins_blocked_for_failures",
 }
 
 
@@ -694,8 +685,8 @@ def readme_metrics() -> set[str]:
 
 def check_metric_names(where: str, exprs: list[str]) -> None:
     """Every keel_scraper_ family a query reads is one the README documents (a histogram's
-    _bucket, _sum and _count series included), or one of the guard's."""
-    known = readme_metrics() | GUARD_METRICS
+    _bucket, _sum and _count series included)."""
+    known = readme_metrics()
     for expr in exprs:
         for name in set(re.findall(r"\bkeel_scraper_[a-z_]+", expr)):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
@@ -839,17 +830,14 @@ def check_logql_rules(r: Rendered) -> None:
                     f"[{r.label}] {name}: a rule over every event must select alert=\"true\"",
                 )
                 fields = {"event", "alert"}
-            elif event in catalog:
+            else:
+                expect(
+                    event in catalog,
+                    f"[{r.label}] {name}: event {event!r} is not in the README's catalog",
+                )
                 fields = catalog[event]["fields"] | {"event", "level"}
                 if "alert" in filters:
                     expect(event in alerting, f"[{r.label}] {name}: {event} never carries alert")
-            else:
-                expect(
-                    event in GUARD_EVENTS,
-                    f"[{r.label}] {name}: event {event!r} is not in the README's catalog",
-                )
-                # Until the guard lands only what every alerting event carries may be used.
-                fields = {"event", "alert"}
             unknown = set(filters) - fields
             expect(not unknown, f"[{r.label}] {name}: {event or 'the events'} carry no {sorted(unknown)}")
             grouping = re.findall(r"by \(([^)]*)\)", expr)
@@ -1236,11 +1224,13 @@ def check_shipped_dashboard() -> None:
         "keel_scraper_probe_failures_total",
         "keel_scraper_plugins",
         "keel_scraper_last_tick_completed_timestamp_seconds",
-        *GUARD_METRICS,
+        "keel_scraper_demotions_held",
+        "keel_scraper_demotions_held_total",
+        "keel_scraper_plugins_blocked_for_failures",
     ):
         expect(re.search(rf"\b{metric}\b", joined) is not None, f"the dashboard shows no {metric}")
     for expr in exprs:
-        for metric in GUARD_METRICS | FIRST_INCREMENT_METRICS:
+        for metric in FIRST_INCREMENT_METRICS:
             if re.search(rf"\b{metric}\b", expr):
                 expect(
                     expr.rstrip().endswith("or on () vector(0)"),
