@@ -4,6 +4,11 @@
 //! environment variable named in the README. [`Settings`] is the validated result; the
 //! `config` command prints it with the source of every value. Secrets (the Redis URL's
 //! password, `DAPR_API_TOKEN`) are wrapped in [`Secret`] and print as `[redacted]`.
+//!
+//! An option is written once, as a field of [`Options`] with its clap attributes (and its
+//! field in [`Settings`]): `config` lists the clap arguments themselves, showing the text
+//! given (or clap's default) unless `Settings::shown` knows better. Inputs with no flag
+//! are the rows of [`ENV_ONLY`].
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
