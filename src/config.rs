@@ -4,6 +4,11 @@
 //! environment variable named in the README. [`Settings`] is the validated result; the
 //! `config` command prints it with the source of every value. Secrets (the Redis URL's
 //! password, `DAPR_API_TOKEN`) are wrapped in [`Secret`] and print as `[redacted]`.
+//!
+//! An option is written once, as a field of [`Options`] with its clap attributes (and its
+//! field in [`Settings`]): `config` lists the clap arguments themselves, showing the text
+//! given (or clap's default) unless `Settings::shown` knows better. Inputs with no flag
+//! are the rows of [`ENV_ONLY`].
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -320,8 +325,8 @@ pub struct Settings {
 /// One line of `config` output.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Effective {
-    pub option: &'static str,
-    pub env: &'static str,
+    pub option: String,
+    pub env: String,
     pub value: String,
     pub source: &'static str,
 }
@@ -375,125 +380,242 @@ fn default_holder_id(env: &dyn Env) -> String {
     format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
 
+/// The lease (default: the schedule's shortest gap) and the foreign lock TTL, both at
+/// least a second.
+fn lease_setting(o: &Options, schedule: &Schedule) -> Result<Duration, ConfigError> {
+    let lease = o.lease.unwrap_or_else(|| schedule.interval());
+    if lease < Duration::from_secs(1) {
+        return Err(ConfigError(format!(
+            "--lease / SCRAPER_LEASE is {}; it must be at least 1s (store TTLs are whole seconds)",
+            humantime::format_duration(lease)
+        )));
+    }
+    if o.foreign_lock_ttl < Duration::from_secs(1) {
+        return Err(ConfigError(format!(
+            "--foreign-lock-ttl / SCRAPER_FOREIGN_LOCK_TTL is {}; it must be at least 1s \
+             (the longest TTL a lock record this worker did not write can carry, e.g. 31m)",
+            humantime::format_duration(o.foreign_lock_ttl)
+        )));
+    }
+    Ok(lease)
+}
+
+/// The Redis URL: required by the redis backend, a `redis://` (or `rediss://`,
+/// `unix://`) URL whenever given.
+fn redis_url_setting(o: &Options) -> Result<Option<Secret>, ConfigError> {
+    match (o.backend, &o.redis_url) {
+        (Backend::Redis, None) => Err(ConfigError(
+            "--redis-url / REDIS_URL is required with --backend redis, e.g. redis://127.0.0.1:6379"
+                .into(),
+        )),
+        (_, Some(u)) => {
+            if !(u.starts_with("redis://")
+                || u.starts_with("rediss://")
+                || u.starts_with("unix://"))
+            {
+                return Err(ConfigError(format!(
+                    "--redis-url / REDIS_URL {:?} is not a redis:// URL",
+                    redact_url(u)
+                )));
+            }
+            Ok(Some(Secret::new(u.clone())))
+        }
+        (_, None) => Ok(None),
+    }
+}
+
+/// A sidecar endpoint: the one given, else 127.0.0.1 on the port Dapr injects as
+/// `port_var`, else on `default_port`.
+fn endpoint(given: &Option<String>, env: &dyn Env, port_var: &str, default_port: &str) -> String {
+    normalize_endpoint(&given.clone().unwrap_or_else(|| {
+        format!(
+            "127.0.0.1:{}",
+            env.var(port_var).unwrap_or_else(|| default_port.into())
+        )
+    }))
+}
+
+/// The status URL template (default: through the sidecar's HTTP endpoint): an http(s)
+/// URL containing `{plugin_id}`.
+fn status_url_setting(o: &Options, dapr_http_endpoint: &str) -> Result<String, ConfigError> {
+    let status_url = o.status_url.clone().unwrap_or_else(|| {
+        format!("{dapr_http_endpoint}/v1.0/invoke/{{plugin_id}}/method/v1/status")
+    });
+    if !status_url.contains("{plugin_id}") {
+        return Err(ConfigError(format!(
+            "--status-url / SCRAPER_STATUS_URL {status_url:?} must contain {{plugin_id}}, e.g. http://127.0.0.1:3500/v1.0/invoke/{{plugin_id}}/method/v1/status"
+        )));
+    }
+    if !(status_url.starts_with("http://") || status_url.starts_with("https://")) {
+        return Err(ConfigError(format!(
+            "--status-url / SCRAPER_STATUS_URL {status_url:?} must start with http:// or https://"
+        )));
+    }
+    Ok(status_url)
+}
+
+/// Counts of at least 1, a probe timeout above 0 and store names that are not empty.
+fn check_counts_and_stores(o: &Options) -> Result<(), ConfigError> {
+    for (name, v) in [
+        ("--concurrency / SCRAPER_CONCURRENCY", o.concurrency as u64),
+        (
+            "--unhealthy-threshold / SCRAPER_UNHEALTHY_THRESHOLD",
+            o.unhealthy_threshold.into(),
+        ),
+        (
+            "--healthy-threshold / SCRAPER_HEALTHY_THRESHOLD",
+            o.healthy_threshold.into(),
+        ),
+    ] {
+        if v == 0 {
+            return Err(ConfigError(format!("{name} must be at least 1")));
+        }
+    }
+    if o.probe_timeout.is_zero() {
+        return Err(ConfigError(
+            "--probe-timeout / SCRAPER_PROBE_TIMEOUT must be more than 0".into(),
+        ));
+    }
+    for (name, v) in [
+        ("--public-store / KEEL_PUBLIC_STORE", &o.public_store),
+        ("--private-store / KEEL_PRIVATE_STORE", &o.private_store),
+    ] {
+        if v.trim().is_empty() {
+            return Err(ConfigError(format!("{name} must not be empty")));
+        }
+    }
+    Ok(())
+}
+
+/// The private key prefix, without `||`; the redis backend applies it as Dapr applies a
+/// component's keyPrefix (`none` for bare keys).
+fn private_key_prefix_setting(o: &Options) -> Result<String, ConfigError> {
+    if o.private_key_prefix.contains("||") {
+        return Err(ConfigError(
+            "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into(),
+        ));
+    }
+    match o.backend {
+        Backend::Redis => match crate::store::redis::KeyPrefix::parse(&o.private_key_prefix) {
+            Ok(crate::store::redis::KeyPrefix::Bare) => Ok("none".to_owned()),
+            Ok(crate::store::redis::KeyPrefix::Fixed(prefix)) => Ok(prefix),
+            Err(why) => Err(ConfigError(format!(
+                "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX {why}"
+            ))),
+        },
+        _ => Ok(o.private_key_prefix.clone()),
+    }
+}
+
+/// The holder id given (not empty), else `<POD_NAME or hostname>-<pid>-<4 hex>`.
+fn holder_id_setting(o: &Options, env: &dyn Env) -> Result<String, ConfigError> {
+    match &o.holder_id {
+        Some(h) if h.trim().is_empty() => Err(ConfigError(
+            "--holder-id / SCRAPER_HOLDER_ID must not be empty".into(),
+        )),
+        Some(h) => Ok(h.clone()),
+        None => Ok(default_holder_id(env)),
+    }
+}
+
+/// What an input read only from the environment (no flag, no clap argument) does in
+/// `config`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum EnvRole {
+    /// A row of its own, named so; its value is `env` when one of the variables is set.
+    Row(&'static str),
+    /// Feeds the default of this clap option (by id), whose source then reads `env`.
+    SourceOf(&'static str),
+    /// Feeds the default of this clap option (by id), which stays a default.
+    DefaultOf(&'static str),
+}
+
+/// An environment-only input: its variables (the first set wins) and its role.
+#[derive(Copy, Clone, Debug)]
+pub struct EnvInput {
+    pub vars: &'static [&'static str],
+    pub role: EnvRole,
+}
+
+/// Every input read only from the environment; the options are the clap arguments of
+/// [`Options`], and `config` lists both.
+pub const ENV_ONLY: &[EnvInput] = &[
+    EnvInput {
+        vars: &["DAPR_API_TOKEN"],
+        role: EnvRole::Row("dapr-api-token"),
+    },
+    EnvInput {
+        vars: &["SCRAPER_LOG", "RUST_LOG"],
+        role: EnvRole::Row("log-filter"),
+    },
+    EnvInput {
+        vars: &["DAPR_GRPC_PORT"],
+        role: EnvRole::SourceOf("dapr_grpc_endpoint"),
+    },
+    EnvInput {
+        vars: &["DAPR_HTTP_PORT"],
+        role: EnvRole::SourceOf("dapr_http_endpoint"),
+    },
+    EnvInput {
+        vars: &["POD_NAME"],
+        role: EnvRole::DefaultOf("holder_id"),
+    },
+];
+
+impl EnvInput {
+    /// The value of the first of its variables that is set, with that variable's name.
+    fn lookup(&self, env: &dyn Env) -> Option<(String, &'static str)> {
+        self.vars
+            .iter()
+            .find_map(|name| env.var(name).map(|v| (v, *name)))
+    }
+}
+
+/// The matches holding option `id`: the command's own, else the subcommand's when the
+/// flag came after the command.
+fn matches_of<'a>(matches: &'a ArgMatches, id: &str) -> Option<&'a ArgMatches> {
+    if matches.value_source(id).is_some() {
+        return Some(matches);
+    }
+    matches.subcommand().map(|(_, sub)| sub).filter(|sub| {
+        sub.try_get_raw(id).ok().flatten().is_some() && sub.value_source(id).is_some()
+    })
+}
+
+/// Where option `id`'s value came from.
+fn source_of(matches: &ArgMatches, id: &str) -> Source {
+    match matches_of(matches, id).and_then(|m| m.value_source(id)) {
+        Some(ValueSource::CommandLine) => Source::Flag,
+        Some(ValueSource::EnvVariable) => Source::Env,
+        _ => Source::Default,
+    }
+}
+
+/// Option `id`'s text as given (or clap's default), `(unset)` when there is none.
+fn raw_of(matches: &ArgMatches, id: &str) -> String {
+    let raw = matches_of(matches, id).and_then(|m| m.try_get_raw(id).ok().flatten());
+    match raw {
+        Some(values) => values
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(","),
+        None => "(unset)".into(),
+    }
+}
+
 impl Settings {
     pub fn from_options(o: &Options, env: &dyn Env) -> Result<Settings, ConfigError> {
         let schedule = Schedule::parse(&o.schedule)
             .map_err(|e| ConfigError(format!("--schedule / SCRAPER_SCHEDULE: {e}")))?;
-        let lease = o.lease.unwrap_or_else(|| schedule.interval());
-        if lease < Duration::from_secs(1) {
-            return Err(ConfigError(format!(
-                "--lease / SCRAPER_LEASE is {}; it must be at least 1s (store TTLs are whole seconds)",
-                humantime::format_duration(lease)
-            )));
-        }
-        if o.foreign_lock_ttl < Duration::from_secs(1) {
-            return Err(ConfigError(format!(
-                "--foreign-lock-ttl / SCRAPER_FOREIGN_LOCK_TTL is {}; it must be at least 1s \
-                 (the longest TTL a lock record this worker did not write can carry, e.g. 31m)",
-                humantime::format_duration(o.foreign_lock_ttl)
-            )));
-        }
-        let redis_url = match (o.backend, &o.redis_url) {
-            (Backend::Redis, None) => {
-                return Err(ConfigError(
-                    "--redis-url / REDIS_URL is required with --backend redis, e.g. redis://127.0.0.1:6379".into(),
-                ))
-            }
-            (_, Some(u)) => {
-                if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("unix://")) {
-                    return Err(ConfigError(format!(
-                        "--redis-url / REDIS_URL {:?} is not a redis:// URL",
-                        redact_url(u)
-                    )));
-                }
-                Some(Secret::new(u.clone()))
-            }
-            (_, None) => None,
-        };
-        let dapr_grpc_endpoint =
-            normalize_endpoint(&o.dapr_grpc_endpoint.clone().unwrap_or_else(|| {
-                format!(
-                    "127.0.0.1:{}",
-                    env.var("DAPR_GRPC_PORT").unwrap_or_else(|| "50001".into())
-                )
-            }));
-        let dapr_http_endpoint =
-            normalize_endpoint(&o.dapr_http_endpoint.clone().unwrap_or_else(|| {
-                format!(
-                    "127.0.0.1:{}",
-                    env.var("DAPR_HTTP_PORT").unwrap_or_else(|| "3500".into())
-                )
-            }));
-        let status_url = o.status_url.clone().unwrap_or_else(|| {
-            format!("{dapr_http_endpoint}/v1.0/invoke/{{plugin_id}}/method/v1/status")
-        });
-        if !status_url.contains("{plugin_id}") {
-            return Err(ConfigError(format!(
-                "--status-url / SCRAPER_STATUS_URL {status_url:?} must contain {{plugin_id}}, e.g. http://127.0.0.1:3500/v1.0/invoke/{{plugin_id}}/method/v1/status"
-            )));
-        }
-        if !(status_url.starts_with("http://") || status_url.starts_with("https://")) {
-            return Err(ConfigError(format!(
-                "--status-url / SCRAPER_STATUS_URL {status_url:?} must start with http:// or https://"
-            )));
-        }
-        let positive = |name: &str, v: u64| {
-            if v == 0 {
-                Err(ConfigError(format!("{name} must be at least 1")))
-            } else {
-                Ok(())
-            }
-        };
-        positive("--concurrency / SCRAPER_CONCURRENCY", o.concurrency as u64)?;
-        positive(
-            "--unhealthy-threshold / SCRAPER_UNHEALTHY_THRESHOLD",
-            o.unhealthy_threshold.into(),
-        )?;
-        positive(
-            "--healthy-threshold / SCRAPER_HEALTHY_THRESHOLD",
-            o.healthy_threshold.into(),
-        )?;
-        if o.probe_timeout.is_zero() {
-            return Err(ConfigError(
-                "--probe-timeout / SCRAPER_PROBE_TIMEOUT must be more than 0".into(),
-            ));
-        }
-        for (name, v) in [
-            ("--public-store / KEEL_PUBLIC_STORE", &o.public_store),
-            ("--private-store / KEEL_PRIVATE_STORE", &o.private_store),
-        ] {
-            if v.trim().is_empty() {
-                return Err(ConfigError(format!("{name} must not be empty")));
-            }
-        }
-        if o.private_key_prefix.contains("||") {
-            return Err(ConfigError(
-                "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX must not contain \"||\"".into(),
-            ));
-        }
-        // The redis backend applies the prefix as Dapr applies a component's keyPrefix.
-        let private_key_prefix = match o.backend {
-            Backend::Redis => match crate::store::redis::KeyPrefix::parse(&o.private_key_prefix) {
-                Ok(crate::store::redis::KeyPrefix::Bare) => "none".to_owned(),
-                Ok(crate::store::redis::KeyPrefix::Fixed(prefix)) => prefix,
-                Err(why) => {
-                    return Err(ConfigError(format!(
-                        "--private-key-prefix / SCRAPER_PRIVATE_KEY_PREFIX {why}"
-                    )))
-                }
-            },
-            _ => o.private_key_prefix.clone(),
-        };
+        let lease = lease_setting(o, &schedule)?;
+        let redis_url = redis_url_setting(o)?;
+        let dapr_grpc_endpoint = endpoint(&o.dapr_grpc_endpoint, env, "DAPR_GRPC_PORT", "50001");
+        let dapr_http_endpoint = endpoint(&o.dapr_http_endpoint, env, "DAPR_HTTP_PORT", "3500");
+        let status_url = status_url_setting(o, &dapr_http_endpoint)?;
+        check_counts_and_stores(o)?;
+        let private_key_prefix = private_key_prefix_setting(o)?;
         let max_failed_share_milli = guard_settings(o)?;
-        let holder_id = match &o.holder_id {
-            Some(h) if h.trim().is_empty() => {
-                return Err(ConfigError(
-                    "--holder-id / SCRAPER_HOLDER_ID must not be empty".into(),
-                ))
-            }
-            Some(h) => h.clone(),
-            None => default_holder_id(env),
-        };
+        let holder_id = holder_id_setting(o, env)?;
         Ok(Settings {
             backend: o.backend,
             redis_url,
@@ -524,213 +646,86 @@ impl Settings {
         })
     }
 
-    /// Every option with its effective value and source, secrets redacted.
+    /// Every option with its effective value and source, secrets redacted: first the clap
+    /// arguments of [`Options`] in their order, then the rows of [`ENV_ONLY`].
     pub fn effective(&self, matches: &ArgMatches, env: &dyn Env) -> Vec<Effective> {
-        let src = |id: &str| -> Source {
-            let from = |m: &ArgMatches| m.value_source(id);
-            let vs = from(matches).or_else(|| {
-                matches.subcommand().and_then(|(_, sub)| {
-                    sub.try_get_raw(id).ok().flatten().and(sub.value_source(id))
-                })
-            });
-            match vs {
-                Some(ValueSource::CommandLine) => Source::Flag,
-                Some(ValueSource::EnvVariable) => Source::Env,
-                _ => Source::Default,
+        let cmd = Cli::command();
+        let options = cmd.get_arguments().filter_map(|arg| {
+            let (long, var) = (arg.get_long()?, arg.get_env()?.to_str()?);
+            let id = arg.get_id().as_str();
+            let mut source = source_of(matches, id);
+            let fed = |i: &EnvInput| {
+                matches!(i.role, EnvRole::SourceOf(of) if of == id) && i.lookup(env).is_some()
+            };
+            if source == Source::Default && ENV_ONLY.iter().any(fed) {
+                source = Source::Env;
             }
-        };
-        let port_src = |id: &str, port_env: &str| match src(id) {
-            Source::Default if env.var(port_env).is_some() => Source::Env,
-            s => s,
-        };
-        let d = |v: Duration| humantime::format_duration(v).to_string();
-        let mut out = vec![
-            (
-                "backend",
-                "SCRAPER_BACKEND",
-                self.backend.as_str().to_string(),
-                src("backend"),
-            ),
-            (
-                "redis-url",
-                "REDIS_URL",
+            Some(Effective {
+                option: long.to_string(),
+                env: var.to_string(),
+                value: self.shown(id).unwrap_or_else(|| raw_of(matches, id)),
+                source: source.as_str(),
+            })
+        });
+        let rows = ENV_ONLY.iter().filter_map(|input| match input.role {
+            EnvRole::Row(option) => {
+                let found = input.lookup(env);
+                Some(Effective {
+                    option: option.to_string(),
+                    env: input.vars[0].to_string(),
+                    source: found
+                        .as_ref()
+                        .map_or(Source::Default, |_| Source::Env)
+                        .as_str(),
+                    value: self.env_only_shown(option, found.map(|(v, _)| v)),
+                })
+            }
+            EnvRole::SourceOf(_) | EnvRole::DefaultOf(_) => None,
+        });
+        options.chain(rows).collect()
+    }
+
+    /// The effective value of clap option `id` where its raw text would be wrong: secrets
+    /// redacted, durations in the project's format, defaults that depend on other options
+    /// or the environment, values normalised by validation. `None`: the raw text is right.
+    fn shown(&self, id: &str) -> Option<String> {
+        let d = |v: Duration| Some(humantime::format_duration(v).to_string());
+        match id {
+            "redis_url" => Some(
                 self.redis_url
                     .as_ref()
                     .map_or_else(|| "(unset)".into(), |u| redact_url(u.expose())),
-                src("redis_url"),
             ),
-            (
-                "public-store",
-                "KEEL_PUBLIC_STORE",
-                self.public_store.clone(),
-                src("public_store"),
-            ),
-            (
-                "private-store",
-                "KEEL_PRIVATE_STORE",
-                self.private_store.clone(),
-                src("private_store"),
-            ),
-            (
-                "private-key-prefix",
-                "SCRAPER_PRIVATE_KEY_PREFIX",
-                self.private_key_prefix.clone(),
-                src("private_key_prefix"),
-            ),
-            (
-                "status-url",
-                "SCRAPER_STATUS_URL",
-                self.status_url.clone(),
-                src("status_url"),
-            ),
-            (
-                "schedule",
-                "SCRAPER_SCHEDULE",
-                self.schedule.text().to_string(),
-                src("schedule"),
-            ),
-            (
-                "probe-timeout",
-                "SCRAPER_PROBE_TIMEOUT",
-                d(self.probe_timeout),
-                src("probe_timeout"),
-            ),
-            (
-                "retries",
-                "SCRAPER_RETRIES",
-                self.retries.to_string(),
-                src("retries"),
-            ),
-            (
-                "concurrency",
-                "SCRAPER_CONCURRENCY",
-                self.concurrency.to_string(),
-                src("concurrency"),
-            ),
-            (
-                "unhealthy-threshold",
-                "SCRAPER_UNHEALTHY_THRESHOLD",
-                self.unhealthy_threshold.to_string(),
-                src("unhealthy_threshold"),
-            ),
-            (
-                "healthy-threshold",
-                "SCRAPER_HEALTHY_THRESHOLD",
-                self.healthy_threshold.to_string(),
-                src("healthy_threshold"),
-            ),
-            ("lease", "SCRAPER_LEASE", d(self.lease), src("lease")),
-            (
-                "foreign-lock-ttl",
-                "SCRAPER_FOREIGN_LOCK_TTL",
-                d(self.foreign_lock_ttl),
-                src("foreign_lock_ttl"),
-            ),
-            (
-                "holder-id",
-                "SCRAPER_HOLDER_ID",
-                self.holder_id.clone(),
-                src("holder_id"),
-            ),
-            (
-                "log-format",
-                "SCRAPER_LOG_FORMAT",
-                format!("{:?}", self.log_format).to_lowercase(),
-                src("log_format"),
-            ),
-            (
-                "dapr-grpc-endpoint",
-                "DAPR_GRPC_ENDPOINT",
-                self.dapr_grpc_endpoint.clone(),
-                port_src("dapr_grpc_endpoint", "DAPR_GRPC_PORT"),
-            ),
-            (
-                "dapr-http-endpoint",
-                "DAPR_HTTP_ENDPOINT",
-                self.dapr_http_endpoint.clone(),
-                port_src("dapr_http_endpoint", "DAPR_HTTP_PORT"),
-            ),
-            (
-                "dapr-api-token",
-                "DAPR_API_TOKEN",
-                if self.dapr_api_token.is_some() {
-                    "[redacted]".into()
-                } else {
-                    "(unset)".into()
-                },
-                if self.dapr_api_token.is_some() {
-                    Source::Env
-                } else {
-                    Source::Default
-                },
-            ),
-            (
-                "sidecar-wait",
-                "SCRAPER_SIDECAR_WAIT",
-                d(self.sidecar_wait),
-                src("sidecar_wait"),
-            ),
-            (
-                "listen",
-                "SCRAPER_LISTEN",
-                self.listen.to_string(),
-                src("listen"),
-            ),
-            (
-                "shutdown-grace",
-                "SCRAPER_SHUTDOWN_GRACE",
-                d(self.shutdown_grace),
-                src("shutdown_grace"),
-            ),
-            (
-                "status-page",
-                "SCRAPER_STATUS_PAGE",
-                self.status_page.to_string(),
-                src("status_page"),
-            ),
-            (
-                "max-failed-share",
-                "SCRAPER_MAX_FAILED_SHARE",
-                crate::plan::share_text(self.max_failed_share_milli.into()),
-                src("max_failed_share"),
-            ),
-            (
-                "guard-window",
-                "SCRAPER_GUARD_WINDOW",
-                d(self.guard_window),
-                src("guard_window"),
-            ),
-            (
-                "dry-run",
-                "SCRAPER_DRY_RUN",
-                self.dry_run.to_string(),
-                src("dry_run"),
-            ),
-        ];
-        let log_filter = env
-            .var("SCRAPER_LOG")
-            .map(|v| (v, "SCRAPER_LOG"))
-            .or_else(|| env.var("RUST_LOG").map(|v| (v, "RUST_LOG")));
-        out.push((
-            "log-filter",
-            "SCRAPER_LOG",
-            log_filter
-                .as_ref()
-                .map_or_else(|| crate::DEFAULT_LOG_FILTER.to_string(), |(v, _)| v.clone()),
-            if log_filter.is_some() {
-                Source::Env
-            } else {
-                Source::Default
-            },
-        ));
-        out.into_iter()
-            .map(|(option, env, value, source)| Effective {
-                option,
-                env,
-                value,
-                source: source.as_str(),
-            })
-            .collect()
+            "private_key_prefix" => Some(self.private_key_prefix.clone()),
+            "status_url" => Some(self.status_url.clone()),
+            "schedule" => Some(self.schedule.text().to_string()),
+            "probe_timeout" => d(self.probe_timeout),
+            "retries" => Some(self.retries.to_string()),
+            "concurrency" => Some(self.concurrency.to_string()),
+            "unhealthy_threshold" => Some(self.unhealthy_threshold.to_string()),
+            "healthy_threshold" => Some(self.healthy_threshold.to_string()),
+            "lease" => d(self.lease),
+            "foreign_lock_ttl" => d(self.foreign_lock_ttl),
+            "holder_id" => Some(self.holder_id.clone()),
+            "dapr_grpc_endpoint" => Some(self.dapr_grpc_endpoint.clone()),
+            "dapr_http_endpoint" => Some(self.dapr_http_endpoint.clone()),
+            "sidecar_wait" => d(self.sidecar_wait),
+            "listen" => Some(self.listen.to_string()),
+            "shutdown_grace" => d(self.shutdown_grace),
+            "max_failed_share" => Some(crate::plan::share_text(self.max_failed_share_milli.into())),
+            "guard_window" => d(self.guard_window),
+            _ => None,
+        }
+    }
+
+    /// The value shown for an environment-only row, given the value found (if any).
+    fn env_only_shown(&self, option: &str, found: Option<String>) -> String {
+        match option {
+            "dapr-api-token" if self.dapr_api_token.is_some() => "[redacted]".into(),
+            "log-filter" => found.unwrap_or_else(|| crate::DEFAULT_LOG_FILTER.to_string()),
+            // A row without a formatter of its own never prints what it read.
+            _ => "(unset)".into(),
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! `keel-scraper config` and the logging options, proven against the real binary:
 //!
-//! - `config` prints every option (every flag of `--help`, plus the Dapr token and the log
-//!   filter) with its effective value and its source, `flag`, `env` or `default`, and
-//!   exits 0; secrets print as `[redacted]`.
+//! - `config` prints every option (every flag of `--help`, each clap option of `Options`,
+//!   plus the rows of the environment-only inputs: the Dapr token and the log filter) with
+//!   its effective value and its source, `flag`, `env` or `default`, and exits 0; secrets
+//!   print as `[redacted]`.
 //! - Invalid configuration exits 2 and names the option, for `config` and `run` alike.
 //! - `--log-format pretty` is for people: not JSON, no colour codes when piped, the event
 //!   names readable; `SCRAPER_LOG` filters the events, `RUST_LOG` only when it is unset.
@@ -10,6 +11,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use clap::CommandFactory;
+use keel_scraper::config::{Cli, EnvRole, ENV_ONLY};
 use serde_json::Value;
 
 use harness::{run_to_end, Finished};
@@ -92,81 +95,115 @@ fn options_in_help() -> BTreeSet<String> {
         .collect()
 }
 
-/// Every option: (name in `config`, flag value, its environment variable, the value
-/// `config` prints for it).
-const OPTIONS: &[(&str, &str, &str, &str)] = &[
-    ("backend", "memory", "SCRAPER_BACKEND", "memory"),
+/// One option as clap defines it (`Options`): what `config` must list for it.
+#[derive(Debug)]
+struct ClapOption {
+    id: String,
+    long: String,
+    env: String,
+    /// Clap's default text, if it has one.
+    default: Option<String>,
+    /// False for a flag set without a value (`--dry-run`).
+    takes_value: bool,
+}
+
+/// Every option of the command line, from the clap definitions the binary is built from.
+fn clap_options() -> Vec<ClapOption> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    cmd.get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            if long == "help" || long == "version" {
+                return None;
+            }
+            let env = arg
+                .get_env()
+                .and_then(|e| e.to_str())
+                .unwrap_or_else(|| panic!("--{long} reads no environment variable"));
+            let defaults = arg.get_default_values();
+            Some(ClapOption {
+                id: arg.get_id().to_string(),
+                long: long.to_string(),
+                env: env.to_string(),
+                default: (!defaults.is_empty()).then(|| {
+                    let texts: Vec<_> = defaults.iter().map(|d| d.to_string_lossy()).collect();
+                    texts.join(",")
+                }),
+                takes_value: arg.get_action().takes_values(),
+            })
+        })
+        .collect()
+}
+
+/// The rows `config` prints for the inputs only the environment sets.
+fn env_only_rows() -> Vec<&'static str> {
+    ENV_ONLY
+        .iter()
+        .filter_map(|input| match input.role {
+            EnvRole::Row(option) => Some(option),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The option whose default an environment-only input feeds.
+fn fed_by<'a>(options: &'a [ClapOption], id: &str) -> &'a ClapOption {
+    options
+        .iter()
+        .find(|o| o.id == id)
+        .unwrap_or_else(|| panic!("ENV_ONLY feeds {id}, which is no option"))
+}
+
+/// Every option: (name in `config`, the value this test sets, the value `config` prints
+/// for it). Its environment variable is clap's.
+const OPTIONS: &[(&str, &str, &str)] = &[
+    ("backend", "memory", "memory"),
     (
         "redis-url",
         "redis://127.0.0.1:6390/0",
-        "REDIS_URL",
         "redis://127.0.0.1:6390/0",
     ),
-    ("public-store", "pub-a", "KEEL_PUBLIC_STORE", "pub-a"),
-    ("private-store", "priv-a", "KEEL_PRIVATE_STORE", "priv-a"),
-    (
-        "private-key-prefix",
-        "plug",
-        "SCRAPER_PRIVATE_KEY_PREFIX",
-        "plug",
-    ),
+    ("public-store", "pub-a", "pub-a"),
+    ("private-store", "priv-a", "priv-a"),
+    ("private-key-prefix", "plug", "plug"),
     (
         "status-url",
         "http://127.0.0.1:8080/{plugin_id}/v1/status",
-        "SCRAPER_STATUS_URL",
         "http://127.0.0.1:8080/{plugin_id}/v1/status",
     ),
-    (
-        "schedule",
-        "*/5 * * * * *",
-        "SCRAPER_SCHEDULE",
-        "*/5 * * * * *",
-    ),
-    ("probe-timeout", "3s", "SCRAPER_PROBE_TIMEOUT", "3s"),
-    ("retries", "4", "SCRAPER_RETRIES", "4"),
-    ("concurrency", "8", "SCRAPER_CONCURRENCY", "8"),
-    (
-        "unhealthy-threshold",
-        "3",
-        "SCRAPER_UNHEALTHY_THRESHOLD",
-        "3",
-    ),
-    ("healthy-threshold", "2", "SCRAPER_HEALTHY_THRESHOLD", "2"),
-    ("lease", "7s", "SCRAPER_LEASE", "7s"),
-    ("foreign-lock-ttl", "45m", "SCRAPER_FOREIGN_LOCK_TTL", "45m"),
-    ("holder-id", "pod-x", "SCRAPER_HOLDER_ID", "pod-x"),
-    ("log-format", "pretty", "SCRAPER_LOG_FORMAT", "pretty"),
+    ("schedule", "*/5 * * * * *", "*/5 * * * * *"),
+    ("probe-timeout", "3s", "3s"),
+    ("retries", "4", "4"),
+    ("concurrency", "8", "8"),
+    ("unhealthy-threshold", "3", "3"),
+    ("healthy-threshold", "2", "2"),
+    ("lease", "7s", "7s"),
+    ("foreign-lock-ttl", "45m", "45m"),
+    ("holder-id", "pod-x", "pod-x"),
+    ("log-format", "pretty", "pretty"),
     (
         "dapr-grpc-endpoint",
         "127.0.0.1:50011",
-        "DAPR_GRPC_ENDPOINT",
         "http://127.0.0.1:50011",
     ),
     (
         "dapr-http-endpoint",
         "127.0.0.1:3511",
-        "DAPR_HTTP_ENDPOINT",
         "http://127.0.0.1:3511",
     ),
-    ("sidecar-wait", "30s", "SCRAPER_SIDECAR_WAIT", "30s"),
-    (
-        "listen",
-        "127.0.0.1:9191",
-        "SCRAPER_LISTEN",
-        "127.0.0.1:9191",
-    ),
-    ("shutdown-grace", "3s", "SCRAPER_SHUTDOWN_GRACE", "3s"),
-    ("status-page", "false", "SCRAPER_STATUS_PAGE", "false"),
-    (
-        "max-failed-share",
-        "0.25",
-        "SCRAPER_MAX_FAILED_SHARE",
-        "0.25",
-    ),
-    ("guard-window", "5m", "SCRAPER_GUARD_WINDOW", "5m"),
-    // A flag without a value: set as `--dry-run` (see below).
-    ("dry-run", "true", "SCRAPER_DRY_RUN", "true"),
+    ("sidecar-wait", "30s", "30s"),
+    ("listen", "127.0.0.1:9191", "127.0.0.1:9191"),
+    ("shutdown-grace", "3s", "3s"),
+    ("status-page", "false", "false"),
+    ("max-failed-share", "0.25", "0.25"),
+    ("guard-window", "5m", "5m"),
+    // A flag without a value: set as `--dry-run` (clap says it takes none).
+    ("dry-run", "true", "true"),
 ];
+
+/// Defaults `config` prints in the project's format rather than as clap's text.
+const DEFAULTS_REFORMATTED: &[(&str, &str)] = &[("sidecar-wait", "1m")];
 
 fn row<'a>(rows: &'a [Row], option: &str) -> &'a Row {
     rows.iter()
@@ -174,43 +211,76 @@ fn row<'a>(rows: &'a [Row], option: &str) -> &'a Row {
         .unwrap_or_else(|| panic!("config does not print {option}: {rows:#?}"))
 }
 
+/// This test's (value set, value shown) for a clap option.
+fn set_and_shown(option: &ClapOption) -> (&'static str, &'static str) {
+    OPTIONS
+        .iter()
+        .find(|o| o.0 == option.long)
+        .map(|o| (o.1, o.2))
+        .unwrap_or_else(|| panic!("--{} is not in this test's OPTIONS", option.long))
+}
+
 #[test]
 fn config_prints_every_option_with_its_value_and_source() {
-    // Every option of --help is in the table above, so the three runs cover them all.
+    // Every option of --help is a clap option and in the table above, so the three runs
+    // cover them all.
+    let options = clap_options();
     let help = options_in_help();
+    let defined: BTreeSet<String> = options.iter().map(|o| o.long.clone()).collect();
     let listed: BTreeSet<String> = OPTIONS.iter().map(|o| o.0.to_string()).collect();
+    assert_eq!(help, defined, "--help options vs the clap options");
     assert_eq!(help, listed, "--help options vs the options this test sets");
 
     // All from flags.
     let mut args = Vec::new();
-    for (name, value, _, _) in OPTIONS {
-        args.push(format!("--{name}"));
-        if *name != "dry-run" {
-            args.push(value.to_string());
+    for option in &options {
+        args.push(format!("--{}", option.long));
+        if option.takes_value {
+            args.push(set_and_shown(option).0.to_string());
         }
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let rows = config(&args, &[]);
-    for (name, _, env, shown) in OPTIONS {
-        let r = row(&rows, name);
+    // Exactly one row per option and per environment-only row, nothing else.
+    let mut names: Vec<&str> = options.iter().map(|o| o.long.as_str()).collect();
+    names.extend(env_only_rows());
+    let printed: Vec<&str> = rows.iter().map(|r| r.option.as_str()).collect();
+    assert_eq!(
+        printed.iter().copied().collect::<BTreeSet<_>>(),
+        names.iter().copied().collect::<BTreeSet<_>>(),
+        "config's rows vs the clap options and ENV_ONLY's rows"
+    );
+    assert_eq!(
+        printed.len(),
+        names.len(),
+        "a row printed twice: {printed:?}"
+    );
+    for option in &options {
+        let r = row(&rows, &option.long);
         assert_eq!(
             (r.env.as_str(), r.value.as_str(), r.source.as_str()),
-            (*env, *shown, "flag"),
+            (option.env.as_str(), set_and_shown(option).1, "flag"),
             "{r:?}"
         );
     }
     assert_eq!(row(&rows, "dapr-api-token").source, "default");
     assert_eq!(row(&rows, "log-filter").source, "default");
+    for name in env_only_rows() {
+        assert_eq!(row(&rows, name).source, "default", "{name}");
+    }
 
     // All from the environment, plus the two options that only exist there.
-    let mut env: Vec<(&str, &str)> = OPTIONS.iter().map(|(_, v, e, _)| (*e, *v)).collect();
+    let mut env: Vec<(&str, &str)> = options
+        .iter()
+        .map(|o| (o.env.as_str(), set_and_shown(o).0))
+        .collect();
     env.extend([("DAPR_API_TOKEN", "t0ken-config"), ("SCRAPER_LOG", "debug")]);
     let rows = config(&[], &env);
-    for (name, _, env, shown) in OPTIONS {
-        let r = row(&rows, name);
+    for option in &options {
+        let r = row(&rows, &option.long);
         assert_eq!(
             (r.env.as_str(), r.value.as_str(), r.source.as_str()),
-            (*env, *shown, "env"),
+            (option.env.as_str(), set_and_shown(option).1, "env"),
             "{r:?}"
         );
     }
@@ -227,8 +297,29 @@ fn config_prints_every_option_with_its_value_and_source() {
 
     // Nothing set: defaults, and a flag beats its environment variable.
     let rows = config(&[], &[]);
-    for (name, _, _, _) in OPTIONS {
-        assert_eq!(row(&rows, name).source, "default", "{name}");
+    for option in &options {
+        assert_eq!(
+            row(&rows, &option.long).source,
+            "default",
+            "{}",
+            option.long
+        );
+    }
+    // Every default clap knows is the one printed (durations in the project's format).
+    for option in &options {
+        let Some(default) = &option.default else {
+            continue;
+        };
+        let shown = DEFAULTS_REFORMATTED
+            .iter()
+            .find(|(name, _)| *name == option.long)
+            .map_or(default.as_str(), |(_, shown)| shown);
+        assert_eq!(
+            row(&rows, &option.long).value,
+            shown,
+            "default of {}",
+            option.long
+        );
     }
     let expected_defaults = [
         ("backend", "dapr"),
@@ -255,7 +346,12 @@ fn config_prints_every_option_with_its_value_and_source() {
     }
     let rows = config(
         &["--retries", "4"],
-        &[("SCRAPER_RETRIES", "7"), ("DAPR_HTTP_PORT", "3601")],
+        &[
+            ("SCRAPER_RETRIES", "7"),
+            ("DAPR_HTTP_PORT", "3601"),
+            ("DAPR_GRPC_PORT", "50099"),
+            ("POD_NAME", "pod-config"),
+        ],
     );
     let retries = row(&rows, "retries");
     assert_eq!(
@@ -268,6 +364,28 @@ fn config_prints_every_option_with_its_value_and_source() {
         (http.value.as_str(), http.source.as_str()),
         ("http://127.0.0.1:3601", "env")
     );
+    let grpc = row(&rows, "dapr-grpc-endpoint");
+    assert_eq!(
+        (grpc.value.as_str(), grpc.source.as_str()),
+        ("http://127.0.0.1:50099", "env")
+    );
+    // So does every input ENV_ONLY says feeds an option's source; one that feeds only a
+    // default (the pod name in the holder id) leaves it a default.
+    for input in ENV_ONLY {
+        match input.role {
+            EnvRole::SourceOf(id) => {
+                let r = row(&rows, &fed_by(&options, id).long);
+                assert_eq!(r.source, "env", "{:?} set: {r:?}", input.vars);
+            }
+            EnvRole::DefaultOf(id) => {
+                let r = row(&rows, &fed_by(&options, id).long);
+                assert_eq!(r.source, "default", "{:?} set: {r:?}", input.vars);
+            }
+            EnvRole::Row(_) => {}
+        }
+    }
+    let holder = row(&rows, "holder-id");
+    assert!(holder.value.starts_with("pod-config-"), "{holder:?}");
     // The status URL's default follows the sidecar endpoint.
     assert_eq!(
         row(&rows, "status-url").value,
