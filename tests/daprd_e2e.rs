@@ -249,6 +249,34 @@ fn completions(workers: &[&Worker]) -> BTreeMap<String, Vec<String>> {
     out
 }
 
+/// When `e` was logged (its `timestamp`, on the machine's clock).
+fn logged_at(e: &Value) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(e["timestamp"].as_str().unwrap_or_default())
+        .unwrap_or_else(|err| panic!("an event without a timestamp ({err}): {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// Every `plugin_status_changed` of all replicas as `plugin id -> statuses written`, in
+/// the order they were written.
+fn written_statuses(workers: &[&Worker]) -> BTreeMap<String, Vec<String>> {
+    let mut changes: Vec<(chrono::DateTime<chrono::Utc>, String, String)> = workers
+        .iter()
+        .flat_map(|w| w.events())
+        .filter(|e| is(e, "plugin_status_changed"))
+        .map(|e| {
+            let id = e["plugin_id"].as_str().unwrap_or_default().to_owned();
+            let to = e["to"].as_str().unwrap_or_default().to_owned();
+            (logged_at(&e), id, to)
+        })
+        .collect();
+    changes.sort();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (_, id, to) in changes {
+        out.entry(id).or_default().push(to);
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_each_with_its_own_daprd_complete_every_tick_exactly_once_and_survive_a_sigkill(
 ) {
@@ -275,10 +303,26 @@ async fn three_replicas_each_with_its_own_daprd_complete_every_tick_exactly_once
         for w in &refs {
             w.listening_address();
         }
+        // Statuses change during the window (each move written at once by the decision:
+        // between the passing statuses, or to a blocking one), so routes are rewritten by
+        // whichever replica holds the tick.
+        let slow = |status: &str| Behavior::delay(Duration::from_millis(300), Behavior::v0(status));
+        let flips: [(usize, &[(&str, &str)]); 3] = [
+            (6, &[("a", "STARTING"), ("c", "STARTING")]),
+            (12, &[("a", "ACTIVE"), ("b", "STOPPING")]),
+            (18, &[("c", "STOPPING")]),
+        ];
+        let mut flipped = 0;
         let start = Instant::now();
         let window = loop {
             let done = completions(&refs);
             let ticks: Vec<&String> = done.keys().collect();
+            while flipped < flips.len() && ticks.len() >= flips[flipped].0 {
+                for (id, status) in flips[flipped].1 {
+                    rig.sim.set(*id, slow(status));
+                }
+                flipped += 1;
+            }
             if ticks.len() >= 32 {
                 break done;
             }
@@ -304,8 +348,9 @@ async fn three_replicas_each_with_its_own_daprd_complete_every_tick_exactly_once
         assert_eq!(tail[29] - tail[0], 29, "ticks missed: {secs:?}");
         let holders: BTreeSet<&String> = window.values().flatten().collect();
         assert!(!holders.is_empty());
-        for id in ids {
-            assert_eq!(rig.status(id).as_deref(), Some("ACTIVE"));
+        let settled = [("a", "ACTIVE"), ("b", "STOPPING"), ("c", "STOPPING")];
+        for (id, status) in settled {
+            assert_eq!(rig.status(id).as_deref(), Some(status), "{id}");
         }
 
         // SIGKILL whoever is in a tick now; another replica takes the ticks over once the
@@ -323,9 +368,29 @@ async fn three_replicas_each_with_its_own_daprd_complete_every_tick_exactly_once
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let victim_id = format!("replica-{victim}");
         workers[victim].signal(libc::SIGKILL);
         let killed_at = Instant::now();
+        let killed_wall = chrono::Utc::now();
+        // The killed holder's lease as the store holds it: its record and the TTL left.
+        let lock_key = format!("{PRIVATE_PREFIX}||scrape_state");
+        let asked = chrono::Utc::now();
+        let left_ms = support::binary::pttl(&rig.redis, &lock_key);
+        let record = support::binary::raw_json(&rig.redis, &lock_key);
+        assert!(
+            left_ms > 0 && record.as_ref().is_some_and(|r| r["holder"] == victim_id.as_str()),
+            "{victim_id} did not hold a live lease when killed: ttl {left_ms} ms, {record:?}"
+        );
+        // The lease ended no earlier than this (PTTL was read after `asked`).
+        let lease_end = asked + chrono::Duration::milliseconds(left_ms);
         workers[victim].wait_exit(Duration::from_secs(5));
+        let victim_took = workers[victim]
+            .events()
+            .iter()
+            .rev()
+            .find(|e| is(e, "lock_acquired"))
+            .map(logged_at)
+            .expect("the victim's lock_acquired");
         let before: usize = completions(&workers.iter().collect::<Vec<_>>()).len();
         let survivors: Vec<&Worker> = workers
             .iter()
@@ -350,9 +415,103 @@ async fn three_replicas_each_with_its_own_daprd_complete_every_tick_exactly_once
         for (tick, holders) in &all {
             assert_eq!(holders.len(), 1, "tick {tick} completed twice: {holders:?}");
         }
+        // The take-over: no other replica completed a tick while the killed holder's lease
+        // was live, and one took the lock after it ended, within the lease (2 s) + one
+        // interval (1 s) + a margin of the kill.
+        let survivor_events: Vec<Value> = survivors.iter().flat_map(|w| w.events()).collect();
+        let during: Vec<&Value> = survivor_events
+            .iter()
+            .filter(|e| is(e, "tick_completed"))
+            .filter(|e| (victim_took..lease_end).contains(&logged_at(e)))
+            .collect();
+        assert!(
+            during.is_empty(),
+            "ticks completed while {victim_id}'s lease was live (until {lease_end}): {during:?}"
+        );
+        let take_over = survivor_events
+            .iter()
+            .filter(|e| is(e, "lock_acquired"))
+            .map(logged_at)
+            .filter(|t| *t > killed_wall)
+            .min()
+            .expect("a survivor took the lock");
+        assert!(
+            take_over >= lease_end,
+            "taken over at {take_over}, before the lease ended at {lease_end}"
+        );
+        let bound = chrono::Duration::milliseconds(2_000 + 1_000 + 1_000);
+        assert!(
+            take_over - killed_wall <= bound,
+            "taken over {:?} after the kill (lease left {left_ms} ms), later than lease + interval + 1 s",
+            (take_over - killed_wall).to_std()
+        );
+
+        eprintln!(
+            "{victim_id} killed with {left_ms} ms of lease left; taken over {} ms after the kill",
+            (take_over - killed_wall).num_milliseconds()
+        );
+
+        // After the run, every route's Redis bytes are exactly what the `redis` backend
+        // writes for the same changes: replay the statuses written through daprd, step by
+        // step, with `once --backend redis` on a Redis seeded alike.
+        let written = written_statuses(&workers.iter().collect::<Vec<_>>());
         drop(workers);
+        let expected: BTreeMap<String, Vec<String>> = [
+            ("a", vec!["STARTING", "ACTIVE"]),
+            ("b", vec!["STOPPING"]),
+            ("c", vec!["STARTING", "STOPPING"]),
+        ]
+        .into_iter()
+        .map(|(id, s)| (id.to_owned(), s.into_iter().map(str::to_owned).collect()))
+        .collect();
+        assert_eq!(written, expected, "each change written exactly once");
+        let direct = RedisServer::start();
+        let direct_store = seeder(&direct).await;
+        seed_registry(&*direct_store, &ids).await;
+        for id in ids {
+            seed_route(&*direct_store, id, "ACTIVE").await;
+        }
+        let steps = written.values().map(Vec::len).max().unwrap_or(0);
+        for step in 0..steps {
+            for (id, statuses) in &written {
+                let status = &statuses[step.min(statuses.len() - 1)];
+                rig.sim.set(id.as_str(), Behavior::v0(status));
+            }
+            let replay = keel()
+                .redis(&direct.url(), &rig.sim.url_template())
+                .args(["once", "--holder-id", HOLDER, "--retries", "0"])
+                .run_async()
+                .await;
+            replay.assert_code(0);
+        }
+        assert_eq!(
+            stored_routes(&direct, &ids),
+            stored_routes(&rig.redis, &ids)
+        );
+        for id in ids {
+            let key = format!("plugin_route_{id}");
+            assert_eq!(
+                rig.redis.hgetall(&key),
+                direct.hgetall(&key),
+                "{key}: the bytes differ between dapr and redis"
+            );
+        }
     })
     .await;
+}
+
+/// Each route's stored status and version, for a readable first difference.
+fn stored_routes(server: &RedisServer, ids: &[&str]) -> Vec<(String, Option<String>, Option<i64>)> {
+    ids.iter()
+        .map(|id| {
+            let key = format!("plugin_route_{id}");
+            (
+                (*id).to_owned(),
+                route_status(server, id),
+                raw_version(server, &key),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //! calls through service invocation to one `HTTPEndpoint` per plugin), and in the same
 //! run the limit of that path: the same N status calls through the same daprd at the same
 //! concurrency from `wrk` on the invoke URL, plus the tick's state calls (registry get,
-//! bulk get of every route) timed alone in process.
+//! bulk get of every route) timed alone in process; then whole `keel-scraper once
+//! --backend dapr` processes against the same daprd, with the worker's peak RSS.
 //!
 //! `KEEL_BENCH_DAPRD_SIZES` (default `1000,10000`) picks the sizes; the daprd is
 //! `$KEEL_DAPRD`, else what `scripts/daprd --no-build` finds. Without one, the rows are
@@ -174,7 +175,7 @@ fn at_size(
     sim.clear_all();
     let mut conn = rt.block_on(redis_conn(&redis.url()))?;
     rt.block_on(seed_redis(&mut conn, n))?;
-    let s = settings(&[
+    let args: Vec<String> = vec![
         "--backend".into(),
         "dapr".into(),
         "--dapr-grpc-endpoint".into(),
@@ -187,7 +188,10 @@ fn at_size(
         crate::RETRIES.to_string(),
         "--holder-id".into(),
         "keel-bench".into(),
-    ])?;
+        "--log-format".into(),
+        "json".into(),
+    ];
+    let s = settings(&args)?;
     let store = rt.block_on(keel_scraper::wiring::build_store(&s))?;
     let prober = keel_scraper::wiring::build_prober(&s)?;
     let ticker = keel_scraper::wiring::ticker(&s, store.clone(), prober);
@@ -233,6 +237,19 @@ fn at_size(
             limits.push(run.time_for(n));
         }
     }
+    // Whole `once` processes (the binary with the same flags) against the same daprd,
+    // each after a churn step, with the worker's own peak RSS.
+    let bin = Path::new(env!("CARGO_BIN_EXE_keel-scraper"));
+    let (mut onces, mut rss, mut hwm) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        churn.step(sim);
+        let run = crate::once_process(bin, &args, dir).context("`once` through daprd")?;
+        onces.push(run.elapsed);
+        rss.extend(run.max_rss_kib.map(|k| k as f64 / 1024.0));
+        hwm.push(run.hwm_kib as f64 / 1024.0);
+    }
+    rt.block_on(crate::verify_routes(&mut conn, &churn))
+        .context("routes after `once` through daprd")?;
     let tick = Stats::of_durations(&ticks).context("no ticks")?;
     let state = Stats::of_durations(&state).context("no state reads")?;
     let mut rows = Vec::new();
@@ -270,6 +287,26 @@ fn at_size(
         Some(n),
         Unit::Seconds,
         Some(state),
+    ));
+    rows.push(Row::new(
+        "whole `once` process through real daprd",
+        Some(n),
+        Unit::Seconds,
+        Stats::of_durations(&onces),
+    ));
+    if let Some(rss) = Stats::of(&rss) {
+        rows.push(Row::new(
+            "peak RSS of `once` through daprd (GNU time)",
+            Some(n),
+            Unit::Mib,
+            Some(rss),
+        ));
+    }
+    rows.push(Row::new(
+        "peak RSS of `once` through daprd (VmHWM polled)",
+        Some(n),
+        Unit::Mib,
+        Stats::of(&hwm),
     ));
     Ok(rows)
 }
