@@ -37,8 +37,8 @@ use serde_json::Value;
 use crate::decision::Counters;
 use crate::events;
 use crate::probe::ProbeOutcome;
-use crate::registry::{invalid_id_reason, parse_ids, REGISTRY_KEY};
-use crate::route::{read_status, route_key};
+use crate::registry::{parse_ids, REGISTRY_KEY};
+use crate::route::route_key;
 use crate::store::{read_each, Entry, Fence, Save, Store, StoreError, StoreKind, ABSENT_ETAG};
 use crate::tick::COUNTERS_KEY;
 
@@ -849,15 +849,7 @@ pub async fn load(store: &dyn Store) -> Result<StatusReport, ReportError> {
         .into_iter()
         .zip(routes)
         .map(|(plugin_id, route)| {
-            let (status, error) = match (invalid_id_reason(&plugin_id), route) {
-                (Some(reason), _) => (None, Some(format!("invalid plugin id: {reason}"))),
-                (None, Err(e)) => (None, Some(e.to_string())),
-                (None, Ok(None)) => (None, None),
-                (None, Ok(Some(e))) => match read_status(&e.data) {
-                    Ok(st) => (Some(st), None),
-                    Err(err) => (None, Some(err.to_string())),
-                },
-            };
+            let (status, error) = crate::route::shown_status(&plugin_id, route);
             let mut row = PluginRow {
                 observation: observations,
                 observation_error: observations_error.clone(),
@@ -881,26 +873,7 @@ pub async fn load(store: &dyn Store) -> Result<StatusReport, ReportError> {
                 Err(e) => row.counters_error = Some(e.clone()),
             }
             if let Some(o) = &obs {
-                match o.plugins.get(&row.plugin_id) {
-                    None if o.omitted > 0 => row.observation = "omitted",
-                    None => row.observation = "missing",
-                    Some(k) => {
-                        row.observed_tick = Some(rfc3339(o.tick));
-                        row.since = Some(match k.since {
-                            Some(s) if row.status.as_deref() == Some(&*k.status) => rfc3339(s),
-                            _ => "unknown".into(),
-                        });
-                        row.last_outcome = Some(k.outcome.name().into());
-                        match &k.outcome {
-                            Outcome::Reported(s) => row.reported_status = Some(s.to_string()),
-                            Outcome::Failed { error_kind, detail } => {
-                                row.error_kind = Some(error_kind.to_string());
-                                row.detail = detail.as_deref().map(str::to_string);
-                            }
-                            Outcome::CutOff => {}
-                        }
-                    }
-                }
+                fill_observation(&mut row, o);
             }
             row
         })
@@ -913,6 +886,31 @@ pub async fn load(store: &dyn Store) -> Result<StatusReport, ReportError> {
         details_dropped: obs.as_ref().is_some_and(|o| o.details_dropped),
         plugins,
     })
+}
+
+/// The row's observation members from the stored record (`omitted` or `missing` when the
+/// record has no entry for it).
+fn fill_observation(row: &mut PluginRow, o: &Observations) {
+    match o.plugins.get(&row.plugin_id) {
+        None if o.omitted > 0 => row.observation = "omitted",
+        None => row.observation = "missing",
+        Some(k) => {
+            row.observed_tick = Some(rfc3339(o.tick));
+            row.since = Some(match k.since {
+                Some(s) if row.status.as_deref() == Some(&*k.status) => rfc3339(s),
+                _ => "unknown".into(),
+            });
+            row.last_outcome = Some(k.outcome.name().into());
+            match &k.outcome {
+                Outcome::Reported(s) => row.reported_status = Some(s.to_string()),
+                Outcome::Failed { error_kind, detail } => {
+                    row.error_kind = Some(error_kind.to_string());
+                    row.detail = detail.as_deref().map(str::to_string);
+                }
+                Outcome::CutOff => {}
+            }
+        }
+    }
 }
 
 fn or_dash(v: Option<&str>) -> String {

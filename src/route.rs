@@ -67,6 +67,24 @@ fn status_of(members: &Members<'_>) -> Result<String, RouteError> {
     serde_json::from_str::<String>(raw.get()).map_err(|_| RouteError::StatusNotString)
 }
 
+/// A registered plugin's route as `routes` and the status page show it: its status, or
+/// why there is none to show (an invalid id, an unreadable or malformed route; a missing
+/// route is neither).
+pub fn shown_status(
+    plugin_id: &str,
+    route: Result<Option<crate::store::Entry>, crate::store::StoreError>,
+) -> (Option<String>, Option<String>) {
+    match (crate::registry::invalid_id_reason(plugin_id), route) {
+        (Some(reason), _) => (None, Some(format!("invalid plugin id: {reason}"))),
+        (None, Err(e)) => (None, Some(e.to_string())),
+        (None, Ok(None)) => (None, None),
+        (None, Ok(Some(e))) => match read_status(&e.data) {
+            Ok(st) => (Some(st), None),
+            Err(err) => (None, Some(err.to_string())),
+        },
+    }
+}
+
 /// The stored status string of a route (it may be outside the route vocabulary).
 pub fn read_status(data: &[u8]) -> Result<String, RouteError> {
     // The hot path reads only `status` and skips the other members without keeping them;

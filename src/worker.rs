@@ -16,8 +16,8 @@ use crate::config::Settings;
 use crate::events;
 use crate::health::{self, Health};
 use crate::lease::TickKind;
-use crate::registry::{invalid_id_reason, parse_ids, REGISTRY_KEY};
-use crate::route::{read_status, route_key};
+use crate::registry::{parse_ids, REGISTRY_KEY};
+use crate::route::route_key;
 use crate::store::{read_each, Store, StoreError, StoreKind};
 use crate::tick::{SkipReason, TickError, TickOutcome, Ticker};
 pub use crate::wiring::WorkerError;
@@ -167,15 +167,7 @@ pub async fn route_table(store: &dyn Store) -> Result<Vec<RouteRow>, WorkerError
         .into_iter()
         .zip(routes)
         .map(|(plugin_id, route)| {
-            let (status, error) = match (invalid_id_reason(&plugin_id), route) {
-                (Some(reason), _) => (None, Some(format!("invalid plugin id: {reason}"))),
-                (None, Err(e)) => (None, Some(e.to_string())),
-                (None, Ok(None)) => (None, None),
-                (None, Ok(Some(e))) => match read_status(&e.data) {
-                    Ok(st) => (Some(st), None),
-                    Err(err) => (None, Some(err.to_string())),
-                },
-            };
+            let (status, error) = crate::route::shown_status(&plugin_id, route);
             RouteRow {
                 plugin_id,
                 status,

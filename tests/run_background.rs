@@ -2,7 +2,7 @@
 //! return path: a start-up failure after the health server is listening leaves nothing
 //! answering on its port.
 
-use std::net::TcpListener;
+use keel_test_support::process::free_port;
 use std::time::{Duration, Instant};
 
 use keel_scraper::config::{parse_cli, Env, Settings};
@@ -14,13 +14,6 @@ impl Env for NoEnv {
     fn var(&self, _name: &str) -> Option<String> {
         None
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
