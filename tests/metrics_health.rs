@@ -19,44 +19,13 @@ use std::time::{Duration, Instant};
 use chrono::Timelike;
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::{keel, raw_put, Events};
+use support::binary::{keel, raw_put, raw_route_status, raw_seed, Events};
 use support::live::{self, http_get, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 
 /// Common `run` arguments against `redis` and the simulator, ticking every second.
 fn run_args(redis: &RedisServer, sim: &PluginSim) -> Vec<String> {
     live::run_args(redis, sim, &["--probe-timeout", "1s"])
-}
-
-/// Registers `ids` and gives each `(id, status)` a route.
-fn seed(redis: &RedisServer, ids: &[&str], routes: &[(&str, &str)]) {
-    let registry: serde_json::Map<String, Value> = ids
-        .iter()
-        .map(|id| (id.to_string(), Value::String("true".into())))
-        .collect();
-    raw_put(
-        redis,
-        "plugins||all_registered_plugin",
-        &Value::Object(registry).to_string(),
-    );
-    for (id, status) in routes {
-        raw_put(
-            redis,
-            &format!("plugin_route_{id}"),
-            &serde_json::json!({ "status": status, "tkeel_version": "v0.2.0" }).to_string(),
-        );
-    }
-}
-
-/// The route status stored in Redis for `id`.
-fn route_status(redis: &RedisServer, id: &str) -> String {
-    let data: Vec<u8> = redis.query(
-        redis::cmd("HGET")
-            .arg(format!("plugin_route_{id}"))
-            .arg("data"),
-    );
-    let route: Value = serde_json::from_slice(&data).expect("the route is JSON");
-    route["status"].as_str().unwrap_or_default().to_string()
 }
 
 /// The value of one series in a Prometheus text exposition (labels in any order).
@@ -121,7 +90,7 @@ async fn metrics_move_after_real_ticks() {
     sim.set("good", Behavior::v0("ACTIVE"));
     sim.set("down", Behavior::Unknown404);
     sim.set("stopper", Behavior::v0("STOPPED"));
-    seed(
+    raw_seed(
         &redis,
         &["good", "down", "stopper", "ghost"],
         &[
@@ -221,8 +190,8 @@ async fn metrics_move_after_real_ticks() {
         (-1.0..5.0).contains(&age),
         "last completed tick {age:.1} s ago"
     );
-    assert_eq!(route_status(&redis, "stopper"), "STOPPED");
-    assert_eq!(route_status(&redis, "down"), "FAILED");
+    assert_eq!(raw_route_status(&redis, "stopper"), "STOPPED");
+    assert_eq!(raw_route_status(&redis, "down"), "FAILED");
 
     // Every metric is prefixed; every stdout line is one JSON event.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -255,7 +224,7 @@ async fn lock_held_is_1_during_a_tick_and_0_once_it_is_released() {
         "a",
         Behavior::delay(Duration::from_millis(1500), Behavior::v0("ACTIVE")),
     );
-    seed(&redis, &["a"], &[("a", "ACTIVE")]);
+    raw_seed(&redis, &["a"], &[("a", "ACTIVE")]);
     let mut args = run_args(&redis, &sim);
     let set = |args: &mut Vec<String>, flag: &str, value: &str| {
         let at = args.iter().position(|a| a == flag).expect("flag present");
@@ -328,7 +297,7 @@ async fn healthz_answers_200_while_start_up_waits_for_the_sidecar() {
 async fn readyz_follows_the_store_and_healthz_stays_ok_through_an_outage() {
     let mut redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &["a"], &[("a", "ACTIVE")]);
+    raw_seed(&redis, &["a"], &[("a", "ACTIVE")]);
     let w = Worker::spawn(&run_args(&redis, &sim), &[]);
     let address = w.listening_address();
     w.wait_event(Duration::from_secs(10), |e| is(e, "tick_completed"));
@@ -398,7 +367,7 @@ async fn healthz_fails_when_the_scheduler_stops_firing_and_recovers_when_it_fire
     let lib = libfaketime().expect("libfaketime is required for this test (apt-get install faketime; scripts/test installs it)");
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &["a"], &[("a", "ACTIVE")]);
+    raw_seed(&redis, &["a"], &[("a", "ACTIVE")]);
     let dir = tempfile::tempdir().expect("temp dir");
     let clock = dir.path().join("faketime");
     std::fs::write(&clock, "2020-01-01 00:00:00\n").expect("write the frozen time");
@@ -457,7 +426,7 @@ async fn healthz_fails_when_the_scheduler_stops_firing_and_recovers_when_it_fire
 async fn healthz_stays_200_through_the_long_gap_of_an_irregular_schedule() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &["a"], &[("a", "ACTIVE")]);
+    raw_seed(&redis, &["a"], &[("a", "ACTIVE")]);
     // Fire 30 s from now, so the 6 s observed below fall in the silent gap.
     let first = (chrono::Utc::now().second() + 30) % 59;
     let schedule = format!("{},{} * * * * *", first, first + 1);
@@ -534,7 +503,7 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
     }
     let ids: Vec<&str> = cases.iter().map(|c| c.0).collect();
     let routes: Vec<(&str, &str)> = cases.iter().map(|c| (c.0, c.1)).collect();
-    seed(&redis, &ids, &routes);
+    raw_seed(&redis, &ids, &routes);
     let out = keel()
         .args([
             "once",
@@ -569,7 +538,7 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
             "{e}"
         );
         assert_eq!(e["alert"], *alert, "{id} {from} -> {to}: {e}");
-        assert_eq!(route_status(&redis, id), *to);
+        assert_eq!(raw_route_status(&redis, id), *to);
     }
 }
 
@@ -622,7 +591,7 @@ async fn lock_lost_carries_alert_and_the_tick_writes_nothing() {
         "slow",
         Behavior::delay(Duration::from_millis(1500), Behavior::v0("STOPPED")),
     );
-    seed(&redis, &["slow"], &[("slow", "ACTIVE")]);
+    raw_seed(&redis, &["slow"], &[("slow", "ACTIVE")]);
     let mut w = Worker::spawn(
         &[
             "once",
@@ -677,7 +646,7 @@ async fn lock_lost_carries_alert_and_the_tick_writes_nothing() {
         w.dump()
     );
     assert_eq!(
-        route_status(&redis, "slow"),
+        raw_route_status(&redis, "slow"),
         "ACTIVE",
         "nothing written after the lease was lost"
     );

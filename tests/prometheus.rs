@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use keel_test_support::process::spawn_tied;
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
+use support::binary::raw_put;
 use support::live::{self, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 
@@ -34,30 +35,18 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
 const JOB: &str = "keel-scraper";
 
-/// Writes `key` in Dapr's `state.redis` layout.
-fn put(redis: &RedisServer, key: &str, data: &str) {
-    redis.query::<()>(
-        redis::cmd("HSET")
-            .arg(key)
-            .arg("data")
-            .arg(data)
-            .arg("version")
-            .arg(1),
-    );
-}
-
 /// Registers `good` (ACTIVE, answering) and `down` (ACTIVE, answering 404), so probe
 /// failures and a route write happen.
 fn seed(redis: &RedisServer, sim: &PluginSim) {
     sim.set("good", Behavior::v0("ACTIVE"));
     sim.set("down", Behavior::Unknown404);
-    put(
+    raw_put(
         redis,
         "plugins||all_registered_plugin",
         r#"{"good":"true","down":"true"}"#,
     );
     for id in ["good", "down"] {
-        put(
+        raw_put(
             redis,
             &format!("plugin_route_{id}"),
             r#"{"status":"ACTIVE","tkeel_version":"v0.2.0"}"#,

@@ -16,39 +16,9 @@ use std::time::{Duration, Instant};
 
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::raw_put;
+use support::binary::{raw_route_status, raw_seed};
 use support::live::{is, run_args, Worker};
 use support::redis_server::{free_port, RedisServer};
-
-/// Registers each `(id, status)` and gives it a route with that status.
-fn seed(redis: &RedisServer, routes: &[(&str, &str)]) {
-    let registry: serde_json::Map<String, Value> = routes
-        .iter()
-        .map(|(id, _)| (id.to_string(), Value::String("true".into())))
-        .collect();
-    raw_put(
-        redis,
-        "plugins||all_registered_plugin",
-        &Value::Object(registry).to_string(),
-    );
-    for (id, status) in routes {
-        raw_put(
-            redis,
-            &format!("plugin_route_{id}"),
-            &serde_json::json!({ "status": status }).to_string(),
-        );
-    }
-}
-
-fn route_status(redis: &RedisServer, id: &str) -> String {
-    let data: Vec<u8> = redis.query(
-        redis::cmd("HGET")
-            .arg(format!("plugin_route_{id}"))
-            .arg("data"),
-    );
-    let route: Value = serde_json::from_slice(&data).expect("the route is JSON");
-    route["status"].as_str().unwrap_or_default().to_string()
-}
 
 /// The raw `scrape_state` record (the lease) and its remaining TTL in milliseconds.
 fn lock_record(redis: &RedisServer) -> (Value, i64) {
@@ -102,7 +72,7 @@ fn eventually(timeout: Duration, what: &str, f: impl Fn() -> bool) {
 fn stops_cleanly_on(signal: libc::c_int, name: &str) {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &[("a", "ACTIVE")]);
+    raw_seed(&redis, &["a"], &[("a", "ACTIVE")]);
     // A lease longer than the interval: only a release can free it before it expires.
     let mut w = Worker::spawn(
         &run_args(&redis, &sim, &["--lease", "5s", "--holder-id", "replica-1"]),
@@ -179,7 +149,7 @@ fn signal_mid_tick(
     grace_from_env: bool,
 ) -> (Worker, Instant) {
     sim.set("slow", Behavior::delay(delay, Behavior::v0("STOPPED")));
-    seed(redis, &[("slow", "ACTIVE")]);
+    raw_seed(redis, &["slow"], &[("slow", "ACTIVE")]);
     let mut extra = vec!["--lease", "6s", "--probe-timeout", "5s"];
     let mut env = Vec::new();
     if grace_from_env {
@@ -218,7 +188,7 @@ async fn sigterm_mid_tick_lets_the_tick_finish_its_writes_then_exits_0() {
     );
     assert_eq!(events[completed]["tick_cancelled"], false);
     assert_eq!(
-        route_status(&redis, "slow"),
+        raw_route_status(&redis, "slow"),
         "STOPPED",
         "the running tick's write landed"
     );
@@ -256,7 +226,7 @@ async fn a_tick_slower_than_the_grace_is_cancelled_and_the_process_still_exits_0
         w.dump()
     );
     assert_eq!(
-        route_status(&redis, "slow"),
+        raw_route_status(&redis, "slow"),
         "ACTIVE",
         "a cancelled tick writes nothing more"
     );
@@ -288,7 +258,7 @@ async fn a_cancelled_tick_still_releases_the_lease() {
 async fn a_standby_replica_takes_the_very_next_tick_after_the_holder_stops() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
-    seed(&redis, &[("a", "ACTIVE")]);
+    raw_seed(&redis, &["a"], &[("a", "ACTIVE")]);
     // The lease outlives several ticks: only the release lets the other replica in at once.
     let args = |id: &str| run_args(&redis, &sim, &["--lease", "5s", "--holder-id", id]);
     let mut first = Worker::spawn(&args("first"), &[]);

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
+use support::binary::raw_put;
 use support::live::{self, http_get, is, Worker};
 use support::redis_server::RedisServer;
 
@@ -105,18 +106,6 @@ impl Drop for Chromium {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Writes `key` in Dapr's `state.redis` layout.
-fn put(redis: &RedisServer, key: &str, data: &str) {
-    redis.query::<()>(
-        redis::cmd("HSET")
-            .arg(key)
-            .arg("data")
-            .arg(data)
-            .arg("version")
-            .arg(1),
-    );
 }
 
 fn unescape(text: &str) -> String {
@@ -202,13 +191,13 @@ async fn the_status_page_in_chromium_shows_why_each_plugin_is_blocked_and_since_
         .iter()
         .map(|id| (id.to_string(), Value::String("true".into())))
         .collect();
-    put(
+    raw_put(
         &redis,
         "plugins||all_registered_plugin",
         &Value::Object(registry).to_string(),
     );
     for id in ids {
-        put(
+        raw_put(
             &redis,
             &format!("plugin_route_{id}"),
             &serde_json::json!({ "status": "ACTIVE", "tkeel_version": "v0.4.0" }).to_string(),
@@ -351,8 +340,8 @@ async fn the_status_page_can_be_switched_off() {
     let redis = RedisServer::start();
     let sim = PluginSim::start().expect("simulator");
     sim.set("p1", Behavior::v0("ACTIVE"));
-    put(&redis, "plugins||all_registered_plugin", r#"{"p1":"true"}"#);
-    put(&redis, "plugin_route_p1", r#"{"status":"ACTIVE"}"#);
+    raw_put(&redis, "plugins||all_registered_plugin", r#"{"p1":"true"}"#);
+    raw_put(&redis, "plugin_route_p1", r#"{"status":"ACTIVE"}"#);
     let off = Worker::spawn(
         &live::run_args(&redis, &sim, &["--status-page", "false"]),
         &[("SCRAPER_HOLDER_ID", "off-replica")],

@@ -476,6 +476,35 @@ pub fn raw_put(server: &RedisServer, redis_key: &str, data: &str) {
     );
 }
 
+/// Registers `ids` in the private store (under the Plugins app id's prefix) and gives each
+/// `(id, status)` a route as Plugins writes one, with raw Redis commands.
+pub fn raw_seed(server: &RedisServer, ids: &[&str], routes: &[(&str, &str)]) {
+    let registry: serde_json::Map<String, serde_json::Value> = ids
+        .iter()
+        .map(|id| (id.to_string(), serde_json::Value::String("true".into())))
+        .collect();
+    raw_put(
+        server,
+        "plugins||all_registered_plugin",
+        &serde_json::Value::Object(registry).to_string(),
+    );
+    for (id, status) in routes {
+        raw_put(
+            server,
+            &format!("plugin_route_{id}"),
+            &serde_json::json!({ "status": status, "tkeel_version": "v0.2.0" }).to_string(),
+        );
+    }
+}
+
+/// The route status stored in Redis for `id` (empty when the route has none).
+pub fn raw_route_status(server: &RedisServer, id: &str) -> String {
+    let data = raw_data(server, &format!("plugin_route_{id}"))
+        .unwrap_or_else(|| panic!("plugin_route_{id} is missing"));
+    let route: serde_json::Value = serde_json::from_slice(&data).expect("the route is JSON");
+    route["status"].as_str().unwrap_or_default().to_string()
+}
+
 /// The `data` field of a Dapr state hash, read with raw Redis commands.
 pub fn raw_data(server: &RedisServer, redis_key: &str) -> Option<Vec<u8>> {
     server
