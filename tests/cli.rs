@@ -11,8 +11,8 @@ use keel_scraper::store::{Save, StoreKind};
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::{json, Value};
 use support::binary::{
-    exists, keel, raw_data, raw_version, redis_store, route_status, seed, seed_registry,
-    seed_route, PRIVATE, PUBLIC,
+    exists, keel, raw_data, raw_version, redis_store, route_status, routes_json, seed,
+    seed_registry, seed_route, PRIVATE, PUBLIC,
 };
 use support::redis_server::{free_port, RedisServer};
 use support::sidecar::{SidecarConfig, SidecarDouble};
@@ -492,17 +492,7 @@ async fn routes_json_prints_one_array_on_stdout_and_logs_on_stderr() {
     seed_route(&*store, "a", "ACTIVE").await;
     seed_route(&*store, "c", "FAILED").await;
 
-    let out = keel()
-        .args([
-            "routes",
-            "--json",
-            "--backend",
-            "redis",
-            "--redis-url",
-            &server.url(),
-        ])
-        .run_async()
-        .await;
+    let out = routes_json(&server.url()).run_async().await;
     out.assert_code(0);
     let rows = one_json_array(&out);
     let mut sorted = rows.as_array().cloned().unwrap_or_default();

@@ -14,7 +14,7 @@ use keel_scraper::secret::Secret;
 use keel_scraper::store::dapr::DaprStore;
 use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Save, Store, StoreKind, ABSENT_ETAG};
-use support::binary::keel;
+use support::binary::{keel, routes_json};
 use support::daprd::{Daprd, PRIVATE_STORE, PUBLIC_STORE};
 use support::redis_server::RedisServer;
 
@@ -87,15 +87,7 @@ async fn a_mixed_case_prefix_is_lower_cased_as_daprd_does() {
         assert!(a.is_some());
 
         // And `routes` on the redis backend sees the registry (it was empty before).
-        let out = keel()
-            .args([
-                "routes",
-                "--json",
-                "--backend",
-                "redis",
-                "--redis-url",
-                &redis.url(),
-            ])
+        let out = routes_json(&redis.url())
             .args(["--private-key-prefix", "Plugins"])
             .run_async()
             .await;

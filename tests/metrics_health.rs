@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::Timelike;
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::{keel, raw_put, raw_route_status, raw_seed, Events};
+use support::binary::{keel, raw_put, raw_seed, route_status, Events};
 use support::live::{self, http_get, is, Worker};
 use support::redis_server::{free_port, RedisServer};
 
@@ -190,8 +190,8 @@ async fn metrics_move_after_real_ticks() {
         (-1.0..5.0).contains(&age),
         "last completed tick {age:.1} s ago"
     );
-    assert_eq!(raw_route_status(&redis, "stopper"), "STOPPED");
-    assert_eq!(raw_route_status(&redis, "down"), "FAILED");
+    assert_eq!(route_status(&redis, "stopper").as_deref(), Some("STOPPED"));
+    assert_eq!(route_status(&redis, "down").as_deref(), Some("FAILED"));
 
     // Every metric is prefixed; every stdout line is one JSON event.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -538,7 +538,7 @@ async fn plugin_status_changed_carries_alert_only_when_a_route_leaves_the_gate()
             "{e}"
         );
         assert_eq!(e["alert"], *alert, "{id} {from} -> {to}: {e}");
-        assert_eq!(raw_route_status(&redis, id), *to);
+        assert_eq!(route_status(&redis, id).as_deref(), Some(*to));
     }
 }
 
@@ -646,8 +646,8 @@ async fn lock_lost_carries_alert_and_the_tick_writes_nothing() {
         w.dump()
     );
     assert_eq!(
-        raw_route_status(&redis, "slow"),
-        "ACTIVE",
+        route_status(&redis, "slow").as_deref(),
+        Some("ACTIVE"),
         "nothing written after the lease was lost"
     );
 }

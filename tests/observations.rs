@@ -24,7 +24,7 @@ use keel_scraper::tick::{TickOutcome, Ticker};
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{
-    keel, raw_json, raw_version, redis_store, redis_ticker, seed_registry, seed_route,
+    keel, raw_json, raw_version, redis_store, redis_ticker, routes_json, seed_registry, seed_route,
     ReplicaOptions,
 };
 use support::redis_server::RedisServer;
@@ -220,17 +220,7 @@ async fn ticks_keep_each_plugins_last_observation_and_routes_shows_it() {
     tick(&t, slot(4)).await;
     tick(&t, slot(5)).await;
 
-    let out = keel()
-        .args([
-            "routes",
-            "--json",
-            "--backend",
-            "redis",
-            "--redis-url",
-            &server.url(),
-        ])
-        .run_async()
-        .await;
+    let out = routes_json(&server.url()).run_async().await;
     out.assert_code(0);
     let rows: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON array");
     let counters = raw_json(&server, "plugins||scrape_counters").expect("counters");
@@ -300,17 +290,7 @@ async fn ticks_keep_each_plugins_last_observation_and_routes_shows_it() {
             .arg("data")
             .arg(observations::encode(&rec)),
     );
-    let out = keel()
-        .args([
-            "routes",
-            "--json",
-            "--backend",
-            "redis",
-            "--redis-url",
-            &server.url(),
-        ])
-        .run_async()
-        .await;
+    let out = routes_json(&server.url()).run_async().await;
     out.assert_code(0);
     assert!(!out.stdout.contains('\u{1b}'), "JSON escapes ESC itself");
     assert!(out.stdout.contains("\\u001b[31mred"), "{}", out.stdout);
@@ -400,17 +380,7 @@ async fn ticks_keep_each_plugins_last_observation_and_routes_shows_it() {
     // An unreadable record shows as such, never as a made-up value; the next tick
     // replaces it and the since-times start again (unknown, or the tick that sees a change).
     server.query::<()>(redis::cmd("HSET").arg(&obs_key).arg("data").arg("not json"));
-    let out = keel()
-        .args([
-            "routes",
-            "--json",
-            "--backend",
-            "redis",
-            "--redis-url",
-            &server.url(),
-        ])
-        .run_async()
-        .await;
+    let out = routes_json(&server.url()).run_async().await;
     out.assert_code(0);
     let rows: Value = serde_json::from_str(out.stdout.trim()).expect("one JSON array");
     let r = row(&rows, "dying");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
-use support::binary::{raw_route_status, raw_seed};
+use support::binary::{raw_seed, route_status};
 use support::live::{is, run_args, Worker};
 use support::redis_server::{free_port, RedisServer};
 
@@ -188,8 +188,8 @@ async fn sigterm_mid_tick_lets_the_tick_finish_its_writes_then_exits_0() {
     );
     assert_eq!(events[completed]["tick_cancelled"], false);
     assert_eq!(
-        raw_route_status(&redis, "slow"),
-        "STOPPED",
+        route_status(&redis, "slow").as_deref(),
+        Some("STOPPED"),
         "the running tick's write landed"
     );
     assert!(
@@ -226,8 +226,8 @@ async fn a_tick_slower_than_the_grace_is_cancelled_and_the_process_still_exits_0
         w.dump()
     );
     assert_eq!(
-        raw_route_status(&redis, "slow"),
-        "ACTIVE",
+        route_status(&redis, "slow").as_deref(),
+        Some("ACTIVE"),
         "a cancelled tick writes nothing more"
     );
 }

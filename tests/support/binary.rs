@@ -51,6 +51,18 @@ pub fn keel() -> Keel {
     }
 }
 
+/// `routes --json` against the `redis` backend at `redis_url`; more arguments may follow.
+pub fn routes_json(redis_url: &str) -> Keel {
+    keel().args([
+        "routes",
+        "--json",
+        "--backend",
+        "redis",
+        "--redis-url",
+        redis_url,
+    ])
+}
+
 impl Keel {
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.args.push(arg.into());
@@ -495,14 +507,6 @@ pub fn raw_seed(server: &RedisServer, ids: &[&str], routes: &[(&str, &str)]) {
             &serde_json::json!({ "status": status, "tkeel_version": "v0.2.0" }).to_string(),
         );
     }
-}
-
-/// The route status stored in Redis for `id` (empty when the route has none).
-pub fn raw_route_status(server: &RedisServer, id: &str) -> String {
-    let data = raw_data(server, &format!("plugin_route_{id}"))
-        .unwrap_or_else(|| panic!("plugin_route_{id} is missing"));
-    let route: serde_json::Value = serde_json::from_slice(&data).expect("the route is JSON");
-    route["status"].as_str().unwrap_or_default().to_string()
 }
 
 /// The `data` field of a Dapr state hash, read with raw Redis commands.
