@@ -17,9 +17,9 @@
 //! so it never re-creates a deleted route. Scripts are sent by SHA (`EVALSHA`) and loaded
 //! again automatically after a Redis restart (`NOSCRIPT`).
 //!
-//! Reads are the hot path: [`Store::bulk_get`] sends every key of a tick in one pipelined
-//! round trip of a few large script calls, each reading `data`, `version` and `PTTL` of
-//! [`BULK_CHUNK`] keys at once.
+//! Reads are the hot path: [`Store::bulk_get`] reads a tick's keys in script calls of
+//! [`BULK_CHUNK`] keys each (`data`, `version` and `PTTL` of each key), a few of them
+//! pipelined at a time, parsing each reply as it arrives.
 //!
 //! The connection is a redis-rs `ConnectionManager`: one multiplexed connection that
 //! concurrent operations share (concurrent writes are pipelined on it) and that reconnects
@@ -35,6 +35,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::stream::{self, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, RedisError, RedisWrite, Script, ServerErrorKind, Value};
 
@@ -44,8 +45,13 @@ use super::{Concurrency, Entry, Fence, Save, Store, StoreError, StoreKind};
 const RECONNECT_PAUSE: Duration = Duration::from_millis(150);
 
 /// Keys read by one script call in [`Store::bulk_get`]. Large enough that 50 000 keys are
-/// 50 calls in one pipeline, small enough that a single call blocks Redis only briefly.
+/// 50 calls, small enough that a single call blocks Redis only briefly.
 pub const BULK_CHUNK: usize = 1000;
+
+/// Script calls of one [`Store::bulk_get`] in flight at once. Enough to keep the
+/// connection busy while a reply is parsed; few enough that a tick at 50 000 plugins holds
+/// the replies of only these chunks, not of the whole fleet (its peak memory).
+const BULK_IN_FLIGHT: usize = 4;
 
 /// Reads Dapr state hashes. For each key in KEYS it returns three values:
 /// the `version` string, or the integer 0 when the key is absent, or -1 when the key is
@@ -872,35 +878,35 @@ impl Store for RedisStore {
         let Some(first_key) = keys.first().map(String::as_str) else {
             return Ok(Vec::new());
         };
-        let mut pipe = redis::pipe();
-        for chunk in keys.chunks(BULK_CHUNK) {
-            pipe.add_command(self.read_cmd(kind, chunk));
-        }
-        // Per-command errors come back as values, so a lost script is seen and reloaded.
-        pipe.ignore_errors();
+        // The chunks go out as a bounded stream: a few script calls in flight on the
+        // multiplexed connection, each reply parsed into entries as soon as it is in, so
+        // only those few replies are ever held as `redis::Value`s.
         let run = async {
-            let mut conn = self.conn.clone();
-            let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
-                // As in `eval`: a refused connection sent nothing; ask once more.
-                Err(e) if e.is_connection_refusal() => {
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                    pipe.query_async(&mut conn).await?
-                }
-                other => other?,
-            };
-            let lost_script = replies.iter().any(|reply| {
-                matches!(reply, Value::ServerError(e)
-                    if e.kind() == Some(ServerErrorKind::NoScript))
-            });
-            if !lost_script {
-                return Ok(replies);
+            let mut out = Vec::with_capacity(keys.len());
+            // Indices, not borrowed chunks, keep the future `Send` (no higher-ranked closure).
+            let chunks: Vec<&[String]> = keys.chunks(BULK_CHUNK).collect();
+            let chunks = &chunks;
+            let mut replies = stream::iter(0..chunks.len())
+                .map(|i| async move {
+                    // `i` comes from `0..chunks.len()`.
+                    let chunk = chunks[i];
+                    let reply = self.eval(&self.read, &self.read_cmd(kind, chunk)).await;
+                    (chunk, reply)
+                })
+                .buffered(BULK_IN_FLIGHT);
+            while let Some((chunk, reply)) = replies.next().await {
+                let key = chunk.first().map_or(first_key, String::as_str);
+                let reply = reply.map_err(|e| self.eval_failed(kind, "bulk get", key, e))?;
+                Self::parse_read(reply, chunk.len(), &mut out).map_err(|(index, why)| {
+                    let key = chunk.get(index).map_or(first_key, String::as_str);
+                    self.unreadable(kind, key, why)
+                })?;
             }
-            self.read.load_async(&mut conn).await?;
-            pipe.query_async::<Vec<Value>>(&mut conn).await
+            Ok(out)
         };
-        let replies = match tokio::time::timeout(self.timeout, run).await {
-            Ok(Ok(replies)) => replies,
-            Ok(Err(e)) => return Err(self.redis_failed(kind, "bulk get", first_key, &e)),
+        let out = match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(self.failed(
                     kind,
@@ -910,18 +916,6 @@ impl Store for RedisStore {
                 ))
             }
         };
-        let mut out = Vec::with_capacity(keys.len());
-        for (chunk, reply) in keys.chunks(BULK_CHUNK).zip(replies) {
-            if let Value::ServerError(e) = &reply {
-                let what = scrub(e.to_string(), &self.redact);
-                let key = chunk.first().map_or(first_key, String::as_str);
-                return Err(self.failed(kind, "bulk get", key, what));
-            }
-            Self::parse_read(reply, chunk.len(), &mut out).map_err(|(index, why)| {
-                let key = chunk.get(index).map_or(first_key, String::as_str);
-                self.unreadable(kind, key, why)
-            })?;
-        }
         if out.len() != keys.len() {
             return Err(self.failed(
                 kind,
