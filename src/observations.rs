@@ -215,14 +215,44 @@ pub fn next_owned(
     holder: &str,
     seen: Vec<Seen>,
 ) -> (Observations, bool) {
+    let (obs, differs, _) = next_encoded(prev, tick, holder, seen);
+    (obs, differs)
+}
+
+/// [`next_owned`], with the record's encoding (made once, by the size check).
+pub fn next_encoded(
+    prev: Option<Observations>,
+    tick: i64,
+    holder: &str,
+    mut seen: Vec<Seen>,
+) -> (Observations, bool, Vec<u8>) {
+    use std::cmp::Ordering;
     let mut differs = prev.is_none();
-    let (mut before, prev_flags) = match prev {
+    let (before, prev_flags) = match prev {
         Some(p) => (p.plugins, Some((p.details_dropped, p.omitted))),
         None => (BTreeMap::new(), None),
     };
-    let mut plugins = BTreeMap::new();
+    // Both sides in id order, merged in one pass (no lookup per plugin); the sort is
+    // stable, so of two entries for one id the later wins, as with inserts.
+    seen.sort_by(|a, b| a.plugin_id.cmp(&b.plugin_id));
+    let mut before = before.into_iter().peekable();
+    let mut merged: Vec<(String, Kept)> = Vec::with_capacity(seen.len());
     for s in seen {
-        let old = before.remove(&s.plugin_id);
+        let mut old = None;
+        while let Some((id, _)) = before.peek() {
+            match id.as_str().cmp(&s.plugin_id) {
+                // A plugin of the previous record that this tick did not see: dropped.
+                Ordering::Less => {
+                    before.next();
+                    differs = true;
+                }
+                Ordering::Equal => {
+                    old = before.next().map(|(_, kept)| kept);
+                    break;
+                }
+                Ordering::Greater => break,
+            }
+        }
         let since = match &old {
             _ if s.written => Some(tick),
             Some(b) if b.status == s.status => b.since,
@@ -245,21 +275,21 @@ pub fn next_owned(
             outcome,
         };
         differs |= old.as_ref() != Some(&kept);
-        plugins.insert(s.plugin_id, kept);
+        merged.push((s.plugin_id, kept));
     }
-    differs |= !before.is_empty();
+    differs |= before.next().is_some();
     drop(before);
     let mut obs = Observations {
         tick,
         holder: holder.to_string(),
-        plugins,
+        plugins: merged.into_iter().collect(),
         details_dropped: false,
         omitted: 0,
     };
-    fit(&mut obs);
+    let data = fit(&mut obs);
     differs |=
         obs.details_dropped || obs.omitted > 0 || prev_flags.is_some_and(|f| f != (false, 0));
-    (obs, differs)
+    (obs, differs, data)
 }
 
 /// Whether `next` says something `prev` does not (the header aside): only then is the
@@ -400,21 +430,25 @@ pub fn encode(obs: &Observations) -> Vec<u8> {
 
 /// Keeps the encoded record under [`MAX_BYTES`]: drops the details first, then the
 /// entries of plugins that answered `ok`, then any entries, counting them in `omitted`.
-fn fit(obs: &mut Observations) {
-    let size = encode(obs).len();
-    if size <= BUDGET {
-        return;
+/// Returns the record's encoding.
+fn fit(obs: &mut Observations) -> Vec<u8> {
+    let data = encode(obs);
+    if data.len() <= BUDGET {
+        return data;
     }
+    drop(data);
     obs.details_dropped = true;
     for kept in obs.plugins.values_mut() {
         if let Outcome::Failed { detail, .. } = &mut kept.outcome {
             *detail = None;
         }
     }
-    let mut size = encode(obs).len();
+    let data = encode(obs);
+    let mut size = data.len();
     if size <= BUDGET {
-        return;
+        return data;
     }
+    drop(data);
     // Each entry costs its id, its value and `"":,` around them.
     let cost = |id: &str, k: &Kept| {
         let mut e = String::new();
@@ -442,6 +476,7 @@ fn fit(obs: &mut Observations) {
         obs.omitted += 1;
         size = size.saturating_sub(c);
     }
+    encode(obs)
 }
 
 fn malformed(key: &'static str, why: impl Into<String>) -> ObservationsError {
@@ -666,30 +701,38 @@ fn emit_store_error(store: &dyn Store, operation: &str, error: String) {
     .emit();
 }
 
-/// The tick's hook: reads the previous record, saves the next one when it changed, and
-/// records this tick as the last completed, both fenced by the lease. Failures are
-/// reported (`store_error`) and never fail the tick: the routes are already written.
-pub async fn save(
-    store: &dyn Store,
-    fence: &Fence,
-    tick: &LastTick,
-    tick_unix: i64,
-    seen: Vec<Seen>,
-) {
+/// The previous record and the last-tick entry, read (and the record decoded) while the
+/// plugins are probed: [`save`] then only merges, encodes and writes.
+pub struct Prepared {
+    /// The stored record and its decoding; None when it could not be read (the store
+    /// failed: nothing is written this tick).
+    stored: Option<(Option<Entry>, Option<Observations>)>,
+    last: Option<Entry>,
+}
+
+/// Reads the previous record and the last-tick entry. A failed read is reported
+/// (`store_error`) and makes [`save`] write nothing; an unreadable record is reported
+/// and replaced.
+pub async fn prepare(store: &dyn Store) -> Prepared {
     let keys = [OBSERVATIONS_KEY.to_string(), LAST_TICK_KEY.to_string()];
     let read = match read_each(store, StoreKind::Private, &keys, 2).await {
         Ok(r) => r,
         Err(e) => {
             emit_store_error(store, "read_observations", e.to_string());
-            return;
+            return Prepared {
+                stored: None,
+                last: None,
+            };
         }
     };
     let mut read = read.into_iter();
     let stored = read.next().unwrap_or(Ok(None));
-    let last = read.next().unwrap_or(Ok(None));
-
-    match stored {
-        Err(e) => emit_store_error(store, "read_observations", e.to_string()),
+    let last = read.next().unwrap_or(Ok(None)).unwrap_or(None);
+    let stored = match stored {
+        Err(e) => {
+            emit_store_error(store, "read_observations", e.to_string());
+            None
+        }
         Ok(entry) => {
             // An unreadable record is replaced: it is this worker's own, and the only
             // loss is the since-times, which become unknown.
@@ -704,19 +747,35 @@ pub async fn save(
                     None
                 }
             });
-            let (next, changed) = next_owned(prev, tick_unix, &tick.holder, seen);
-            if entry.is_none() || changed {
-                let data = encode(&next);
-                drop(next);
-                write(store, fence, OBSERVATIONS_KEY, entry.as_ref(), &data).await;
-            }
+            Some((entry, prev))
         }
+    };
+    Prepared { stored, last }
+}
+
+/// The tick's hook: saves the next record when it changed (from [`prepare`]'s), and
+/// records this tick as the last completed, both fenced by the lease. Failures are
+/// reported (`store_error`) and never fail the tick: the routes are already written.
+pub async fn save(
+    store: &dyn Store,
+    fence: &Fence,
+    tick: &LastTick,
+    tick_unix: i64,
+    seen: Vec<Seen>,
+    prepared: Prepared,
+) {
+    let Prepared { stored, last } = prepared;
+    let Some((entry, prev)) = stored else {
+        return;
+    };
+    let (next, changed, data) = next_encoded(prev, tick_unix, &tick.holder, seen);
+    drop(next);
+    if entry.is_none() || changed {
+        write(store, fence, OBSERVATIONS_KEY, entry.as_ref(), &data).await;
     }
+    drop(data);
     match serde_json::to_vec(tick) {
-        Ok(data) => {
-            let entry = last.unwrap_or(None);
-            write(store, fence, LAST_TICK_KEY, entry.as_ref(), &data).await;
-        }
+        Ok(data) => write(store, fence, LAST_TICK_KEY, last.as_ref(), &data).await,
         Err(e) => emit_store_error(store, "write_last_tick", format!("cannot encode: {e}")),
     }
 }
@@ -1116,7 +1175,7 @@ pub fn sample_record(n: usize, tick: i64) -> Observations {
         let age = 31_536_000 - i64::try_from(i).unwrap_or(0);
         kept.since = Some(tick - age);
     }
-    fit(&mut obs);
+    let _ = fit(&mut obs);
     obs
 }
 
@@ -1131,6 +1190,61 @@ mod tests {
             written,
             outcome,
         }
+    }
+
+    #[test]
+    fn the_merge_takes_plugins_in_any_order_and_drops_those_not_seen() {
+        let ok = || Outcome::Reported("ACTIVE".into());
+        let first = next(
+            None,
+            100,
+            "a",
+            &[
+                seen("c", "ACTIVE", false, ok()),
+                seen("a", "ACTIVE", true, ok()),
+                seen("b", "ACTIVE", true, ok()),
+            ],
+        );
+        assert_eq!(
+            first.plugins.keys().collect::<Vec<_>>(),
+            ["a", "b", "c"],
+            "kept in id order whatever order they came in"
+        );
+        // The same plugins in another order: nothing changed.
+        let same = vec![
+            seen("b", "ACTIVE", false, ok()),
+            seen("c", "ACTIVE", false, ok()),
+            seen("a", "ACTIVE", false, ok()),
+        ];
+        let (again, differs) = next_owned(Some(first.clone()), 110, "a", same);
+        assert!(!differs);
+        assert_eq!(again.plugins, first.plugins);
+        // `b` unseen (first, middle and last position each), the others kept with their
+        // since-times.
+        for gone in ["a", "b", "c"] {
+            let rest: Vec<Seen> = ["c", "b", "a"]
+                .into_iter()
+                .filter(|id| *id != gone)
+                .map(|id| seen(id, "ACTIVE", false, ok()))
+                .collect();
+            let (after, differs) = next_owned(Some(first.clone()), 110, "a", rest);
+            assert!(differs, "{gone} dropped");
+            assert!(!after.plugins.contains_key(gone));
+            for (id, kept) in &after.plugins {
+                assert_eq!(kept.since, first.plugins[id].since, "{id}");
+            }
+        }
+        // A new plugin beside the old ones changes the record.
+        let more = vec![
+            seen("a", "ACTIVE", false, ok()),
+            seen("b", "ACTIVE", false, ok()),
+            seen("bb", "ACTIVE", false, ok()),
+            seen("c", "ACTIVE", false, ok()),
+        ];
+        let (after, differs) = next_owned(Some(first.clone()), 110, "a", more);
+        assert!(differs);
+        assert_eq!(after.plugins["bb"].since, None);
+        assert_eq!(after.plugins["a"].since, Some(100));
     }
 
     fn failed(kind: &str, detail: &str) -> Outcome {

@@ -418,7 +418,15 @@ impl Ticker {
         let (probe_deadline, write_deadline) = self.deadlines(started);
         let private = self.read_private().await?;
         let valid = valid_ids(&private.ids);
-        let gathered = self.gather(&valid, probe_deadline).await?;
+        // The observations' previous record is read and decoded while the plugins are
+        // probed (not under `--dry-run`, which records none).
+        let (gathered, prepared) = tokio::join!(self.gather(&valid, probe_deadline), async {
+            match guard {
+                Some(_) => Some(crate::observations::prepare(&*self.store).await),
+                None => None,
+            }
+        });
+        let gathered = gathered?;
         let mut report = TickReport {
             tick: tick.to_string(),
             plugins: private.ids.len() as u64,
@@ -449,7 +457,7 @@ impl Ticker {
         let after = self
             .tally(&mut report, &private, results, counters, statuses)
             .await?;
-        if let (Some(guard), Some(observed)) = (guard, observed) {
+        if let (Some(guard), Some(observed), Some(prepared)) = (guard, observed, prepared) {
             // Observations hook (3/3): the last observation of every plugin and this tick
             // as the last completed, both fenced by the lease.
             crate::observations::save(
@@ -462,6 +470,7 @@ impl Ticker {
                 },
                 guard.kind.time().timestamp(),
                 crate::observations::seen(observed, &after),
+                prepared,
             )
             .await;
         }
