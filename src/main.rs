@@ -6,7 +6,28 @@ use keel_scraper::config::{parse_cli, Command, ProcessEnv, Settings};
 use keel_scraper::telemetry::{self, LogTarget};
 use keel_scraper::worker::{self, CommandError, Exit};
 
+/// Arenas glibc's allocator may keep unless the operator says otherwise.
+const MALLOC_ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`], unless `MALLOC_ARENA_MAX` is set (then
+/// glibc follows it). By default glibc gives each thread that allocates its own arena and
+/// keeps what each frees for that arena alone: the runtime's threads, the probes and the
+/// store's reads allocate on different threads, and at 50 000 plugins the peak RSS of
+/// `once` was 46 MiB against 41 MiB with two arenas (README, Performance).
+fn cap_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: `mallopt` only changes the allocator's tuning; called first thing in
+        // `main`, before any thread of ours exists. It returns 0 when it refuses, which
+        // leaves glibc's default in place: nothing to handle.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    cap_malloc_arenas();
     let (cli, matches) = match parse_cli(std::env::args_os()) {
         Ok(p) => p,
         Err(e) => {

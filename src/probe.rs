@@ -166,8 +166,10 @@ impl fmt::Display for ProbeFailure {
 pub enum ProbeOutcome {
     /// The plugin reported this status (already mapped to the route vocabulary).
     Reported(RouteStatus),
-    /// The probe ran its course (retries included) and failed.
-    Failed(ProbeFailure),
+    /// The probe ran its course (retries included) and failed. Boxed: failures are rare,
+    /// and a tick holds one outcome per plugin (at 50 000 plugins the inline failure
+    /// would cost megabytes at the tick's peak).
+    Failed(Box<ProbeFailure>),
     /// The deadline ended the probe before it had an answer, or before a due retry.
     /// Not an observation: no counter moves and no route changes for it.
     CutOff,
@@ -485,7 +487,7 @@ impl Prober {
     async fn probe(&self, plugin_id: &str, deadline: Option<Instant>) -> ProbeOutcome {
         let request = match self.request_for(plugin_id) {
             Ok(request) => request,
-            Err(failure) => return ProbeOutcome::Failed(failure.finish(0)),
+            Err(failure) => return ProbeOutcome::Failed(Box::new(failure.finish(0))),
         };
         let mut attempts: u32 = 0;
         let mut backoff = None;
@@ -513,7 +515,7 @@ impl Prober {
                 Attempt::Failed(failure) => failure,
             };
             if attempts > self.retries || !failure.is_transient() {
-                return ProbeOutcome::Failed(failure.finish(attempts));
+                return ProbeOutcome::Failed(Box::new(failure.finish(attempts)));
             }
             let delay = backoff
                 .get_or_insert_with(|| self.backoff.build())

@@ -29,14 +29,11 @@ pub fn parse_ids(data: &[u8]) -> Result<Vec<String>, RegistryError> {
                 }
                 fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ids, A::Error> {
                     let mut ids = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                    let mut seen = HashSet::new();
                     while let Some(id) = map.next_key::<String>()? {
                         map.next_value::<IgnoredAny>()?;
-                        if seen.insert(id.clone()) {
-                            ids.push(id);
-                        }
+                        ids.push(id);
                     }
-                    Ok(Ids(ids))
+                    Ok(Ids(first_of_each(ids)))
                 }
             }
             d.deserialize_map(V)
@@ -45,6 +42,22 @@ pub fn parse_ids(data: &[u8]) -> Result<Vec<String>, RegistryError> {
     serde_json::from_slice::<Ids>(data)
         .map(|ids| ids.0)
         .map_err(|e| RegistryError(e.to_string()))
+}
+
+/// `ids` without repeats, each kept where it first appears. A registry rarely has any, so
+/// the check only borrows the ids; a registry with repeats is rebuilt.
+fn first_of_each(ids: Vec<String>) -> Vec<String> {
+    let repeated = {
+        let mut seen = HashSet::with_capacity(ids.len());
+        ids.iter().any(|id| !seen.insert(id.as_str()))
+    };
+    if !repeated {
+        return ids;
+    }
+    let mut seen = HashSet::with_capacity(ids.len());
+    ids.into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect()
 }
 
 /// Why an id is never requested. Ids are interpolated into URLs (and Dapr reads a `.` in
@@ -87,6 +100,13 @@ mod tests {
         let ids =
             parse_ids(br#"{"iothub":"true","rudder":"ACTIVE","x":{"y":1},"z":null}"#).unwrap();
         assert_eq!(ids, ["iothub", "rudder", "x", "z"]);
+    }
+
+    #[test]
+    fn a_repeated_id_counts_once_where_it_first_appears() {
+        let ids = parse_ids(br#"{"b":true,"a":true,"b":false,"c":true,"a":true}"#).unwrap();
+        assert_eq!(ids, ["b", "a", "c"]);
+        assert_eq!(first_of_each(vec!["x".into(), "y".into()]), ["x", "y"]);
     }
 
     #[test]

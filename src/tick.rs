@@ -150,6 +150,9 @@ struct Private {
     counters: HashMap<String, Counters>,
 }
 
+/// Each route's read, in the order of the keys.
+type RouteReads = Box<dyn Iterator<Item = Result<Option<Entry>, StoreError>> + Send>;
+
 /// The routes read and the probes made.
 struct Gathered {
     candidates: Vec<(Candidate, ProbeOutcome)>,
@@ -165,6 +168,8 @@ struct Planned {
     counters: HashMap<String, Counters>,
     statuses: HashMap<String, i64>,
     fleet: Fleet,
+    /// This tick's observations (hook 1/3), when they are recorded.
+    observed: Option<crate::observations::Recorder>,
 }
 
 fn emit_store_error(store: &dyn Store, kind: StoreKind, operation: &str, e: &StoreError) {
@@ -418,8 +423,8 @@ impl Ticker {
         let (probe_deadline, write_deadline) = self.deadlines(started);
         let private = self.read_private().await?;
         let valid = valid_ids(&private.ids);
-        // The observations' previous record is read and decoded while the plugins are
-        // probed (not under `--dry-run`, which records none).
+        // The observations' previous record is read while the plugins are probed (not
+        // under `--dry-run`, which records none).
         let (gathered, prepared) = tokio::join!(self.gather(&valid, probe_deadline), async {
             match guard {
                 Some(_) => Some(crate::observations::prepare(&*self.store).await),
@@ -433,17 +438,12 @@ impl Ticker {
             ..TickReport::default()
         };
         let observer_unhealthy = gathered.observer_unhealthy.clone();
-        // Observations hook (1/3): what each plugin answered, before the plan consumes it
-        // (see src/observations.rs). Neither a dry run nor a blind observer records any.
-        let observed = (guard.is_some() && observer_unhealthy.is_none()).then(|| {
-            crate::observations::observed(
-                gathered
-                    .candidates
-                    .iter()
-                    .map(|(c, o)| (c.id.as_str(), c.current.as_str(), o)),
-            )
-        });
-        let planned = self.plan(tick, &private, gathered, &mut report);
+        // Observations hook (1/3): what each plugin answered, taken as the plan hands each
+        // plugin on (see src/observations.rs). Neither a dry run nor a blind observer
+        // records any.
+        let record = guard.is_some() && observer_unhealthy.is_none();
+        let mut planned = self.plan(tick, &private, gathered, &mut report, record);
+        let observed = planned.observed.take();
         let results = match guard {
             Some(guard) => {
                 self.fence(guard).await?;
@@ -469,7 +469,7 @@ impl Ticker {
                     completed_at: crate::observations::rfc3339(chrono::Utc::now().timestamp()),
                 },
                 guard.kind.time().timestamp(),
-                crate::observations::seen(observed, &after),
+                crate::observations::seen(observed.finish(), &after),
                 prepared,
             )
             .await;
@@ -567,9 +567,25 @@ impl Ticker {
     /// own health, when a probe failed.
     async fn gather(&self, valid: &[&str], probe_deadline: Instant) -> Result<Gathered, TickError> {
         let store = &*self.store;
-        let route_keys: Vec<String> = valid.iter().map(|id| route_key(id)).collect();
+
+        let read_routes = async {
+            // The keys are freed as soon as the routes are in.
+            let route_keys: Vec<String> = valid.iter().map(|id| route_key(id)).collect();
+            // The bulk read's entries as they came, one `Result` per key only when one
+            // key needs reading alone (at 50 000 plugins a copy of the list is megabytes).
+            let routes: RouteReads = match store.bulk_get(StoreKind::Public, &route_keys).await {
+                Ok(entries) => Box::new(entries.into_iter().map(Ok)),
+                Err(StoreError::Unreadable { .. }) => Box::new(
+                    read_each(store, StoreKind::Public, &route_keys, self.concurrency)
+                        .await?
+                        .into_iter(),
+                ),
+                Err(e) => return Err(e),
+            };
+            Ok(routes)
+        };
         let (routes, timed) = tokio::join!(
-            read_each(store, StoreKind::Public, &route_keys, self.concurrency),
+            read_routes,
             self.prober.probe_all_timed(valid, probe_deadline),
         );
         let routes =
@@ -649,6 +665,7 @@ impl Ticker {
         private: &Private,
         gathered: Gathered,
         report: &mut TickReport,
+        record: bool,
     ) -> Planned {
         let Gathered {
             candidates,
@@ -677,6 +694,8 @@ impl Ticker {
         drop(inputs);
         let mut counters = HashMap::new();
         let mut pending = Vec::new();
+        let mut observed =
+            record.then(|| crate::observations::Recorder::with_capacity(candidates.len()));
         for (((cand, outcome), before), planned) in
             candidates.into_iter().zip(befores).zip(decided.plugins)
         {
@@ -697,15 +716,23 @@ impl Ticker {
                 ProbeOutcome::CutOff => report.cut_off += 1,
             }
             match (planned.obs, planned.decision.write) {
-                (Some(obs), Some(_)) => pending.push(PendingWrite {
-                    cand,
-                    obs,
-                    before,
-                    decision: planned.decision,
-                }),
+                (Some(obs), Some(_)) => {
+                    if let Some(rows) = observed.as_mut() {
+                        rows.push(cand.id.clone(), &cand.current, &outcome);
+                    }
+                    pending.push(PendingWrite {
+                        cand,
+                        obs,
+                        before,
+                        decision: planned.decision,
+                    });
+                }
                 _ => {
                     if !planned.decision.counters.is_zero() {
                         counters.insert(cand.id.clone(), planned.decision.counters);
+                    }
+                    if let Some(rows) = observed.as_mut() {
+                        rows.push(cand.id, &cand.current, &outcome);
                     }
                     *statuses.entry(cand.current).or_default() += 1;
                 }
@@ -739,6 +766,7 @@ impl Ticker {
             counters,
             statuses,
             fleet: decided.fleet,
+            observed,
         }
     }
 

@@ -54,7 +54,7 @@ async fn all_active(p: &Prober, ids: &[String]) {
 
 fn failed(outcome: ProbeOutcome) -> ProbeFailure {
     match outcome {
-        ProbeOutcome::Failed(failure) => failure,
+        ProbeOutcome::Failed(failure) => *failure,
         other => panic!("expected a failed probe, got {other:?}"),
     }
 }

@@ -51,7 +51,7 @@ pub const BULK_CHUNK: usize = 1000;
 /// Script calls of one [`Store::bulk_get`] in flight at once. Enough to keep the
 /// connection busy while a reply is parsed; few enough that a tick at 50 000 plugins holds
 /// the replies of only these chunks, not of the whole fleet (its peak memory).
-const BULK_IN_FLIGHT: usize = 4;
+const BULK_IN_FLIGHT: usize = 2;
 
 /// Reads Dapr state hashes. For each key in KEYS it returns three values:
 /// the `version` string, or the integer 0 when the key is absent, or -1 when the key is
