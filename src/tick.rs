@@ -28,6 +28,7 @@ use crate::decision::{decide, Counters, Decision, Observation, Thresholds};
 use crate::events;
 use crate::lease::{Acquire, Guard, Lease, LeaseError, TickKind};
 use crate::metrics::metrics;
+use crate::observations::{Interner, Text};
 use crate::observer::Observer;
 use crate::plan::{plan, Fleet, PlanInput, Rules, Seen};
 use crate::probe::{ProbeOutcome, Prober};
@@ -130,7 +131,8 @@ pub enum TickOutcome {
 /// One plugin that reached the probe step.
 struct Candidate {
     id: String,
-    current: String,
+    /// The route's status as read, shared: a fleet has a handful of distinct statuses.
+    current: Text,
     data: Vec<u8>,
     etag: String,
 }
@@ -567,7 +569,6 @@ impl Ticker {
     /// own health, when a probe failed.
     async fn gather(&self, valid: &[&str], probe_deadline: Instant) -> Result<Gathered, TickError> {
         let store = &*self.store;
-
         let read_routes = async {
             // The keys are freed as soon as the routes are in.
             let route_keys: Vec<String> = valid.iter().map(|id| route_key(id)).collect();
@@ -592,6 +593,7 @@ impl Ticker {
             routes.inspect_err(|e| emit_store_error(store, StoreKind::Public, "read_routes", e))?;
         let m = metrics();
         let mut candidates = Vec::with_capacity(valid.len());
+        let mut texts = Interner::default();
         let mut statuses: HashMap<String, i64> = HashMap::new();
         for ((id, route), (outcome, took)) in valid.iter().zip(routes).zip(timed) {
             if !matches!(outcome, ProbeOutcome::CutOff) {
@@ -618,7 +620,7 @@ impl Ticker {
                 Ok(current) => candidates.push((
                     Candidate {
                         id: id.to_string(),
-                        current,
+                        current: texts.get(&current),
                         data: entry.data,
                         etag: entry.etag,
                     },
@@ -734,7 +736,12 @@ impl Ticker {
                     if let Some(rows) = observed.as_mut() {
                         rows.push(cand.id, &cand.current, &outcome);
                     }
-                    *statuses.entry(cand.current).or_default() += 1;
+                    match statuses.get_mut(&*cand.current) {
+                        Some(n) => *n += 1,
+                        None => {
+                            statuses.insert(cand.current.to_string(), 1);
+                        }
+                    }
                 }
             }
         }
@@ -881,7 +888,7 @@ impl Ticker {
             mut decision,
         } = p;
         let key = route_key(&cand.id);
-        let mut current = cand.current;
+        let mut current = cand.current.to_string();
         let mut data = cand.data;
         let mut etag = cand.etag;
         let mut delays = ExponentialBuilder::default()
@@ -1111,14 +1118,14 @@ fn dry_writes(pending: Vec<PendingWrite>) -> Vec<(String, WriteResult)> {
             if let Some((status, reason)) = p.decision.write {
                 events::PluginStatusWouldChange {
                     plugin_id: p.cand.id.clone(),
-                    from: p.cand.current.clone(),
+                    from: p.cand.current.to_string(),
                     to: status.as_str().to_string(),
                     reason: reason.as_str().to_string(),
                 }
                 .emit();
             }
             let result = WriteResult::Unchanged {
-                status: p.cand.current,
+                status: p.cand.current.to_string(),
                 counters: p.decision.counters,
             };
             (p.cand.id, result)
