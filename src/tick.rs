@@ -745,29 +745,9 @@ impl Ticker {
                 }
             }
         }
-        if report.cut_off > 0 {
-            events::ProbesCutOff {
-                tick: tick.to_string(),
-                plugins: report.cut_off,
-            }
-            .emit();
-        }
         report.held = decided.fleet.held;
         report.blocked_for_failures = decided.fleet.blocked_for_failures;
-        if decided.fleet.held > 0 {
-            let f = &decided.fleet;
-            events::DemotionsHeld {
-                tick: tick.to_string(),
-                count: f.held,
-                plugin_ids: f.held_ids.join(","),
-                share: crate::plan::share_text(f.share_milli()),
-                limit: f.limit,
-                eligible: f.eligible,
-                error_kinds: f.held_kinds.join(","),
-                alert: true,
-            }
-            .emit();
-        }
+        announce_fleet(tick, report, &decided.fleet);
         Planned {
             pending,
             counters,
@@ -1100,6 +1080,30 @@ fn status_changed(id: &str, from: &str, to: RouteStatus, reason: crate::decision
         alert: crate::status::status_str_passes_gate(from) && !to.passes_gate(),
     }
     .emit();
+}
+
+/// The plan's tick-wide events: probes cut off at the deadline, demotions held.
+fn announce_fleet(tick: &str, report: &TickReport, fleet: &Fleet) {
+    if report.cut_off > 0 {
+        events::ProbesCutOff {
+            tick: tick.to_string(),
+            plugins: report.cut_off,
+        }
+        .emit();
+    }
+    if fleet.held > 0 {
+        events::DemotionsHeld {
+            tick: tick.to_string(),
+            count: fleet.held,
+            plugin_ids: fleet.held_ids.join(","),
+            share: crate::plan::share_text(fleet.share_milli()),
+            limit: fleet.limit,
+            eligible: fleet.eligible,
+            error_kinds: fleet.held_kinds.join(","),
+            alert: true,
+        }
+        .emit();
+    }
 }
 
 fn route_invalid(id: &str, error: &str) {
