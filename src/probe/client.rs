@@ -147,27 +147,83 @@ pub struct Conn {
     answered: bool,
 }
 
-/// An idle pooled connection.
-struct Idle {
-    conn: Conn,
-    since: Instant,
+/// A connection an [`IdlePool`] can keep.
+pub trait Pooled {
+    /// The endpoint it is connected to.
+    fn endpoint(&self) -> &Arc<Endpoint>;
+    /// Whether it may carry another request (checked without waiting).
+    fn still_open(&mut self) -> bool;
 }
 
-/// The client: a pool of idle keep-alive connections. Cheap to share.
-///
-/// The pool is one list, searched from its most recently used end, with one bound for
-/// all endpoints: a prober pools connections only when the plugin id is not part of the
-/// host, so all its calls go to the one endpoint of its template, and a map keyed by
-/// endpoint would only add hashing to every call.
+/// Idle keep-alive connections: one list, searched from its most recently used end, with
+/// one bound for all endpoints (0: no connection outlives its call). A prober pools
+/// connections only when the plugin id is not part of the host, so all its calls go to
+/// the one endpoint of its template, and a map keyed by endpoint would only add hashing
+/// to every call. Both HTTP clients keep their connections in one.
+pub struct IdlePool<C> {
+    idle: Mutex<Vec<(C, Instant)>>,
+    max: usize,
+}
+
+impl<C: Pooled> IdlePool<C> {
+    pub fn new(max: usize) -> IdlePool<C> {
+        IdlePool {
+            idle: Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Vec<(C, Instant)>> {
+        // A poisoned lock means a panic elsewhere while holding it; the list is still
+        // consistent (every operation on it is a single push or remove).
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An idle connection to `endpoint` that is still open, if there is one; the stale
+    /// ones met on the way are dropped.
+    pub fn take(&self, endpoint: &Arc<Endpoint>) -> Option<C> {
+        if self.max == 0 {
+            return None;
+        }
+        loop {
+            let (mut conn, since) = {
+                let mut idle = self.idle();
+                let at = idle.iter().rposition(|(conn, _)| {
+                    Arc::ptr_eq(conn.endpoint(), endpoint) || **conn.endpoint() == **endpoint
+                })?;
+                idle.swap_remove(at)
+            };
+            if since.elapsed() < IDLE_TIMEOUT && conn.still_open() {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Keeps `conn` for reuse while there is room.
+    pub fn put(&self, conn: C) {
+        if self.max == 0 {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() < self.max {
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
+/// The client: a pool of idle keep-alive connections ([`IdlePool`]). Cheap to share.
 pub struct Client {
-    pool: Mutex<Vec<Idle>>,
-    idle_max: usize,
+    pool: IdlePool<Conn>,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("idle_max", &self.idle_max)
+            .field("idle_max", &self.pool.max())
             .finish_non_exhaustive()
     }
 }
@@ -177,15 +233,8 @@ impl Client {
     /// its call).
     pub fn new(idle_max: usize) -> Client {
         Client {
-            pool: Mutex::new(Vec::new()),
-            idle_max,
+            pool: IdlePool::new(idle_max),
         }
-    }
-
-    fn pool(&self) -> MutexGuard<'_, Vec<Idle>> {
-        // A poisoned lock means a panic elsewhere while holding it; the list of idle
-        // connections is still consistent (every operation on it is a single push/remove).
-        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sends a request whose head is the concatenation of `head` to `endpoint` and reads
@@ -201,7 +250,7 @@ impl Client {
         endpoint: &Arc<Endpoint>,
         head: [&[u8]; 3],
     ) -> Result<(Conn, Head), ClientError> {
-        if let Some(mut conn) = self.checkout(endpoint) {
+        if let Some(mut conn) = self.pool.take(endpoint) {
             match conn.exchange(head).await {
                 Ok(answer) => return Ok((conn, answer)),
                 Err(Exchange::Answered(e)) => return Err(e),
@@ -243,41 +292,9 @@ impl Client {
             }
         };
         if head.keep_alive && conn.buf.is_empty() {
-            self.checkin(conn);
+            self.pool.put(conn);
         }
         Ok(out)
-    }
-
-    /// An idle connection to `endpoint` that is still open, if there is one.
-    fn checkout(&self, endpoint: &Arc<Endpoint>) -> Option<Conn> {
-        if self.idle_max == 0 {
-            return None;
-        }
-        loop {
-            let idle = {
-                let mut pool = self.pool();
-                let at = pool.iter().rposition(|idle| {
-                    Arc::ptr_eq(&idle.conn.endpoint, endpoint) || idle.conn.endpoint == *endpoint
-                })?;
-                pool.swap_remove(at)
-            };
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.still_open() {
-                return Some(idle.conn);
-            }
-        }
-    }
-
-    fn checkin(&self, conn: Conn) {
-        if self.idle_max == 0 {
-            return;
-        }
-        let mut pool = self.pool();
-        if pool.len() < self.idle_max {
-            pool.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
-        }
     }
 }
 
@@ -329,6 +346,19 @@ fn protocol(what: &str, e: &io::Error) -> ClientError {
     ClientError::Protocol(format!("{what}: {e}"))
 }
 
+impl Pooled for Conn {
+    fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// An idle connection is open when reading it would block: nothing was sent on it
+    /// since its last answer, not even the end of the stream.
+    fn still_open(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
 impl Conn {
     /// Writes the request and reads the answer's head.
     async fn exchange(&mut self, head: [&[u8]; 3]) -> Result<Head, Exchange> {
@@ -350,13 +380,6 @@ impl Conn {
                 Exchange::Answered(e)
             }
         })
-    }
-
-    /// An idle connection is open when reading it would block: nothing was sent on it
-    /// since its last answer, not even the end of the stream.
-    fn still_open(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Reads more into the buffer; `false` at the end of the stream.

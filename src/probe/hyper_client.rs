@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -29,9 +29,8 @@ use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
-use super::client::{ClientError, Endpoint, IDLE_TIMEOUT};
+use super::client::{ClientError, Endpoint, IdlePool, Pooled};
 
 /// A request: its target (path and query) and its header fields, built once per template.
 pub struct HyperRequest<'a> {
@@ -68,15 +67,9 @@ pub struct HyperConn {
 /// hyper's connection future, polled by the probe that holds the connection.
 type Driven = Pin<Box<Connection<TokioIo<Counted>, Empty<Bytes>>>>;
 
-struct Idle {
-    conn: HyperConn,
-    since: Instant,
-}
-
 /// The client: hyper's HTTP/1.1 connections in a small pool, as [`super::client::Client`].
 pub struct HyperClient {
-    pool: Mutex<Vec<Idle>>,
-    idle_max: usize,
+    pool: IdlePool<HyperConn>,
     builder: Builder,
 }
 
@@ -86,16 +79,9 @@ impl HyperClient {
         // RFC 9112 §5.2: a client replaces obsolete line folding with spaces.
         builder.allow_obsolete_multiline_headers_in_responses(true);
         HyperClient {
-            pool: Mutex::new(Vec::new()),
-            idle_max,
+            pool: IdlePool::new(idle_max),
             builder,
         }
-    }
-
-    fn pool(&self) -> MutexGuard<'_, Vec<Idle>> {
-        // Every operation on the list is a single push or remove: still consistent after a
-        // panic elsewhere.
-        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sends `request` to `endpoint` and reads the answer's head. A request on a reused
@@ -105,7 +91,7 @@ impl HyperClient {
         endpoint: &Arc<Endpoint>,
         request: &HyperRequest<'_>,
     ) -> Result<(HyperConn, HyperHead), ClientError> {
-        if let Some(mut conn) = self.checkout(endpoint) {
+        if let Some(mut conn) = self.pool.take(endpoint) {
             let before = conn.read.load(Ordering::Relaxed);
             match exchange(&mut conn, request).await {
                 Ok(head) => return Ok((conn, head)),
@@ -198,41 +184,20 @@ impl HyperClient {
         })
     }
 
-    fn checkout(&self, endpoint: &Arc<Endpoint>) -> Option<HyperConn> {
-        if self.idle_max == 0 {
-            return None;
-        }
-        loop {
-            let mut idle = {
-                let mut pool = self.pool();
-                let at = pool.iter().rposition(|idle| {
-                    Arc::ptr_eq(&idle.conn.endpoint, endpoint) || *idle.conn.endpoint == **endpoint
-                })?;
-                pool.swap_remove(at)
-            };
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.still_open() {
-                return Some(idle.conn);
-            }
-        }
-    }
-
     fn checkin(&self, mut conn: HyperConn) {
         // Let the connection take in the end of the answer: one that is to close (the
         // server said so, or sent more than it was asked) finishes here.
-        if self.idle_max == 0 || !conn.still_open() {
-            return;
-        }
-        let mut pool = self.pool();
-        if pool.len() < self.idle_max {
-            pool.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+        if self.pool.max() > 0 && conn.still_open() {
+            self.pool.put(conn);
         }
     }
 }
 
-impl HyperConn {
+impl Pooled for HyperConn {
+    fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
     /// Polls the connection once without waiting: it is open when it has not finished
     /// and is ready for another request.
     fn still_open(&mut self) -> bool {
