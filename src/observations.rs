@@ -134,21 +134,10 @@ pub struct Seen {
     pub outcome: Outcome,
 }
 
-/// This tick's outcome of each plugin whose route was read: `(id, status as read, probe)`.
-pub fn observed<'a>(
-    candidates: impl Iterator<Item = (&'a str, &'a str, &'a ProbeOutcome)>,
-) -> Vec<(String, Text, Outcome)> {
-    let mut rows = Recorder::default();
-    for (id, current, probe) in candidates {
-        rows.push(id.to_string(), current, probe);
-    }
-    rows.finish()
-}
-
-/// Builds [`observed`]'s rows one plugin at a time, taking each id by value: the tick
+/// This tick's outcome of each plugin whose route was read, `(id, status as read,
+/// outcome)`, built one plugin at a time and taking each id by value: the tick
 /// hands over the ids of the routes it leaves alone as it is done with them, instead of
 /// copying every id (at 50 000 plugins the copies were megabytes at the tick's peak).
-#[derive(Default)]
 pub struct Recorder {
     texts: Interner,
     rows: Vec<(String, Text, Outcome)>,
@@ -162,8 +151,8 @@ impl Recorder {
         }
     }
 
-    /// One plugin: its id, its route's status as read, its probe.
-    pub fn push(&mut self, id: String, current: &str, probe: &ProbeOutcome) {
+    /// One plugin: its id, its route's status as read (shared by the tick), its probe.
+    pub fn push(&mut self, id: String, current: Text, probe: &ProbeOutcome) {
         let texts = &mut self.texts;
         let outcome = match probe {
             ProbeOutcome::Reported(s) => Outcome::Reported(texts.get(s.as_str())),
@@ -173,7 +162,6 @@ impl Recorder {
             },
             ProbeOutcome::CutOff => Outcome::CutOff,
         };
-        let current = texts.get(current);
         self.rows.push((id, current, outcome));
     }
 
@@ -182,9 +170,9 @@ impl Recorder {
     }
 }
 
-/// Joins [`observed`] with the write phase's results: `after` maps a plugin to the status
-/// its write left (`true`: written now), or to None when its route is gone; a plugin not
-/// in `after` kept the status it was read with.
+/// Joins the [`Recorder`]'s rows with the write phase's results: `after` maps a plugin to
+/// the status its write left (`true`: written now), or to None when its route is gone; a
+/// plugin not in `after` kept the status it was read with.
 pub fn seen(
     observed: Vec<(String, Text, Outcome)>,
     after: &HashMap<String, Option<(String, bool)>>,

@@ -720,7 +720,7 @@ impl Ticker {
             match (planned.obs, planned.decision.write) {
                 (Some(obs), Some(_)) => {
                     if let Some(rows) = observed.as_mut() {
-                        rows.push(cand.id.clone(), &cand.current, &outcome);
+                        rows.push(cand.id.clone(), cand.current.clone(), &outcome);
                     }
                     pending.push(PendingWrite {
                         cand,
@@ -734,7 +734,7 @@ impl Ticker {
                         counters.insert(cand.id.clone(), planned.decision.counters);
                     }
                     if let Some(rows) = observed.as_mut() {
-                        rows.push(cand.id, &cand.current, &outcome);
+                        rows.push(cand.id, cand.current.clone(), &outcome);
                     }
                     match statuses.get_mut(&*cand.current) {
                         Some(n) => *n += 1,

@@ -321,8 +321,8 @@ async fn keys_that_are_not_dapr_hashes() {
     );
 }
 
-/// 50 000 keys are read by a handful of script calls in one pipeline, not by one call
-/// per key.
+/// 50 000 keys are read by a handful of script calls (a few in flight at a time), not by
+/// one call per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_get_of_50000_keys_is_a_few_script_calls() {
     const N: usize = 50_000;
@@ -619,6 +619,21 @@ async fn lost_scripts_are_reloaded() {
         .expect("bulk get after SCRIPT FLUSH");
     assert_eq!(got[0].as_ref().map(|e| e.etag.as_str()), Some("1"));
     assert_eq!(got[1], None);
+    // A bulk read of several chunks, their script calls in flight together, each finding
+    // the script gone.
+    let _: () = server.query(redis::cmd("SCRIPT").arg("FLUSH"));
+    let mut keys: Vec<String> = (0..3 * BULK_CHUNK).map(|i| format!("none{i}")).collect();
+    keys.push("k".to_owned());
+    let got = store
+        .bulk_get(StoreKind::Public, &keys)
+        .await
+        .expect("a bulk read of several chunks after SCRIPT FLUSH");
+    assert_eq!(got.len(), keys.len());
+    assert!(got[..3 * BULK_CHUNK].iter().all(Option::is_none));
+    assert_eq!(
+        got[3 * BULK_CHUNK].as_ref().map(|e| e.data.as_slice()),
+        Some(&b"v"[..])
+    );
     let _: () = server.query(redis::cmd("SCRIPT").arg("FLUSH"));
     store
         .save(StoreKind::Public, Save::cas("k", b"w", "1"))
