@@ -6,36 +6,22 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use keel_scraper::lease::TickKind;
 use keel_scraper::observer::Observer;
-use keel_scraper::store::{Save, Store, StoreKind, ABSENT_ETAG};
+use keel_scraper::store::{Save, StoreKind, ABSENT_ETAG};
 use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
 use keel_test_support::sim::{Behavior, PluginSim};
 use support::binary::{
-    keel, raw_version, redis_store, redis_ticker, route_status, seed_registry, seed_route, Capture,
-    Events, ReplicaOptions,
+    keel, raw_version, redis_ticker, route_status, seed_registry, seed_route, world, Capture,
+    Events, ReplicaOptions, World,
 };
 use support::proxy::Proxy;
 use support::redis_server::RedisServer;
 
 const U: u32 = 2;
-
-struct World {
-    server: RedisServer,
-    store: Arc<dyn Store>,
-    sim: PluginSim,
-}
-
-async fn world() -> World {
-    let server = RedisServer::start();
-    let store = redis_store(&server).await;
-    let sim = PluginSim::start().expect("start the plugin simulator");
-    World { server, store, sim }
-}
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()

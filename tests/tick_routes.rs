@@ -10,29 +10,13 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use keel_scraper::lease::TickKind;
-use keel_scraper::store::{Save, Store, StoreKind};
+use keel_scraper::store::{Save, StoreKind};
 use keel_scraper::tick::{TickOutcome, TickReport, Ticker};
 use keel_test_support::sim::{Behavior, PluginSim};
-use std::sync::Arc;
 use support::binary::{
     exists, keel, raw_data, raw_json, raw_version, redis_store, redis_ticker, route_status, seed,
-    seed_registry, seed_route, Capture, Events, ReplicaOptions,
+    seed_registry, seed_route, world, Capture, Events, ReplicaOptions, World,
 };
-use support::redis_server::RedisServer;
-
-/// A test Redis, a store on it and a plugin simulator.
-struct World {
-    server: RedisServer,
-    store: Arc<dyn Store>,
-    sim: PluginSim,
-}
-
-async fn world() -> World {
-    let server = RedisServer::start();
-    let store = redis_store(&server).await;
-    let sim = PluginSim::start().expect("start the plugin simulator");
-    World { server, store, sim }
-}
 
 impl World {
     async fn ticker(&self, o: &ReplicaOptions) -> Ticker {

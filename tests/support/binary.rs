@@ -22,6 +22,7 @@ use keel_scraper::store::redis::RedisStore;
 use keel_scraper::store::{Save, Store, StoreKind, ABSENT_ETAG};
 use keel_scraper::tick::Ticker;
 use keel_test_support::process::Spawn;
+use keel_test_support::sim::PluginSim;
 use serde_json::Value;
 use tracing::instrument::WithSubscriber;
 
@@ -353,6 +354,21 @@ pub async fn redis_store(server: &RedisServer) -> Arc<dyn Store> {
         .await
         .unwrap_or_else(|e| panic!("connect to test redis {}: {e}", server.endpoint()));
     Arc::new(store)
+}
+
+/// A test Redis, a store on it and a plugin simulator: the ground of the in-process tick
+/// tests (each test file adds the methods it needs).
+pub struct World {
+    pub server: RedisServer,
+    pub store: Arc<dyn Store>,
+    pub sim: PluginSim,
+}
+
+pub async fn world() -> World {
+    let server = RedisServer::start();
+    let store = redis_store(&server).await;
+    let sim = PluginSim::start().expect("start the plugin simulator");
+    World { server, store, sim }
 }
 
 /// One replica of the worker, as `run` or `once` would build it.
