@@ -134,13 +134,13 @@ pub struct Seen {
     pub outcome: Outcome,
 }
 
-/// This tick's outcome of each plugin whose route was read, `(id, status as read,
-/// outcome)`, built one plugin at a time and taking each id by value: the tick
-/// hands over the ids of the routes it leaves alone as it is done with them, instead of
-/// copying every id (at 50 000 plugins the copies were megabytes at the tick's peak).
+/// This tick's outcome of each plugin whose route was read, as a [`Seen`] with the status
+/// as read, built one plugin at a time and taking each id by value: the tick hands over
+/// the ids of the routes it leaves alone as it is done with them, instead of copying every
+/// id (at 50 000 plugins the copies were megabytes at the tick's peak).
 pub struct Recorder {
     texts: Interner,
-    rows: Vec<(String, Text, Outcome)>,
+    rows: Vec<Seen>,
 }
 
 impl Recorder {
@@ -162,37 +162,34 @@ impl Recorder {
             },
             ProbeOutcome::CutOff => Outcome::CutOff,
         };
-        self.rows.push((id, current, outcome));
+        self.rows.push(Seen {
+            plugin_id: id,
+            status: current,
+            written: false,
+            outcome,
+        });
     }
 
-    pub fn finish(self) -> Vec<(String, Text, Outcome)> {
+    /// The rows, each with the status as read and `written` false.
+    pub fn finish(self) -> Vec<Seen> {
         self.rows
     }
 }
 
-/// Joins the [`Recorder`]'s rows with the write phase's results: `after` maps a plugin to
-/// the status its write left (`true`: written now), or to None when its route is gone; a
-/// plugin not in `after` kept the status it was read with.
-pub fn seen(
-    observed: Vec<(String, Text, Outcome)>,
-    after: &HashMap<String, Option<(String, bool)>>,
-) -> Vec<Seen> {
+/// Joins the [`Recorder`]'s rows with the write phase's results, in place: `after` maps a
+/// plugin to the status its write left (`true`: written now), or to None when its route
+/// is gone (its row is dropped); a plugin not in `after` kept the status it was read with.
+pub fn seen(mut observed: Vec<Seen>, after: &HashMap<String, Option<(String, bool)>>) -> Vec<Seen> {
+    observed.retain_mut(|s| match after.get(&s.plugin_id) {
+        None => true,
+        Some(None) => false,
+        Some(Some((status, written))) => {
+            s.status = Text::from(status.as_str());
+            s.written = *written;
+            true
+        }
+    });
     observed
-        .into_iter()
-        .filter_map(|(plugin_id, current, outcome)| {
-            let (status, written) = match after.get(&plugin_id) {
-                None => (current, false),
-                Some(None) => return None,
-                Some(Some((status, written))) => (Text::from(status.as_str()), *written),
-            };
-            Some(Seen {
-                plugin_id,
-                status,
-                written,
-                outcome,
-            })
-        })
-        .collect()
 }
 
 /// A malformed stored value.
@@ -766,22 +763,25 @@ pub async fn save(
     prepared: Prepared,
 ) {
     let Prepared { stored, last } = prepared;
-    let Some(entry) = stored else {
+    let Some(mut entry) = stored else {
         return;
     };
     // An unreadable record is replaced: it is this worker's own, and the only loss is
     // the since-times, which become unknown.
-    let prev = entry.as_ref().and_then(|e| match decode(&e.data) {
-        Ok(o) => Some(o),
-        Err(err) => {
-            emit_store_error(
-                store,
-                "read_observations",
-                format!("{err}; it is replaced and the since-times start again"),
-            );
-            None
-        }
-    });
+    // The stored bytes are freed once decoded (the ETag stays for the write).
+    let prev = entry
+        .as_mut()
+        .and_then(|e| match decode(&std::mem::take(&mut e.data)) {
+            Ok(o) => Some(o),
+            Err(err) => {
+                emit_store_error(
+                    store,
+                    "read_observations",
+                    format!("{err}; it is replaced and the since-times start again"),
+                );
+                None
+            }
+        });
     let (next, changed, data) = next_encoded(prev, tick_unix, &tick.holder, seen);
     drop(next);
     if entry.is_none() || changed {
@@ -1204,6 +1204,35 @@ mod tests {
             written,
             outcome,
         }
+    }
+
+    #[test]
+    fn the_rows_take_the_status_each_write_left_in_place_and_lose_the_gone_routes() {
+        let mut rows = Recorder::with_capacity(4);
+        for id in ["kept", "written", "gone", "reread"] {
+            rows.push(
+                id.to_string(),
+                "ACTIVE".into(),
+                &ProbeOutcome::Reported(crate::status::RouteStatus::Stopped),
+            );
+        }
+        let after: HashMap<String, Option<(String, bool)>> = [
+            ("written".to_string(), Some(("STOPPED".to_string(), true))),
+            ("gone".to_string(), None),
+            // Re-read after a conflict: another writer had already set it.
+            ("reread".to_string(), Some(("STOPPED".to_string(), false))),
+        ]
+        .into_iter()
+        .collect();
+        let stopped = || Outcome::Reported("STOPPED".into());
+        assert_eq!(
+            super::seen(rows.finish(), &after),
+            vec![
+                seen("kept", "ACTIVE", false, stopped()),
+                seen("written", "STOPPED", true, stopped()),
+                seen("reread", "STOPPED", false, stopped()),
+            ]
+        );
     }
 
     #[test]

@@ -423,7 +423,7 @@ impl Ticker {
         tick: &str,
     ) -> Result<TickReport, TickError> {
         let (probe_deadline, write_deadline) = self.deadlines(started);
-        let private = self.read_private().await?;
+        let mut private = self.read_private().await?;
         let valid = valid_ids(&private.ids);
         // The observations' previous record is read while the plugins are probed (not
         // under `--dry-run`, which records none).
@@ -446,6 +446,11 @@ impl Ticker {
         let record = guard.is_some() && observer_unhealthy.is_none();
         let mut planned = self.plan(tick, &private, gathered, &mut report, record);
         let observed = planned.observed.take();
+        // Every plugin has its own copy of its id from here on: the registry's copies are
+        // freed before the writes and the observations record (at 50 000 plugins they are
+        // megabytes at the tick's peak).
+        drop(valid);
+        private.ids = Vec::new();
         let results = match guard {
             Some(guard) => {
                 self.fence(guard).await?;
