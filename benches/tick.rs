@@ -1268,7 +1268,7 @@ fn size_rows(n: usize, s: &AtSize, have_wrk: bool) -> Vec<Row> {
         ),
     };
     rows.push(if n == 50_000 {
-        rss.target(Target::MibAtMost(64.0))
+        rss.target(Target::MibAtMost(40.0))
     } else {
         rss
     });
