@@ -444,8 +444,13 @@ impl Ticker {
         // plugin on (see src/observations.rs). Neither a dry run nor a blind observer
         // records any.
         let record = guard.is_some() && observer_unhealthy.is_none();
-        let mut planned = self.plan(tick, &private, gathered, &mut report, record);
-        let observed = planned.observed.take();
+        let Planned {
+            pending,
+            counters,
+            statuses,
+            fleet,
+            observed,
+        } = self.plan(tick, &private, gathered, &mut report, record);
         // Every plugin has its own copy of its id from here on: the registry's copies are
         // freed before the writes and the observations record (at 50 000 plugins they are
         // megabytes at the tick's peak).
@@ -454,13 +459,10 @@ impl Ticker {
         let results = match guard {
             Some(guard) => {
                 self.fence(guard).await?;
-                self.write(planned.pending, &guard.fence(), write_deadline)
-                    .await
+                self.write(pending, &guard.fence(), write_deadline).await
             }
-            None => dry_writes(planned.pending),
+            None => dry_writes(pending),
         };
-        let counters = planned.counters;
-        let statuses = planned.statuses;
         let after = self
             .tally(&mut report, &private, results, counters, statuses)
             .await?;
@@ -482,7 +484,7 @@ impl Ticker {
             .await;
         }
         report.duration = started.elapsed();
-        self.remember(&planned.fleet, observer_unhealthy.is_some());
+        self.remember(&fleet, observer_unhealthy.is_some());
         if let Some(why) = observer_unhealthy {
             events::ObserverUnhealthy {
                 tick: tick.to_string(),
