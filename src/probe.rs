@@ -582,16 +582,20 @@ impl Prober {
     async fn attempt(&self, request: &Request<'_>, until: Option<Instant>) -> Attempt {
         let timer = until.map(tokio::time::sleep_until);
         tokio::pin!(timer);
-        let sent = self.send(request);
-        let exchange = match bounded(timer.as_mut(), sent).await {
-            None => return Attempt::Elapsed,
-            Some(Err(e)) => return Attempt::Failed(client_failure(e)),
-            Some(Ok(answer)) => answer,
+        // Each phase's future is pinned in a scope of its own, so the states of the
+        // phases share their room in this future.
+        let exchange = {
+            let sent = std::pin::pin!(self.send(request));
+            match bounded(timer.as_mut(), sent).await {
+                None => return Attempt::Elapsed,
+                Some(Err(e)) => return Attempt::Failed(client_failure(e)),
+                Some(Ok(answer)) => answer,
+            }
         };
         if !(200..300).contains(&exchange.status()) {
-            return Attempt::Failed(self.non_success(exchange, timer).await);
+            return Attempt::Failed(Box::pin(self.non_success(exchange, timer)).await);
         }
-        let body = self.read_body(exchange, BODY_LIMIT, parse_status);
+        let body = std::pin::pin!(self.read_body(exchange, BODY_LIMIT, parse_status));
         match bounded(timer, body).await {
             None => Attempt::Elapsed,
             Some(Err(e)) => Attempt::Failed(client_failure(e)),
@@ -617,7 +621,7 @@ impl Prober {
         );
         failure.http_status = Some(code);
         if self.dapr_invoke && code == 500 {
-            let body = self.read_body(exchange, BODY_LIMIT, dapr_error_code);
+            let body = std::pin::pin!(self.read_body(exchange, BODY_LIMIT, dapr_error_code));
             if let Some(Ok(Some(error_code))) = bounded(timer, body).await {
                 failure.kind = ErrorKind::SidecarInvoke;
                 failure.detail =
@@ -627,7 +631,7 @@ impl Prober {
         } else if exchange.content_length().is_some_and(|n| n <= DRAIN_LIMIT) {
             // Small error bodies are read so the keep-alive connection is reused; the
             // content is not needed.
-            let drained = self.read_body(exchange, DRAIN_LIMIT as usize, |_| ());
+            let drained = std::pin::pin!(self.read_body(exchange, DRAIN_LIMIT as usize, |_| ()));
             let _ = bounded(timer, drained).await;
         }
         failure
@@ -641,24 +645,27 @@ impl Prober {
                 Ok(Exchange::Lean(conn, head))
             }
             Http::Hyper(client) => {
-                let parsed;
-                let hyper_request = match &request.head {
-                    RequestHead::Around(fixed, id) => HyperRequest {
-                        target: [&fixed.target_before, id, &fixed.target_after],
-                        headers: &fixed.headers,
-                    },
-                    RequestHead::Whole(head) => {
-                        parsed = hyper_parts(head).ok_or_else(|| {
-                            ClientError::Protocol("the request could not be built".to_owned())
-                        })?;
-                        HyperRequest {
-                            target: [&parsed.0, "", ""],
-                            headers: &parsed.1,
+                Box::pin(async move {
+                    let parsed;
+                    let hyper_request = match &request.head {
+                        RequestHead::Around(fixed, id) => HyperRequest {
+                            target: [&fixed.target_before, id, &fixed.target_after],
+                            headers: &fixed.headers,
+                        },
+                        RequestHead::Whole(head) => {
+                            parsed = hyper_parts(head).ok_or_else(|| {
+                                ClientError::Protocol("the request could not be built".to_owned())
+                            })?;
+                            HyperRequest {
+                                target: [&parsed.0, "", ""],
+                                headers: &parsed.1,
+                            }
                         }
-                    }
-                };
-                let (conn, head) = client.send(&request.endpoint, &hyper_request).await?;
-                Ok(Exchange::Hyper(conn, head))
+                    };
+                    let (conn, head) = client.send(&request.endpoint, &hyper_request).await?;
+                    Ok(Exchange::Hyper(conn, head))
+                })
+                .await
             }
         }
     }
@@ -675,7 +682,7 @@ impl Prober {
                 client.read_body(conn, &head, limit, use_body).await
             }
             (Http::Hyper(client), Exchange::Hyper(conn, head)) => {
-                client.read_body(conn, &head, limit, use_body).await
+                Box::pin(client.read_body(conn, &head, limit, use_body)).await
             }
             // An exchange always comes from this prober's own client.
             _ => Err(ClientError::Protocol(
@@ -830,7 +837,7 @@ impl Failure {
 /// first. The future is polled before the timer, as `tokio::time::timeout` does.
 async fn bounded<F: std::future::Future>(
     timer: Pin<&mut Option<Sleep>>,
-    fut: F,
+    fut: Pin<&mut F>,
 ) -> Option<F::Output> {
     match timer.as_pin_mut() {
         None => Some(fut.await),

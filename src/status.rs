@@ -170,6 +170,108 @@ pub fn parse_status(body: &[u8]) -> Result<RouteStatus, StatusError> {
             format!("body is not valid UTF-8 (at byte {})", e.valid_up_to()),
         )
     })?;
+    if let Some(status) = parse_common(text) {
+        return Ok(status);
+    }
+    parse_general(text)
+}
+
+/// The answers nearly every plugin sends (`ret` 0 or `OK`, a known status), read without
+/// building a JSON tree: the top level's `res`, `ret` and `status` are taken as raw text
+/// and every other member is skipped. `None` hands the body to [`parse_general`], which
+/// reads every other answer, and gives every error, exactly: so anything unusual (a
+/// duplicate member, an escaped or unknown status, `ret` written as `0.0`, a non-object
+/// `res`) takes that path. A unit property test checks that whenever this gives a status,
+/// [`parse_general`] gives the same one.
+fn parse_common(text: &str) -> Option<RouteStatus> {
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow, default)]
+        res: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        ret: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        status: Option<&'a RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Res<'a> {
+        #[serde(borrow, default)]
+        ret: Option<&'a RawValue>,
+    }
+    // serde reads a struct from a JSON array too: only objects take this path.
+    let is_object = |t: &str| t.trim_start().starts_with('{');
+    // The members skipped here are not depth-limited as a JSON tree is: a body nested
+    // deeply enough to fail the general path must take it.
+    if !is_object(text) || nesting(text.as_bytes()) > SHALLOW {
+        return None;
+    }
+    let top: Top<'_> = serde_json::from_str(text).ok()?;
+    let status = top.status?.get();
+    match top.res {
+        // v0: `ret` absent, null or 0.
+        None => {
+            if !matches!(top.ret.map(RawValue::get), None | Some("0")) {
+                return None;
+            }
+            match status {
+                r#""STARTING""# => Some(RouteStatus::Starting),
+                r#""ACTIVE""# => Some(RouteStatus::Active),
+                r#""STOPPING""# => Some(RouteStatus::Stopping),
+                r#""STOPPED""# => Some(RouteStatus::Stopped),
+                r#""FAILED""# => Some(RouteStatus::Failed),
+                _ => None,
+            }
+        }
+        // v1: `res.ret` absent, null, 0 or OK.
+        Some(res) if is_object(res.get()) => {
+            let res: Res<'_> = serde_json::from_str(res.get()).ok()?;
+            if !matches!(res.ret.map(RawValue::get), None | Some("0" | r#""OK""#)) {
+                return None;
+            }
+            match status {
+                r#""WAIT_RUNNING""# | "1" => Some(RouteStatus::Starting),
+                r#""ERR_REGISTER""# | "2" => Some(RouteStatus::Failed),
+                r#""RUNNING""# | "3" => Some(RouteStatus::Active),
+                _ => None,
+            }
+        }
+        Some(_) => None,
+    }
+}
+
+/// The nesting [`parse_common`] reads; serde_json's tree stops at 128 levels.
+const SHALLOW: usize = 32;
+
+/// How deeply `[` and `{` nest in `json`, outside strings (any bytes: it only counts).
+fn nesting(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// [`parse_status`] for any body, after the UTF-8 check: the body as a JSON tree.
+fn parse_general(text: &str) -> Result<RouteStatus, StatusError> {
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| StatusError::new(ErrorKind::BadBody, format!("body is not JSON: {e}")))?;
     let serde_json::Value::Object(obj) = value else {
@@ -421,4 +523,156 @@ fn quote(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Member values, the usual ones and the unusual ones beside them.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("0".to_owned()),
+            Just("-0".to_owned()),
+            Just("0.0".to_owned()),
+            Just("1".to_owned()),
+            Just("2".to_owned()),
+            Just("3".to_owned()),
+            Just("3e0".to_owned()),
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just(r#""OK""#.to_owned()),
+            Just(r#""ok""#.to_owned()),
+            Just(r#""ACTIVE""#.to_owned()),
+            Just(r#""\u0041CTIVE""#.to_owned()),
+            Just(r#""STOPPED""#.to_owned()),
+            Just(r#""STARTING""#.to_owned()),
+            Just(r#""STOPPING""#.to_owned()),
+            Just(r#""FAILED""#.to_owned()),
+            Just(r#""RUNNING""#.to_owned()),
+            Just(r#""WAIT_RUNNING""#.to_owned()),
+            Just(r#""ERR_REGISTER""#.to_owned()),
+            Just(r#""UNKNOWN""#.to_owned()),
+            Just("[]".to_owned()),
+            Just(r#"[0,"ACTIVE"]"#.to_owned()),
+            Just("{}".to_owned()),
+            Just(r#"{"ret":0}"#.to_owned()),
+            Just(r#"{"ret":"OK","msg":"fine"}"#.to_owned()),
+            Just(r#"{"ret":0,"ret":7}"#.to_owned()),
+            Just(r#"{"ret":400}"#.to_owned()),
+            Just(r#"{"msg":"x"}"#.to_owned()),
+            Just(r#"{"status":"RUNNING"}"#.to_owned()),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("res"),
+            Just("ret"),
+            Just("status"),
+            Just("data"),
+            Just("msg"),
+            Just("code"),
+            Just("Status"),
+        ]
+    }
+
+    /// Objects of those members (duplicates included), with or without spaces, and now
+    /// and then something that is not an object or not JSON.
+    fn body() -> impl Strategy<Value = String> {
+        let members = proptest::collection::vec((key(), value()), 0..6);
+        (members, any::<bool>(), 0u8..8).prop_map(|(members, spaced, shape)| {
+            let sep = if spaced { ", " } else { "," };
+            let inner: Vec<String> = members
+                .iter()
+                .map(|(k, v)| {
+                    if spaced {
+                        format!("\"{k}\" : {v}")
+                    } else {
+                        format!("\"{k}\":{v}")
+                    }
+                })
+                .collect();
+            let object = format!("{{{}}}", inner.join(sep));
+            match shape {
+                0 => format!("  {object}\n"),
+                1 => format!("[{object}]"),
+                2 => format!("{object} x"),
+                3 => object.trim_end_matches('}').to_owned(),
+                4 => format!(r#"{{"data":{object}}}"#),
+                _ => object,
+            }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// The fast path never disagrees with the general one: when it reads a status,
+        /// the general path reads the same one.
+        #[test]
+        fn the_common_shapes_read_as_the_general_path_reads_them(text in body()) {
+            if let Some(status) = parse_common(&text) {
+                prop_assert_eq!(parse_general(&text), Ok(status), "{}", text);
+            }
+        }
+    }
+
+    /// A member nested deeper than the general path's recursion limit: both paths give
+    /// the same answer.
+    #[test]
+    fn deep_nesting_reads_alike_on_both_paths() {
+        for depth in [30, 31, 32, 33, 100, 127, 128, 129, 200, 5000] {
+            let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            for body in [
+                format!(r#"{{"x":{nested},"status":"ACTIVE"}}"#),
+                format!(r#"{{"res":{{"y":{nested}}},"status":"RUNNING"}}"#),
+            ] {
+                if depth <= 30 {
+                    assert!(parse_common(&body).is_some(), "depth {depth} is read here");
+                }
+                if let Some(status) = parse_common(&body) {
+                    assert_eq!(parse_general(&body), Ok(status), "depth {depth}");
+                }
+            }
+        }
+    }
+
+    /// The shapes the fast path exists for do take it (else it would cost, not save).
+    #[test]
+    fn the_usual_answers_take_the_fast_path() {
+        for (body, status) in [
+            (
+                r#"{"ret":0,"msg":"ok","status":"ACTIVE"}"#,
+                RouteStatus::Active,
+            ),
+            (r#"{"status":"STOPPED"}"#, RouteStatus::Stopped),
+            (
+                r#"{"res":{"ret":0,"msg":"ok"},"status":"RUNNING"}"#,
+                RouteStatus::Active,
+            ),
+            (r#"{"res":{"ret":"OK"},"status":1}"#, RouteStatus::Starting),
+            (
+                r#" { "res" : { } , "status" : "ERR_REGISTER" } "#,
+                RouteStatus::Failed,
+            ),
+        ] {
+            assert_eq!(parse_common(body), Some(status), "{body}");
+            assert_eq!(parse_status(body.as_bytes()), Ok(status), "{body}");
+        }
+        // Unusual ones are left to the general path, which reads them the same way.
+        for body in [
+            r#"{"ret":0.0,"status":"ACTIVE"}"#,
+            r#"{"status":"\u0041CTIVE"}"#,
+            r#"{"status":"STOPPED","status":"ACTIVE"}"#,
+        ] {
+            assert_eq!(parse_common(body), None, "{body}");
+            assert_eq!(
+                parse_status(body.as_bytes()).map_err(|e| e.kind),
+                Ok(RouteStatus::Active),
+                "{body}"
+            );
+        }
+    }
 }

@@ -424,10 +424,13 @@ impl Ticker {
     ) -> Result<TickReport, TickError> {
         let (probe_deadline, write_deadline) = self.deadlines(started);
         let mut private = self.read_private().await?;
-        let valid = valid_ids(&private.ids);
+        let registered = private.ids.len() as u64;
+        // The registry's ids move on: into the probes' list and then, one by one, into
+        // the plugins that reach the plan (no copy of each id).
+        let valid = valid_ids(std::mem::take(&mut private.ids));
         // The observations' previous record is read while the plugins are probed (not
         // under `--dry-run`, which records none).
-        let (gathered, prepared) = tokio::join!(self.gather(&valid, probe_deadline), async {
+        let (gathered, prepared) = tokio::join!(self.gather(valid, probe_deadline), async {
             match guard {
                 Some(_) => Some(crate::observations::prepare(&*self.store).await),
                 None => None,
@@ -436,7 +439,7 @@ impl Ticker {
         let gathered = gathered?;
         let mut report = TickReport {
             tick: tick.to_string(),
-            plugins: private.ids.len() as u64,
+            plugins: registered,
             ..TickReport::default()
         };
         let observer_unhealthy = gathered.observer_unhealthy.clone();
@@ -451,11 +454,8 @@ impl Ticker {
             fleet,
             observed,
         } = self.plan(tick, &private, gathered, &mut report, record);
-        // Every plugin has its own copy of its id from here on: the registry's copies are
-        // freed before the writes and the observations record (at 50 000 plugins they are
-        // megabytes at the tick's peak).
-        drop(valid);
-        private.ids = Vec::new();
+        // The previous observations record is decoded while the routes are written.
+        let decoding = prepared.and_then(crate::observations::Prepared::decode);
         let results = match guard {
             Some(guard) => {
                 self.fence(guard).await?;
@@ -466,7 +466,7 @@ impl Ticker {
         let after = self
             .tally(&mut report, &private, results, counters, statuses)
             .await?;
-        if let (Some(guard), Some(observed), Some(prepared)) = (guard, observed, prepared) {
+        if let (Some(guard), Some(observed), Some(decoding)) = (guard, observed, decoding) {
             // Observations hook (3/3): the last observation of every plugin and this tick
             // as the last completed, both fenced by the lease.
             crate::observations::save(
@@ -479,7 +479,7 @@ impl Ticker {
                 },
                 guard.kind.time().timestamp(),
                 crate::observations::seen(observed.finish(), &after),
-                prepared,
+                decoding,
             )
             .await;
         }
@@ -574,7 +574,11 @@ impl Ticker {
     /// every valid registered id is probed, so neither waits for the other. A failed read
     /// still fails the tick before anything is decided or written. Then the observer's
     /// own health, when a probe failed.
-    async fn gather(&self, valid: &[&str], probe_deadline: Instant) -> Result<Gathered, TickError> {
+    async fn gather(
+        &self,
+        valid: Vec<String>,
+        probe_deadline: Instant,
+    ) -> Result<Gathered, TickError> {
         let store = &*self.store;
         let read_routes = async {
             // The keys are freed as soon as the routes are in.
@@ -592,9 +596,12 @@ impl Ticker {
             };
             Ok(routes)
         };
-        let (routes, timed) = tokio::join!(
+        // The probes first: their first poll hands them to their own task, so they are
+        // under way before a store that reads synchronously (the embedded one) holds
+        // this thread for the whole bulk read.
+        let (timed, routes) = tokio::join!(
+            self.prober.probe_all_timed(&valid, probe_deadline),
             read_routes,
-            self.prober.probe_all_timed(valid, probe_deadline),
         );
         let routes =
             routes.inspect_err(|e| emit_store_error(store, StoreKind::Public, "read_routes", e))?;
@@ -602,23 +609,20 @@ impl Ticker {
         let mut candidates = Vec::with_capacity(valid.len());
         let mut texts = Interner::default();
         let mut statuses: HashMap<String, i64> = HashMap::new();
-        for ((id, route), (outcome, took)) in valid.iter().zip(routes).zip(timed) {
+        for ((id, route), (outcome, took)) in valid.into_iter().zip(routes).zip(timed) {
             if !matches!(outcome, ProbeOutcome::CutOff) {
                 m.probe_duration(took.as_secs_f64());
             }
             let entry = match route {
                 Ok(Some(entry)) => entry,
                 Ok(None) => {
-                    events::RouteMissing {
-                        plugin_id: id.to_string(),
-                    }
-                    .emit();
+                    events::RouteMissing { plugin_id: id }.emit();
                     *statuses.entry("missing".into()).or_default() += 1;
                     continue;
                 }
                 // One unreadable key: that route is left alone, the others proceed.
                 Err(e) => {
-                    route_invalid(id, &e.to_string());
+                    route_invalid(&id, &e.to_string());
                     *statuses.entry("invalid".into()).or_default() += 1;
                     continue;
                 }
@@ -626,7 +630,7 @@ impl Ticker {
             match read_status(&entry.data) {
                 Ok(current) => candidates.push((
                     Candidate {
-                        id: id.to_string(),
+                        id,
                         current: texts.get(&current),
                         data: entry.data,
                         etag: entry.etag,
@@ -634,7 +638,7 @@ impl Ticker {
                     outcome,
                 )),
                 Err(e) => {
-                    route_invalid(id, &e.to_string());
+                    route_invalid(&id, &e.to_string());
                     *statuses.entry("invalid".into()).or_default() += 1;
                 }
             }
@@ -1063,13 +1067,13 @@ impl Ticker {
 }
 
 /// The valid registry ids; the invalid ones are reported and never requested.
-fn valid_ids(ids: &[String]) -> Vec<&str> {
+fn valid_ids(ids: Vec<String>) -> Vec<String> {
     let mut valid = Vec::with_capacity(ids.len());
     for id in ids {
-        match invalid_id_reason(id) {
-            None => valid.push(id.as_str()),
+        match invalid_id_reason(&id) {
+            None => valid.push(id),
             Some(reason) => events::InvalidPluginId {
-                plugin_id: printable_id(id),
+                plugin_id: printable_id(&id),
                 reason: reason.to_string(),
             }
             .emit(),

@@ -285,9 +285,11 @@ impl Client {
                 conn.buf.advance(n);
                 out
             }
-            Framing::Chunked => use_body(&conn.read_chunked(limit).await?),
+            // The other framings are boxed: kept inline, their states would enlarge
+            // every probe's future, which is moved on each spawn into the probe set.
+            Framing::Chunked => use_body(&Box::pin(conn.read_chunked(limit)).await?),
             Framing::Close => {
-                conn.read_to_close(limit).await?;
+                Box::pin(conn.read_to_close(limit)).await?;
                 return Ok(use_body(&conn.buf));
             }
         };
