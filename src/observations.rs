@@ -237,8 +237,65 @@ pub fn next_encoded(
     prev: Option<Observations>,
     tick: i64,
     holder: &str,
-    mut seen: Vec<Seen>,
+    seen: Vec<Seen>,
 ) -> (Observations, bool, Vec<u8>) {
+    let (merged, differs, prev_flags) = merge(prev, tick, seen);
+    let mut obs = Observations {
+        tick,
+        holder: holder.to_string(),
+        plugins: merged.into_iter().collect(),
+        details_dropped: false,
+        omitted: 0,
+    };
+    let data = fit(&mut obs);
+    let differs = differs
+        || obs.details_dropped
+        || obs.omitted > 0
+        || prev_flags.is_some_and(|f| f != (false, 0));
+    (obs, differs, data)
+}
+
+/// What [`save`] needs of [`next_encoded`]: whether the record changed, and its
+/// encoding. A record within its size budget (every record but a huge fleet's) is
+/// encoded straight from the merged entries, without building the next record's map.
+pub fn next_data(
+    prev: Option<Observations>,
+    tick: i64,
+    holder: &str,
+    seen: Vec<Seen>,
+) -> (bool, Vec<u8>) {
+    let (merged, differs, prev_flags) = merge(prev, tick, seen);
+    let data = encode_parts(
+        tick,
+        holder,
+        false,
+        0,
+        merged.iter().map(|(id, kept)| (id.as_str(), kept)),
+    );
+    if data.len() <= BUDGET {
+        return (differs || prev_flags.is_some_and(|f| f != (false, 0)), data);
+    }
+    drop(data);
+    let mut obs = Observations {
+        tick,
+        holder: holder.to_string(),
+        plugins: merged.into_iter().collect(),
+        details_dropped: false,
+        omitted: 0,
+    };
+    // Over the budget: `fit` drops what it must (and that always counts as a change).
+    let data = fit(&mut obs);
+    (true, data)
+}
+
+/// The merge of [`next_encoded`]: the next entries in id order, whether they differ from
+/// the previous record's, and the previous record's size flags.
+#[allow(clippy::type_complexity)]
+fn merge(
+    prev: Option<Observations>,
+    tick: i64,
+    mut seen: Vec<Seen>,
+) -> (Vec<(String, Kept)>, bool, Option<(bool, u64)>) {
     use std::cmp::Ordering;
     let mut differs = prev.is_none();
     let (before, prev_flags) = match prev {
@@ -288,21 +345,15 @@ pub fn next_encoded(
             outcome,
         };
         differs |= old.as_ref() != Some(&kept);
-        merged.push((s.plugin_id, kept));
+        // Two rows of one id (a registry listing it twice): the later one stays, as a
+        // map would keep it.
+        match merged.last_mut() {
+            Some((last, k)) if *last == s.plugin_id => *k = kept,
+            _ => merged.push((s.plugin_id, kept)),
+        }
     }
     differs |= before.next().is_some();
-    drop(before);
-    let mut obs = Observations {
-        tick,
-        holder: holder.to_string(),
-        plugins: merged.into_iter().collect(),
-        details_dropped: false,
-        omitted: 0,
-    };
-    let data = fit(&mut obs);
-    differs |=
-        obs.details_dropped || obs.omitted > 0 || prev_flags.is_some_and(|f| f != (false, 0));
-    (obs, differs, data)
+    (merged, differs, prev_flags)
 }
 
 /// Whether `next` says something `prev` does not (the header aside): only then is the
@@ -320,6 +371,13 @@ pub fn changed(prev: Option<&Observations>, next: &Observations) -> bool {
 
 /// Appends `text` as a JSON string.
 fn push_json_str(out: &mut String, text: &str) {
+    // Ids, statuses and kinds need no escape: copied as they are.
+    if !text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     // Serializing a string cannot fail.
     out.push_str(&serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into()));
 }
@@ -327,12 +385,20 @@ fn push_json_str(out: &mut String, text: &str) {
 /// Appends one plugin's entry (see the module docs).
 fn push_entry(out: &mut String, tick: i64, kept: &Kept, details: &mut Details) {
     use std::fmt::Write;
-    let since = kept.since.map_or_else(
-        || "null".to_string(),
-        |s| tick.saturating_sub(s).to_string(),
-    );
+    struct Since(Option<i64>);
+    impl std::fmt::Display for Since {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {
+                None => f.write_str("null"),
+                Some(s) => write!(f, "{s}"),
+            }
+        }
+    }
+    let since = Since(kept.since.map(|s| tick.saturating_sub(s)));
     match &kept.outcome {
-        Outcome::Reported(st) if *st == kept.status => out.push_str(&since),
+        Outcome::Reported(st) if *st == kept.status => {
+            let _ = write!(out, "{since}");
+        }
         Outcome::Reported(st) => {
             let _ = write!(out, "[{since},\"ok\",");
             push_json_str(out, st);
@@ -390,13 +456,32 @@ fn parse_time(text: &str) -> Option<i64> {
 /// order. Written straight into one buffer (no intermediate JSON tree: at 50 000
 /// plugins that tree would cost more memory than the record itself).
 pub fn encode(obs: &Observations) -> Vec<u8> {
+    encode_parts(
+        obs.tick,
+        &obs.holder,
+        obs.details_dropped,
+        obs.omitted,
+        obs.plugins.iter().map(|(id, kept)| (id.as_str(), kept)),
+    )
+}
+
+/// [`encode`] from the record's parts; `entries` in id order.
+fn encode_parts<'a>(
+    tick: i64,
+    holder: &str,
+    details_dropped: bool,
+    omitted: u64,
+    entries: impl Iterator<Item = (&'a str, &'a Kept)>,
+) -> Vec<u8> {
     use std::fmt::Write;
     let mut details = Details::default();
-    let mut groups: BTreeMap<&str, Vec<(&String, &Kept)>> = BTreeMap::new();
-    for (id, kept) in &obs.plugins {
+    let mut groups: BTreeMap<&str, Vec<(&str, &Kept)>> = BTreeMap::new();
+    let mut count = 0usize;
+    for (id, kept) in entries {
+        count += 1;
         groups.entry(&kept.status).or_default().push((id, kept));
     }
-    let mut body = String::with_capacity(obs.plugins.len() * 32 + 64);
+    let mut body = String::with_capacity(count * 32 + 64);
     body.push_str("\"by_status\":{");
     for (g, (status, entries)) in groups.iter().enumerate() {
         if g > 0 {
@@ -410,7 +495,7 @@ pub fn encode(obs: &Observations) -> Vec<u8> {
             }
             push_json_str(&mut body, id);
             body.push(':');
-            push_entry(&mut body, obs.tick, kept, &mut details);
+            push_entry(&mut body, tick, kept, &mut details);
         }
         body.push('}');
     }
@@ -419,14 +504,14 @@ pub fn encode(obs: &Observations) -> Vec<u8> {
     let _ = write!(
         out,
         "{{\"v\":{VERSION},\"tick\":\"{}\",\"holder\":",
-        rfc3339(obs.tick)
+        rfc3339(tick)
     );
-    push_json_str(&mut out, &obs.holder);
-    if obs.details_dropped {
+    push_json_str(&mut out, holder);
+    if details_dropped {
         out.push_str(",\"details_dropped\":true");
     }
-    if obs.omitted > 0 {
-        let _ = write!(out, ",\"omitted\":{}", obs.omitted);
+    if omitted > 0 {
+        let _ = write!(out, ",\"omitted\":{omitted}");
     }
     out.push_str(",\"details\":[");
     for (i, d) in details.texts.iter().enumerate() {
@@ -715,8 +800,9 @@ fn emit_store_error(store: &dyn Store, operation: &str, error: String) {
 }
 
 /// The previous record and the last-tick entry as stored, read while the plugins are
-/// probed; [`Prepared::decode`] decodes the record while the routes are written, and
-/// [`save`] merges, encodes and writes.
+/// probed; [`save`] decodes the record (after the writes, when the routes the tick read
+/// are freed: at 50 000 plugins the decoded record is megabytes), merges, encodes and
+/// writes.
 pub struct Prepared {
     /// The stored record; None when the store failed (nothing is written this tick).
     stored: Option<Option<Entry>>,
@@ -750,82 +836,38 @@ pub async fn prepare(store: &dyn Store) -> Prepared {
     Prepared { stored, last }
 }
 
-/// The previous record being decoded off the tick's thread (see [`Prepared::decode`]).
-pub struct Decoding {
-    /// The stored entry with its bytes taken (its ETag stays for the write); None when
-    /// there is no record yet.
-    entry: Option<Entry>,
-    last: Option<Entry>,
-    prev: Option<Pending>,
-}
-
-/// A decode running on the blocking pool, or done already.
-enum Pending {
-    Running(tokio::task::JoinHandle<Result<Observations, ObservationsError>>),
-    Done(Result<Observations, ObservationsError>),
-}
-
-impl Prepared {
-    /// Starts decoding the previous record on the blocking pool, so that it runs while
-    /// the tick writes its routes instead of after them (at 50 000 plugins it is some
-    /// milliseconds of CPU). None when the read failed: nothing is saved this tick.
-    ///
-    /// The tick calls this after its plan, when the routes it read are freed: the
-    /// decoded record is megabytes at 50 000 plugins.
-    pub fn decode(self) -> Option<Decoding> {
-        let Prepared { stored, last } = self;
-        let mut entry = stored?;
-        // The stored bytes move to the decode and are freed there.
-        let prev = entry.as_mut().map(|e| {
-            let data = std::mem::take(&mut e.data);
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => Pending::Running(rt.spawn_blocking(move || decode(&data))),
-                // Not on a Tokio runtime: decoded here.
-                Err(_) => Pending::Done(decode(&data)),
-            }
-        });
-        Some(Decoding { entry, last, prev })
-    }
-}
-
-/// The tick's hook: saves the next record when it changed (from [`prepare`]'s read, as
-/// [`Prepared::decode`] decodes it), and records this tick as the last completed, both
-/// fenced by the lease. Failures are reported (`store_error`) and never fail the tick:
-/// the routes are already written.
+/// The tick's hook: saves the next record when it changed (from [`prepare`]'s read), and
+/// records this tick as the last completed, both fenced by the lease. Failures are
+/// reported (`store_error`) and never fail the tick: the routes are already written.
 pub async fn save(
     store: &dyn Store,
     fence: &Fence,
     tick: &LastTick,
     tick_unix: i64,
     seen: Vec<Seen>,
-    decoding: Decoding,
+    prepared: Prepared,
 ) {
-    let Decoding { entry, last, prev } = decoding;
-    let decoded = match prev {
-        None => None,
-        Some(Pending::Done(result)) => Some(result),
-        Some(Pending::Running(handle)) => Some(handle.await.unwrap_or_else(|e| {
-            Err(malformed(
-                OBSERVATIONS_KEY,
-                format!("its decoding stopped ({e})"),
-            ))
-        })),
+    let Prepared { stored, last } = prepared;
+    let Some(mut entry) = stored else {
+        return;
     };
     // An unreadable record is replaced: it is this worker's own, and the only loss is
     // the since-times, which become unknown.
-    let prev = decoded.and_then(|result| match result {
-        Ok(o) => Some(o),
-        Err(err) => {
-            emit_store_error(
-                store,
-                "read_observations",
-                format!("{err}; it is replaced and the since-times start again"),
-            );
-            None
-        }
-    });
-    let (next, changed, data) = next_encoded(prev, tick_unix, &tick.holder, seen);
-    drop(next);
+    // The stored bytes are freed once decoded (the ETag stays for the write).
+    let prev = entry
+        .as_mut()
+        .and_then(|e| match decode(&std::mem::take(&mut e.data)) {
+            Ok(o) => Some(o),
+            Err(err) => {
+                emit_store_error(
+                    store,
+                    "read_observations",
+                    format!("{err}; it is replaced and the since-times start again"),
+                );
+                None
+            }
+        });
+    let (changed, data) = next_data(prev, tick_unix, &tick.holder, seen);
     if entry.is_none() || changed {
         write(store, fence, OBSERVATIONS_KEY, entry.as_ref(), &data).await;
     }
@@ -1275,6 +1317,57 @@ mod tests {
                 seen("reread", "STOPPED", false, stopped()),
             ]
         );
+    }
+
+    /// `save`'s shortcut (encoding the merged entries without building the next map)
+    /// writes what the full path writes and says the same about a change: within the
+    /// budget, over it (a record that must drop details and entries), with a repeated id
+    /// and with nothing changed.
+    #[test]
+    fn the_saved_encoding_is_the_full_paths() {
+        let check = |prev: Option<Observations>, seen: Vec<Seen>, what: &str| {
+            let (_, differs, data) = next_encoded(prev.clone(), 200, "h", seen.clone());
+            assert_eq!(next_data(prev, 200, "h", seen), (differs, data), "{what}");
+        };
+        let ok = || Outcome::Reported("ACTIVE".into());
+        let rows = vec![
+            seen("b", "ACTIVE", false, ok()),
+            seen("a", "STOPPED", true, Outcome::Reported("STOPPED".into())),
+            seen(
+                "c",
+                "FAILED",
+                false,
+                failed("connect", "refused \"quoted\"\n"),
+            ),
+        ];
+        check(None, rows.clone(), "first record");
+        let first = next(None, 100, "h", &rows);
+        check(Some(first.clone()), rows.clone(), "unchanged");
+        let mut twice = rows.clone();
+        twice.push(seen(
+            "b",
+            "STOPPED",
+            true,
+            Outcome::Reported("STOPPED".into()),
+        ));
+        check(Some(first), twice, "an id listed twice");
+        // Distinct long details: far over the budget until they are dropped.
+        let rows: Vec<Seen> = (0..20_000)
+            .map(|i| {
+                let detail = format!("{i:05} {}", "x".repeat(150));
+                seen(
+                    &format!("p{i:05}"),
+                    "FAILED",
+                    false,
+                    failed("connect", &detail),
+                )
+            })
+            .collect();
+        let full = next(None, 1_000, "h", &rows);
+        assert!(full.details_dropped, "the record had to drop its details");
+        check(None, rows.clone(), "over the budget");
+        let big = full;
+        check(Some(big), rows, "over the budget, from a fitted record");
     }
 
     #[test]

@@ -454,8 +454,6 @@ impl Ticker {
             fleet,
             observed,
         } = self.plan(tick, &private, gathered, &mut report, record);
-        // The previous observations record is decoded while the routes are written.
-        let decoding = prepared.and_then(crate::observations::Prepared::decode);
         let results = match guard {
             Some(guard) => {
                 self.fence(guard).await?;
@@ -466,7 +464,7 @@ impl Ticker {
         let after = self
             .tally(&mut report, &private, results, counters, statuses)
             .await?;
-        if let (Some(guard), Some(observed), Some(decoding)) = (guard, observed, decoding) {
+        if let (Some(guard), Some(observed), Some(prepared)) = (guard, observed, prepared) {
             // Observations hook (3/3): the last observation of every plugin and this tick
             // as the last completed, both fenced by the lease.
             crate::observations::save(
@@ -479,7 +477,7 @@ impl Ticker {
                 },
                 guard.kind.time().timestamp(),
                 crate::observations::seen(observed.finish(), &after),
-                decoding,
+                prepared,
             )
             .await;
         }
