@@ -265,6 +265,20 @@ pub fn next_data(
     seen: Vec<Seen>,
 ) -> (bool, Vec<u8>) {
     let (merged, differs, prev_flags) = merge(prev, tick, seen);
+    let (changed, data, _) = encoded(merged, differs, prev_flags, tick, holder);
+    (changed, data)
+}
+
+/// The merged entries encoded: whether the record changed, its encoding, and the entries
+/// back when it fit (as they are, nothing dropped: what [`RecordCache`] keeps).
+#[allow(clippy::type_complexity)]
+fn encoded(
+    merged: Vec<(String, Kept)>,
+    differs: bool,
+    prev_flags: Option<(bool, u64)>,
+    tick: i64,
+    holder: &str,
+) -> (bool, Vec<u8>, Option<Vec<(String, Kept)>>) {
     let data = encode_parts(
         tick,
         holder,
@@ -273,7 +287,8 @@ pub fn next_data(
         merged.iter().map(|(id, kept)| (id.as_str(), kept)),
     );
     if data.len() <= BUDGET {
-        return (differs || prev_flags.is_some_and(|f| f != (false, 0)), data);
+        let changed = differs || prev_flags.is_some_and(|f| f != (false, 0));
+        return (changed, data, Some(merged));
     }
     drop(data);
     let mut obs = Observations {
@@ -285,7 +300,40 @@ pub fn next_data(
     };
     // Over the budget: `fit` drops what it must (and that always counts as a change).
     let data = fit(&mut obs);
-    (true, data)
+    (true, data, None)
+}
+
+/// The record this process wrote last, kept between its ticks (`run` ticks again and
+/// again with one [`RecordCache`]): its bytes as written and its entries. When the
+/// stored record is still exactly those bytes (no other replica wrote since), the next
+/// tick merges into the entries instead of decoding the record again (at 50 000 plugins
+/// about 10 ms of a tick's CPU). Any other stored value is decoded as always. It holds
+/// the record's size in memory between ticks (about 7 MB at 50 000 plugins).
+#[derive(Default)]
+pub struct RecordCache(std::sync::Mutex<Option<LastWritten>>);
+
+struct LastWritten {
+    data: Vec<u8>,
+    entries: Vec<(String, Kept)>,
+}
+
+impl RecordCache {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<LastWritten>> {
+        // A panic while holding it left an Option: still usable.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The kept entries when `stored` is exactly the record they were written as; the
+    /// cache is empty afterwards either way.
+    fn take_if_stored(&self, stored: &[u8]) -> Option<LastWritten> {
+        self.slot().take().filter(|last| last.data == stored)
+    }
+
+    fn keep(&self, data: Vec<u8>, entries: Vec<(String, Kept)>) {
+        *self.slot() = Some(LastWritten { data, entries });
+    }
 }
 
 /// The merge of [`next_encoded`]: the next entries in id order, whether they differ from
@@ -294,14 +342,28 @@ pub fn next_data(
 fn merge(
     prev: Option<Observations>,
     tick: i64,
+    seen: Vec<Seen>,
+) -> (Vec<(String, Kept)>, bool, Option<(bool, u64)>) {
+    match prev {
+        Some(p) => {
+            let flags = (p.details_dropped, p.omitted);
+            merge_into(Some(p.plugins.into_iter()), Some(flags), tick, seen)
+        }
+        None => merge_into(None::<std::vec::IntoIter<(String, Kept)>>, None, tick, seen),
+    }
+}
+
+/// [`merge`] from the previous record's entries in id order (None: no previous record).
+#[allow(clippy::type_complexity)]
+fn merge_into<I: Iterator<Item = (String, Kept)>>(
+    before: Option<I>,
+    prev_flags: Option<(bool, u64)>,
+    tick: i64,
     mut seen: Vec<Seen>,
 ) -> (Vec<(String, Kept)>, bool, Option<(bool, u64)>) {
     use std::cmp::Ordering;
-    let mut differs = prev.is_none();
-    let (before, prev_flags) = match prev {
-        Some(p) => (p.plugins, Some((p.details_dropped, p.omitted))),
-        None => (BTreeMap::new(), None),
-    };
+    let mut differs = before.is_none();
+    let before = before.into_iter().flatten();
     // Both sides in id order, merged in one pass (no lookup per plugin); the sort is
     // stable, so of two entries for one id the later wins, as with inserts.
     seen.sort_by(|a, b| a.plugin_id.cmp(&b.plugin_id));
@@ -846,50 +908,87 @@ pub async fn save(
     tick_unix: i64,
     seen: Vec<Seen>,
     prepared: Prepared,
+    cache: &RecordCache,
 ) {
     let Prepared { stored, last } = prepared;
     let Some(mut entry) = stored else {
         return;
     };
-    // An unreadable record is replaced: it is this worker's own, and the only loss is
-    // the since-times, which become unknown.
-    // The stored bytes are freed once decoded (the ETag stays for the write).
-    let prev = entry
-        .as_mut()
-        .and_then(|e| match decode(&std::mem::take(&mut e.data)) {
-            Ok(o) => Some(o),
-            Err(err) => {
-                emit_store_error(
-                    store,
-                    "read_observations",
-                    format!("{err}; it is replaced and the since-times start again"),
-                );
-                None
+    // The record this process wrote last, when it is still the stored one.
+    let kept = entry.as_ref().and_then(|e| cache.take_if_stored(&e.data));
+    let (merged, differs, prev_flags, unchanged_bytes) = match kept {
+        Some(LastWritten { data, entries }) => {
+            // The stored copy of those bytes is not needed (the ETag stays for the write).
+            if let Some(e) = entry.as_mut() {
+                e.data = Vec::new();
             }
-        });
-    let (changed, data) = next_data(prev, tick_unix, &tick.holder, seen);
+            let (merged, differs, flags) =
+                merge_into(Some(entries.into_iter()), Some((false, 0)), tick_unix, seen);
+            (merged, differs, flags, Some(data))
+        }
+        None => {
+            // An unreadable record is replaced: it is this worker's own, and the only
+            // loss is the since-times, which become unknown.
+            // The stored bytes are freed once decoded (the ETag stays for the write).
+            let prev = entry
+                .as_mut()
+                .and_then(|e| match decode(&std::mem::take(&mut e.data)) {
+                    Ok(o) => Some(o),
+                    Err(err) => {
+                        emit_store_error(
+                            store,
+                            "read_observations",
+                            format!("{err}; it is replaced and the since-times start again"),
+                        );
+                        None
+                    }
+                });
+            let (merged, differs, flags) = merge(prev, tick_unix, seen);
+            (merged, differs, flags, None)
+        }
+    };
+    let (changed, data, entries) = encoded(merged, differs, prev_flags, tick_unix, &tick.holder);
     if entry.is_none() || changed {
-        write(store, fence, OBSERVATIONS_KEY, entry.as_ref(), &data).await;
+        let written = write(store, fence, OBSERVATIONS_KEY, entry.as_ref(), &data).await;
+        if let (true, Some(entries)) = (written, entries) {
+            cache.keep(data, entries);
+        }
+    } else if let (Some(bytes), Some(entries)) = (unchanged_bytes, entries) {
+        // Nothing changed: the stored record is still the one kept, and these entries
+        // say what it says.
+        cache.keep(bytes, entries);
     }
-    drop(data);
     match serde_json::to_vec(tick) {
-        Ok(data) => write(store, fence, LAST_TICK_KEY, last.as_ref(), &data).await,
+        Ok(data) => {
+            write(store, fence, LAST_TICK_KEY, last.as_ref(), &data).await;
+        }
         Err(e) => emit_store_error(store, "write_last_tick", format!("cannot encode: {e}")),
     }
 }
 
-async fn write(store: &dyn Store, fence: &Fence, key: &str, stored: Option<&Entry>, data: &[u8]) {
+/// A fenced compare-and-set write of one of these keys; false (reported) when it failed.
+async fn write(
+    store: &dyn Store,
+    fence: &Fence,
+    key: &str,
+    stored: Option<&Entry>,
+    data: &[u8],
+) -> bool {
     let etag = stored.map_or(ABSENT_ETAG, |e| e.etag.as_str());
-    if let Err(e) = store
+    match store
         .save_fenced(StoreKind::Private, Save::cas(key, data, etag), fence)
         .await
     {
-        let operation = if key == OBSERVATIONS_KEY {
-            "write_observations"
-        } else {
-            "write_last_tick"
-        };
-        emit_store_error(store, operation, e.to_string());
+        Ok(()) => true,
+        Err(e) => {
+            let operation = if key == OBSERVATIONS_KEY {
+                "write_observations"
+            } else {
+                "write_last_tick"
+            };
+            emit_store_error(store, operation, e.to_string());
+            false
+        }
     }
 }
 

@@ -55,6 +55,9 @@ pub struct Ticker {
     observer: Observer,
     dry_run: bool,
     state: Mutex<State>,
+    /// The observations record this process wrote last (see
+    /// [`crate::observations::RecordCache`]).
+    record_cache: crate::observations::RecordCache,
 }
 
 /// What one replica remembers between its ticks.
@@ -206,6 +209,7 @@ impl Ticker {
             observer: Observer::None,
             dry_run: false,
             state: Mutex::new(State::default()),
+            record_cache: crate::observations::RecordCache::default(),
         }
     }
 
@@ -478,6 +482,7 @@ impl Ticker {
                 guard.kind.time().timestamp(),
                 crate::observations::seen(observed.finish(), &after),
                 prepared,
+                &self.record_cache,
             )
             .await;
         }

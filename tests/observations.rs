@@ -25,7 +25,7 @@ use keel_test_support::sim::{Behavior, PluginSim};
 use serde_json::Value;
 use support::binary::{
     keel, raw_json, raw_version, redis_store, redis_ticker, routes_json, seed_registry, seed_route,
-    ReplicaOptions,
+    ticker, ReplicaOptions,
 };
 use support::redis_server::RedisServer;
 
@@ -138,6 +138,123 @@ async fn tick(t: &Ticker, slot: DateTime<Utc>) {
 
 fn rfc(t: DateTime<Utc>) -> String {
     observations::rfc3339(t.timestamp())
+}
+
+/// The stored `scrape_observations` record of a memory store.
+async fn stored_record(store: &MemoryStore) -> keel_scraper::store::Entry {
+    store
+        .get(StoreKind::Private, OBSERVATIONS_KEY)
+        .await
+        .unwrap()
+        .expect("a record")
+}
+
+/// A process keeps the record it wrote last between its ticks and merges into it while
+/// the stored record is still those bytes. The records it writes are byte for byte those
+/// of a worker that decodes the stored record every tick (a fresh ticker each tick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_kept_between_ticks_writes_what_decoding_it_would() {
+    let sim = PluginSim::start().expect("simulator");
+    let ids = ["a", "b", "c", "d"];
+    for id in ids {
+        sim.set(id, Behavior::v0("ACTIVE"));
+    }
+    let stores = [
+        Arc::new(MemoryStore::new("pub", "priv")),
+        Arc::new(MemoryStore::new("pub", "priv")),
+    ];
+    for store in &stores {
+        seed_registry(&**store, &ids).await;
+        for id in ids {
+            seed_route(&**store, id, "ACTIVE").await;
+        }
+    }
+    let options = ReplicaOptions::new("replica-a")
+        .thresholds(2, 1)
+        .probe_timeout(Duration::from_secs(1));
+    let kept = ticker(stores[0].clone(), &sim.url_template(), &options);
+    let base = Utc::now().trunc_subsecs(0);
+    // A status change, a failure, a recovery, a quiet tick: each step changes the record
+    // or leaves it alone.
+    let steps: [&[(&str, Behavior)]; 5] = [
+        &[("b", Behavior::v0("STOPPED"))],
+        &[("c", Behavior::Reset)],
+        &[],
+        &[
+            ("c", Behavior::v0("ACTIVE")),
+            ("d", Behavior::v0("STOPPED")),
+        ],
+        &[("b", Behavior::v0("ACTIVE"))],
+    ];
+    for (k, step) in steps.iter().enumerate() {
+        for (id, behavior) in step.iter() {
+            sim.set(*id, behavior.clone());
+        }
+        let slot = base + chrono::Duration::seconds(10 * (k as i64 + 1));
+        tick(&kept, slot).await;
+        tick(
+            &ticker(stores[1].clone(), &sim.url_template(), &options),
+            slot,
+        )
+        .await;
+        let (a, b) = (
+            stored_record(&stores[0]).await,
+            stored_record(&stores[1]).await,
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&a.data),
+            String::from_utf8_lossy(&b.data),
+            "step {k}"
+        );
+        assert_eq!(a.etag, b.etag, "step {k}: both rewrote it, or neither did");
+    }
+}
+
+/// A record another replica wrote since is decoded, not taken from the copy this process
+/// kept: its since-times carry over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_written_by_another_replica_is_read_not_the_kept_one() {
+    let sim = PluginSim::start().expect("simulator");
+    sim.set("a", Behavior::v0("ACTIVE"));
+    sim.set("b", Behavior::v0("STOPPED"));
+    let store = Arc::new(MemoryStore::new("pub", "priv"));
+    seed_registry(&*store, &["a", "b"]).await;
+    seed_route(&*store, "a", "ACTIVE").await;
+    seed_route(&*store, "b", "ACTIVE").await;
+    let t = ticker(
+        store.clone(),
+        &sim.url_template(),
+        &ReplicaOptions::new("replica-a").probe_timeout(Duration::from_secs(1)),
+    );
+    let base = Utc::now().trunc_subsecs(0);
+    tick(&t, base).await;
+    let first = stored_record(&store).await;
+    let mut rec = observations::decode(&first.data).expect("decodes");
+    assert_eq!(
+        rec.plugins["a"].since, None,
+        "already ACTIVE when first seen"
+    );
+    // Another replica knew better: `a` has been ACTIVE since an hour before.
+    let earlier = base.timestamp() - 3600;
+    if let Some(k) = rec.plugins.get_mut("a") {
+        k.since = Some(earlier);
+    }
+    rec.holder = "replica-b".into();
+    store
+        .save(
+            StoreKind::Private,
+            Save::cas(OBSERVATIONS_KEY, &observations::encode(&rec), &first.etag),
+        )
+        .await
+        .unwrap();
+    // `b` comes back: the record is rewritten, and `a` keeps the stored since-time.
+    sim.set("b", Behavior::v0("ACTIVE"));
+    let second = base + chrono::Duration::seconds(10);
+    tick(&t, second).await;
+    let after = observations::decode(&stored_record(&store).await.data).expect("decodes");
+    assert_eq!(after.holder, "replica-a", "rewritten by this tick");
+    assert_eq!(after.plugins["a"].since, Some(earlier));
+    assert_eq!(after.plugins["b"].since, Some(second.timestamp()));
 }
 
 const EVIL: &str = "<script>alert(1)</script>\u{1b}[31mred\u{1b}[0m";
