@@ -240,6 +240,16 @@ pub fn next_encoded(
     seen: Vec<Seen>,
 ) -> (Observations, bool, Vec<u8>) {
     let (merged, differs, prev_flags) = merge(prev, tick, seen);
+    let (obs, data) = fitted(merged, tick, holder);
+    let differs = differs
+        || obs.details_dropped
+        || obs.omitted > 0
+        || prev_flags.is_some_and(|f| f != (false, 0));
+    (obs, differs, data)
+}
+
+/// The next record of `merged`, cut to fit its budget, and its encoding.
+fn fitted(merged: Vec<(String, Kept)>, tick: i64, holder: &str) -> (Observations, Vec<u8>) {
     let mut obs = Observations {
         tick,
         holder: holder.to_string(),
@@ -248,29 +258,13 @@ pub fn next_encoded(
         omitted: 0,
     };
     let data = fit(&mut obs);
-    let differs = differs
-        || obs.details_dropped
-        || obs.omitted > 0
-        || prev_flags.is_some_and(|f| f != (false, 0));
-    (obs, differs, data)
+    (obs, data)
 }
 
-/// What [`save`] needs of [`next_encoded`]: whether the record changed, and its
-/// encoding. A record within its size budget (every record but a huge fleet's) is
-/// encoded straight from the merged entries, without building the next record's map.
-pub fn next_data(
-    prev: Option<Observations>,
-    tick: i64,
-    holder: &str,
-    seen: Vec<Seen>,
-) -> (bool, Vec<u8>) {
-    let (merged, differs, prev_flags) = merge(prev, tick, seen);
-    let (changed, data, _) = encoded(merged, differs, prev_flags, tick, holder);
-    (changed, data)
-}
-
-/// The merged entries encoded: whether the record changed, its encoding, and the entries
-/// back when it fit (as they are, nothing dropped: what [`RecordCache`] keeps).
+/// What [`save`] needs of [`next_encoded`]: whether the record changed, its encoding,
+/// and the entries back when it fit (as they are, nothing dropped: what [`RecordCache`]
+/// keeps). A record within its size budget (every record but a huge fleet's) is encoded
+/// straight from the merged entries, without building the next record's map.
 #[allow(clippy::type_complexity)]
 fn encoded(
     merged: Vec<(String, Kept)>,
@@ -291,15 +285,8 @@ fn encoded(
         return (changed, data, Some(merged));
     }
     drop(data);
-    let mut obs = Observations {
-        tick,
-        holder: holder.to_string(),
-        plugins: merged.into_iter().collect(),
-        details_dropped: false,
-        omitted: 0,
-    };
     // Over the budget: `fit` drops what it must (and that always counts as a change).
-    let data = fit(&mut obs);
+    let (_, data) = fitted(merged, tick, holder);
     (true, data, None)
 }
 
@@ -1426,7 +1413,9 @@ mod tests {
     fn the_saved_encoding_is_the_full_paths() {
         let check = |prev: Option<Observations>, seen: Vec<Seen>, what: &str| {
             let (_, differs, data) = next_encoded(prev.clone(), 200, "h", seen.clone());
-            assert_eq!(next_data(prev, 200, "h", seen), (differs, data), "{what}");
+            let (merged, d, flags) = merge(prev, 200, seen);
+            let (changed, shortcut, _) = encoded(merged, d, flags, 200, "h");
+            assert_eq!((changed, shortcut), (differs, data), "{what}");
         };
         let ok = || Outcome::Reported("ACTIVE".into());
         let rows = vec![
