@@ -2,7 +2,8 @@
 //! simulators: only changed routes, every other field kept byte for byte, v0 and v1
 //! mapped, missing and malformed routes left alone, CAS conflicts re-decided on the fresh
 //! value, deleted routes never re-created, the thresholds end to end (counters shared by
-//! replicas through the private store), and the probe deadline.
+//! replicas through the private store), the probe deadline, and probes under way before
+//! a route read that holds the thread.
 
 mod support;
 
@@ -784,4 +785,116 @@ async fn once_cuts_off_probes_at_the_deadline_and_finishes_inside_the_lease() {
     assert_eq!(w.status("slow").as_deref(), Some("ACTIVE"));
     assert_eq!(w.status("fast").as_deref(), Some("ACTIVE"));
     assert!(!events.has("plugin_probe_failed"), "{}", out.describe());
+}
+
+/// A memory store whose bulk read of the routes holds the calling thread for a while
+/// before it reads (as the embedded store's synchronous read does at scale), and notes
+/// how many status calls the simulator had received by then.
+struct SlowBulkRead {
+    inner: std::sync::Arc<keel_scraper::store::memory::MemoryStore>,
+    sim: std::sync::Arc<PluginSim>,
+    requests_seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl keel_scraper::store::Store for SlowBulkRead {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    fn store_name(&self, kind: StoreKind) -> &str {
+        self.inner.store_name(kind)
+    }
+
+    fn locate(&self, kind: StoreKind, key: &str) -> String {
+        self.inner.locate(kind, key)
+    }
+
+    async fn get(
+        &self,
+        kind: StoreKind,
+        key: &str,
+    ) -> Result<Option<keel_scraper::store::Entry>, keel_scraper::store::StoreError> {
+        self.inner.get(kind, key).await
+    }
+
+    async fn bulk_get(
+        &self,
+        kind: StoreKind,
+        keys: &[String],
+    ) -> Result<Vec<Option<keel_scraper::store::Entry>>, keel_scraper::store::StoreError> {
+        if kind == StoreKind::Public {
+            // Blocks this thread, as a synchronous read does: nothing else runs on it.
+            std::thread::sleep(Duration::from_millis(500));
+            self.requests_seen.store(
+                self.sim.total_requests(),
+                std::sync::atomic::Ordering::SeqCst,
+            );
+        }
+        self.inner.bulk_get(kind, keys).await
+    }
+
+    async fn save(
+        &self,
+        kind: StoreKind,
+        save: Save<'_>,
+    ) -> Result<(), keel_scraper::store::StoreError> {
+        self.inner.save(kind, save).await
+    }
+
+    async fn update_existing(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        data: &[u8],
+        etag: &str,
+    ) -> Result<(), keel_scraper::store::StoreError> {
+        self.inner.update_existing(kind, key, data, etag).await
+    }
+
+    async fn delete(
+        &self,
+        kind: StoreKind,
+        key: &str,
+        etag: Option<&str>,
+    ) -> Result<(), keel_scraper::store::StoreError> {
+        self.inner.delete(kind, key, etag).await
+    }
+
+    fn update_checks_existence(&self) -> bool {
+        self.inner.update_checks_existence()
+    }
+
+    async fn ping(&self) -> Result<(), keel_scraper::store::StoreError> {
+        self.inner.ping().await
+    }
+}
+
+/// The probes are under way before the route read first runs: a store that holds the
+/// tick's thread through its bulk read (the embedded one reads synchronously) does not
+/// hold the probes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_under_way_before_a_synchronous_route_read_runs() {
+    let sim = std::sync::Arc::new(PluginSim::start().expect("simulator"));
+    let ids = ["a", "b", "c"];
+    let inner = std::sync::Arc::new(keel_scraper::store::memory::MemoryStore::new("pub", "priv"));
+    seed_registry(&*inner, &ids).await;
+    for id in ids {
+        sim.set(id, Behavior::v0("ACTIVE"));
+        seed_route(&*inner, id, "ACTIVE").await;
+    }
+    let requests_seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let store = std::sync::Arc::new(SlowBulkRead {
+        inner,
+        sim: sim.clone(),
+        requests_seen: requests_seen.clone(),
+    });
+    let t = support::binary::ticker(store, &sim.url_template(), &ReplicaOptions::new("a"));
+    let (report, _) = tick(&t).await;
+    assert_eq!(report.probed_ok, 3, "{report:?}");
+    assert_eq!(
+        requests_seen.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "every probe had been answered while the route read held the tick's thread"
+    );
 }
