@@ -617,12 +617,16 @@ async fn a_route_deleted_while_its_probe_is_in_flight_is_deleted_again_after_dap
 
         let run = tokio::spawn(rig.once().args(["--probe-timeout", "5s"]).run_async());
 
-        // Both probes are in flight: the routes were read.
+        // Both probes are in flight; the routes are read beside them (the probes are
+        // started first): that read, a few milliseconds, gets a quarter of the probes'
+        // delay to be done. The assertion after the delete checks both probes were still
+        // in flight.
         let deadline = Instant::now() + Duration::from_secs(15);
         while rig.sim.in_flight() < 2 {
             assert!(Instant::now() < deadline, "the probes never arrived");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        tokio::time::sleep(delay / 4).await;
         // Plugins unregisters `doomed` and deletes its route, as its sidecar would write
         // them (a new registry value and version; the route key removed).
         let redis = rig.redis();

@@ -537,6 +537,11 @@ async fn a_route_deleted_while_its_probe_is_in_flight_is_deleted_again_through_r
             assert!(Instant::now() < deadline, "the probes never arrived");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // The routes are read beside the probes (the probes are started first): give
+        // that read, a few milliseconds, a quarter of the probes' delay to be done, so
+        // the delete below comes after the route was read. The assertion after the
+        // delete checks both probes were still in flight.
+        tokio::time::sleep(delay / 4).await;
         let registry = format!("{PRIVATE_PREFIX}||all_registered_plugin");
         rig.redis.query::<redis::Value>(
             redis::cmd("HSET")

@@ -49,13 +49,17 @@ async fn tick(t: &Ticker) -> (TickReport, Events) {
     }
 }
 
-/// Waits (bounded) until the simulator has received a request for every id.
+/// Waits (bounded) until the simulator has received a request for every id, then gives
+/// the tick's route read, which runs beside the probes and starts just after them (a few
+/// milliseconds here), 300 ms to be done: what a caller changes next comes after the
+/// routes were read. Callers delay their probes well beyond that.
 async fn wait_for_requests(sim: &PluginSim, ids: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while ids.iter().any(|id| sim.requests(id) == 0) {
         assert!(Instant::now() < deadline, "no probe arrived for {ids:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
